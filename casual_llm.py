@@ -1,0 +1,4732 @@
+"""casual_llm: talk to OpenAI, Anthropic and Ollama with nothing but Python.
+
+One stdlib-only module with the public API of ``casual-llm`` 0.5.0: messages,
+tools, converters, three HTTP clients, ``Model``, config and factories, plus a
+command line (``python -m casual_llm``).
+
+Sections, in the order data flows (``grep -n '^# ===' casual_llm.py``):
+
+ 1. Errors
+ 2. Constants and small helpers
+ 3. Content, messages, usage
+ 4. Tools and schemas from Python types
+ 5. Structured output
+ 6. Transport
+ 7. Images
+ 8. Wire format: OpenAI
+ 9. Wire format: Ollama
+10. Wire format: Anthropic
+11. Clients
+12. Model
+13. Config and factories
+14. Command line
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import enum
+import functools
+import inspect
+import json
+import logging
+import math
+import os
+import re
+import sys
+import threading
+import time
+import typing
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from typing import Any, ClassVar, Literal, NoReturn, Protocol, TypeVar, Union
+
+if typing.TYPE_CHECKING:  # pragma: no cover - imported lazily at run time
+    import asyncio
+    import http.client
+    import ssl
+
+__version__ = "0.5.0"
+
+__all__ = [
+    "__version__",
+    # configuration
+    "ClientConfig", "ModelConfig", "Provider",
+    # clients and factories
+    "LLMClient", "OpenAIClient", "AnthropicClient", "OllamaClient",
+    "create_client", "create_model", "ScriptedClient",
+    # model
+    "Model",
+    # messages
+    "ChatMessage", "UserMessage", "AssistantMessage", "SystemMessage",
+    "ToolResultMessage", "AssistantToolCall", "AssistantToolCallFunction",
+    "StreamChunk", "TextContent", "ImageContent", "message_from_dict",
+    # tools
+    "Tool", "ToolParameter",
+    # usage
+    "Usage",
+    # tool converters
+    "tool_to_openai", "tools_to_openai", "tool_to_anthropic", "tools_to_anthropic",
+    "tool_to_ollama", "tools_to_ollama",
+    # message converters
+    "convert_messages_to_openai", "convert_messages_to_anthropic",
+    "convert_messages_to_ollama", "convert_tool_calls_from_openai",
+    "convert_tool_calls_from_anthropic", "convert_tool_calls_from_ollama",
+    "extract_system_message",
+    # structured output
+    "validate_json_schema",
+    # images
+    "fetch_image_as_base64", "strip_base64_prefix", "add_base64_prefix",
+    # errors
+    "CasualLLMError", "ValidationError", "ConfigurationError", "UnsupportedProviderError",
+    "SchemaValidationError", "ImageFetchError", "APIError", "APIConnectionError",
+    "APITimeoutError", "APIStatusError", "BadRequestError", "AuthenticationError",
+    "PermissionDeniedError", "NotFoundError", "ConflictError", "RequestTooLargeError",
+    "UnprocessableEntityError", "RateLimitError", "InternalServerError",
+    "OverloadedError", "StreamError",
+    # command line
+    "main",
+]
+
+logger = logging.getLogger("casual_llm")
+
+# === 1. Errors ===============================================================
+
+
+class CasualLLMError(Exception):
+    """Root of every error casual_llm raises."""
+
+
+class ValidationError(CasualLLMError, TypeError, ValueError):
+    """An argument has the wrong type or value; ``field`` and ``value`` say which.
+
+    It is both a ``TypeError`` and a ``ValueError``, so ``except`` clauses written
+    for either (or for pydantic's ``ValidationError``, a ``ValueError``) still work.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None, value: Any = None) -> None:
+        super().__init__(message)
+        self.field = field
+        self.value = value
+
+
+class ConfigurationError(CasualLLMError, ValueError):
+    """A client or model cannot be set up as asked (a missing key, a bad URL)."""
+
+
+class UnsupportedProviderError(ConfigurationError):
+    """The provider name is not one casual_llm knows."""
+
+
+class SchemaValidationError(CasualLLMError, ValueError):
+    """A value (or a model's reply) does not conform to a JSON Schema.
+
+    ``errors`` lists every failure as ``(json_path, message)``; ``raw_text`` is the
+    model's reply when the value came from one.
+    """
+
+    def __init__(self, message: str, errors: list[tuple[str, str]] | None = None,
+                 raw_text: str | None = None) -> None:
+        super().__init__(message)
+        self.errors = list(errors or [])
+        self.raw_text = raw_text
+
+
+class ImageFetchError(CasualLLMError):
+    """An image URL could not be fetched, or was refused as unsafe."""
+
+
+class APIError(CasualLLMError):
+    """A request to a provider failed; the base of every transport error.
+
+    ``provider_message`` is the provider's own text, ``request_id`` its id for the
+    request when it sent one.
+    """
+
+    status_code: int | None = None
+
+    def __init__(self, message: str, *, provider_message: str | None = None,
+                 request_id: str | None = None, body: Any = None,
+                 error_type: str | None = None, error_code: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.provider_message = provider_message
+        self.request_id = request_id
+        self.body = body
+        self.error_type = error_type
+        self.error_code = error_code
+
+
+class APIConnectionError(APIError, ConnectionError):
+    """The provider could not be reached, or the connection broke."""
+
+
+class APITimeoutError(APIConnectionError, TimeoutError):
+    """Connecting, or waiting for the next bytes, took longer than ``timeout``."""
+
+
+class StreamError(APIError):
+    """A stream broke: an error event, a frame that is not JSON, or an early end."""
+
+
+class APIStatusError(APIError):
+    """The provider answered with a non-2xx status.
+
+    Carries ``status_code``, ``headers`` (the response's, lower-cased names) and
+    ``retry_after`` (seconds, when the provider asked for a pause).
+    """
+
+    def __init__(self, message: str, *, status_code: int, headers: dict[str, str] | None = None,
+                 retry_after: float | None = None, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.status_code = status_code
+        self.headers = dict(headers or {})
+        self.retry_after = retry_after
+
+
+class BadRequestError(APIStatusError):
+    """HTTP 400: the provider rejected the request."""
+
+
+class AuthenticationError(APIStatusError):
+    """HTTP 401: the API key is missing or wrong."""
+
+
+class PermissionDeniedError(APIStatusError):
+    """HTTP 403: the key may not use this model or feature."""
+
+
+class NotFoundError(APIStatusError):
+    """HTTP 404: unknown model or path."""
+
+
+class ConflictError(APIStatusError):
+    """HTTP 409."""
+
+
+class RequestTooLargeError(APIStatusError):
+    """HTTP 413: the request body is too large."""
+
+
+class UnprocessableEntityError(APIStatusError):
+    """HTTP 422."""
+
+
+class RateLimitError(APIStatusError):
+    """HTTP 429: slow down; ``retry_after`` says for how long when known."""
+
+
+class InternalServerError(APIStatusError):
+    """HTTP 5xx: the provider failed."""
+
+
+class OverloadedError(InternalServerError):
+    """HTTP 529 (Anthropic): the provider is overloaded."""
+
+
+_STATUS_ERRORS: dict[int, type[APIStatusError]] = {
+    400: BadRequestError, 401: AuthenticationError, 403: PermissionDeniedError,
+    404: NotFoundError, 409: ConflictError, 413: RequestTooLargeError,
+    422: UnprocessableEntityError, 429: RateLimitError, 529: OverloadedError,
+}
+
+
+def _status_error_class(status: int) -> type[APIStatusError]:
+    if status in _STATUS_ERRORS:
+        return _STATUS_ERRORS[status]
+    return InternalServerError if status >= 500 else APIStatusError
+
+
+# === 2. Constants and small helpers ==========================================
+
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+ANTHROPIC_BASE_URL = "https://api.anthropic.com"
+OLLAMA_HOST = "http://localhost:11434"
+ANTHROPIC_VERSION = "2023-06-01"
+DEFAULT_MAX_TOKENS = 4096  # Anthropic requires max_tokens; upstream's default
+DEFAULT_TIMEOUT = 30.0  # image downloads
+MAX_IMAGE_SIZE = 10 * 1024 * 1024
+_USER_AGENT = f"casual-llm/{__version__} (Python {sys.version_info[0]}.{sys.version_info[1]})"
+
+_T = TypeVar("_T")
+_R = TypeVar("_R", bound="_Record")
+
+
+class _Secret(str):
+    """A string (an API key, an auth header) whose repr never shows it."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'<redacted>'"
+
+
+def _mask(key: str | None) -> str:
+    """Show enough of a key to recognise it, never enough to use it."""
+    if not key:
+        return "None"
+    return f"'{key[:3]}...{key[-2:]}'" if len(key) > 12 else "'***'"
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """A repr cut to ``limit`` characters: errors and reprs never print a megabyte."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit - 20]}...({len(text)} chars)"
+
+
+def _env(name: str) -> str | None:
+    """An environment variable, with empty values counting as unset."""
+    return os.environ.get(name) or None
+
+
+def _get(obj: Any, key: str, default: Any = None) -> Any:
+    """``obj[key]`` for dicts, ``obj.key`` for objects (SDK types): converters take both."""
+    if isinstance(obj, dict):
+        return obj.get(key, default)
+    return getattr(obj, key, default)
+
+
+def _fail(owner: str, field: str, expected: str, value: Any) -> NoReturn:
+    raise ValidationError(f"{owner}.{field} must be {expected}, got {_short(value)}",
+                          field=field, value=value)
+
+
+def _check_str(owner: str, field: str, value: Any, *, optional: bool = False) -> None:
+    if not (isinstance(value, str) or (optional and value is None)):
+        _fail(owner, field, "a string or None" if optional else "a string", value)
+
+
+def _check_literal(owner: str, field: str, value: Any, expected: str) -> None:
+    if value != expected:
+        _fail(owner, field, repr(expected), value)
+
+
+def _check_number(owner: str, field: str, value: Any, *, optional: bool = True,
+                  minimum: float | None = None) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if value is None and optional:
+        return
+    if not ok or (minimum is not None and value < minimum) or value != value:
+        lower = f" >= {minimum}" if minimum is not None else ""
+        _fail(owner, field, f"a number{lower}" + (" or None" if optional else ""), value)
+
+
+def _check_int(owner: str, field: str, value: Any, *, optional: bool = True,
+               minimum: int = 0) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        _fail(owner, field, f"an integer >= {minimum}" + (" or None" if optional else ""), value)
+
+
+# === 3. Content, messages, usage =============================================
+
+
+class _Record:
+    """Dict round trip and the pydantic-style names upstream users call."""
+
+    __slots__ = ()
+    _omit_if_none: ClassVar[frozenset[str]] = frozenset()
+    _never_dumped: ClassVar[frozenset[str]] = frozenset()
+
+    def to_dict(self, *, exclude_none: bool = False) -> dict[str, Any]:
+        """This object as plain JSON-able dicts and lists."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if f.name in self._never_dumped or (value is None and (
+                    exclude_none or f.name in self._omit_if_none)):
+                continue
+            out[f.name] = _dump_value(value, exclude_none)
+        return out
+
+    @classmethod
+    def from_dict(cls: type[_R], data: dict[str, Any] | _R) -> _R:
+        """Build from a dict (unknown keys ignored), validating every field."""
+        if isinstance(data, cls):
+            return data
+        if not isinstance(data, dict):
+            raise ValidationError(f"{cls.__name__}.from_dict needs a dict, got {_short(data)}",
+                                  value=data)
+        names = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def model_dump(self, *, exclude_none: bool = False, **_ignored: Any) -> dict[str, Any]:
+        """Pydantic-style alias of :meth:`to_dict`."""
+        return self.to_dict(exclude_none=exclude_none)
+
+    def model_dump_json(self, *, indent: int | None = None, exclude_none: bool = False,
+                        **_ignored: Any) -> str:
+        """This object as a JSON string."""
+        return json.dumps(self.to_dict(exclude_none=exclude_none), indent=indent,
+                          ensure_ascii=False)
+
+    @classmethod
+    def model_validate(cls: type[_R], obj: Any, **_ignored: Any) -> _R:
+        """Pydantic-style alias of :meth:`from_dict`."""
+        return cls.from_dict(obj)
+
+    @classmethod
+    def model_validate_json(cls: type[_R], data: str | bytes, **_ignored: Any) -> _R:
+        """Build from a JSON string."""
+        return cls.from_dict(json.loads(data))
+
+    def model_copy(self: _R, *, update: dict[str, Any] | None = None, deep: bool = False) -> _R:
+        """A copy, with ``update`` applied (and validated)."""
+        if deep:
+            import copy
+            return dataclasses.replace(copy.deepcopy(self), **(update or {}))  # type: ignore[type-var]
+        return dataclasses.replace(self, **(update or {}))  # type: ignore[type-var]
+
+
+def _dump_value(value: Any, exclude_none: bool) -> Any:
+    if isinstance(value, _Record):
+        return value.to_dict(exclude_none=exclude_none)
+    if isinstance(value, list):
+        return [_dump_value(v, exclude_none) for v in value]
+    if isinstance(value, dict):
+        return {k: _dump_value(v, exclude_none) for k, v in value.items()}
+    return value
+
+
+def _coerce(owner: str, field: str, value: Any, cls: type[_R]) -> _R:
+    """A nested dict becomes ``cls``, as pydantic does."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        return cls.from_dict(value)
+    _fail(owner, field, f"a {cls.__name__} or a dict", value)
+
+
+def _coerce_list(owner: str, field: str, value: Any, item: Callable[[Any], _T]) -> list[_T]:
+    if not isinstance(value, (list, tuple)):
+        _fail(owner, field, "a list", value)
+    return [item(v) for v in value]
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class TextContent(_Record):
+    """A piece of text inside a multimodal user message."""
+
+    type: Literal["text"] = "text"
+    text: str
+
+    def __post_init__(self) -> None:
+        _check_literal("TextContent", "type", self.type, "text")
+        _check_str("TextContent", "text", self.text)
+
+
+@dataclasses.dataclass(kw_only=True, slots=True, repr=False)
+class ImageContent(_Record):
+    """An image: a URL, a ``data:`` URI, raw base64, or ``{"type": "base64", "data": ...}``.
+
+    Build one from a file with :meth:`from_path` or from bytes with :meth:`from_bytes`.
+    """
+
+    type: Literal["image"] = "image"
+    source: str | dict[str, str]
+    media_type: str = "image/jpeg"
+
+    def __post_init__(self) -> None:
+        _check_literal("ImageContent", "type", self.type, "image")
+        if isinstance(self.source, dict):
+            if not all(isinstance(v, str) for v in self.source.values()):
+                _fail("ImageContent", "source", "a dict of strings", self.source)
+        elif not isinstance(self.source, str) or not self.source:
+            _fail("ImageContent", "source", "a URL, a data: URI, base64 text or a dict",
+                  self.source)
+        _check_str("ImageContent", "media_type", self.media_type)
+        if not self.media_type.startswith("image/"):
+            _fail("ImageContent", "media_type", "an image/* media type", self.media_type)
+
+    def __repr__(self) -> str:
+        source: Any = self.source
+        if isinstance(source, dict):
+            source = {k: _ShortRepr(v) for k, v in source.items()}
+        return (f"ImageContent(type='image', source={_short(source, 100)}, "
+                f"media_type={self.media_type!r})")
+
+    @classmethod
+    def from_bytes(cls, data: bytes, media_type: str | None = None) -> ImageContent:
+        """An image from raw bytes, its media type guessed from them when not given."""
+        import base64
+        b64 = base64.b64encode(data).decode("ascii")
+        media = media_type or _sniff_media_type(b64) or "image/jpeg"
+        return cls(source={"type": "base64", "data": b64}, media_type=media)
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike[str], media_type: str | None = None) -> ImageContent:
+        """An image read from a local file."""
+        with open(path, "rb") as f:
+            data = f.read()
+        if media_type is None:
+            import mimetypes
+            guessed = mimetypes.guess_type(os.fspath(path))[0]
+            media_type = _sniff_media_type_bytes(data) or guessed
+        return cls.from_bytes(data, media_type)
+
+
+class _ShortRepr(str):
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return _short(str(self), 60)
+
+
+_MAGIC = ((b"\x89PNG", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif"))
+
+
+def _sniff_media_type_bytes(data: bytes) -> str | None:
+    """The image type from its first bytes (PNG, JPEG, GIF, WebP)."""
+    for magic, media in _MAGIC:
+        if data.startswith(magic):
+            return media
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+def _sniff_media_type(b64: str) -> str | None:
+    import base64
+    import binascii
+    try:
+        return _sniff_media_type_bytes(base64.b64decode(b64[:24]))
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _content_part(value: Any) -> TextContent | ImageContent:
+    if isinstance(value, (TextContent, ImageContent)):
+        return value
+    if isinstance(value, dict):
+        kind = value.get("type", "text")
+        if kind == "text":
+            return TextContent.from_dict(value)
+        if kind == "image":
+            return ImageContent.from_dict(value)
+    _fail("UserMessage", "content", "text, None or a list of TextContent/ImageContent", value)
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class UserMessage(_Record):
+    """A message from the user: text, ``None``, or a list of text and image parts."""
+
+    role: Literal["user"] = "user"
+    content: str | list[TextContent | ImageContent] | None
+
+    def __post_init__(self) -> None:
+        _check_literal("UserMessage", "role", self.role, "user")
+        if self.content is not None and not isinstance(self.content, str):
+            self.content = _coerce_list("UserMessage", "content", self.content, _content_part)
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class SystemMessage(_Record):
+    """Instructions for the model."""
+
+    role: Literal["system"] = "system"
+    content: str
+
+    def __post_init__(self) -> None:
+        _check_literal("SystemMessage", "role", self.role, "system")
+        _check_str("SystemMessage", "content", self.content)
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class AssistantToolCallFunction(_Record):
+    """The function a tool call names, with its arguments as a JSON string."""
+
+    name: str
+    arguments: str
+
+    def __post_init__(self) -> None:
+        _check_str("AssistantToolCallFunction", "name", self.name)
+        if not isinstance(self.arguments, str):
+            _fail("AssistantToolCallFunction", "arguments",
+                  "a JSON string (use json.dumps(...))", self.arguments)
+
+    def parse_arguments(self) -> dict[str, Any]:
+        """The arguments as a dict; ``{}`` when empty. Invalid JSON raises ``ValueError``."""
+        if not self.arguments.strip():
+            return {}
+        value = json.loads(self.arguments)
+        if not isinstance(value, dict):
+            raise ValueError(f"tool call arguments are not a JSON object: {_short(value)}")
+        return value
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class AssistantToolCall(_Record):
+    """A call the model asks the program to make."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: AssistantToolCallFunction
+
+    def __post_init__(self) -> None:
+        _check_str("AssistantToolCall", "id", self.id)
+        _check_literal("AssistantToolCall", "type", self.type, "function")
+        self.function = _coerce("AssistantToolCall", "function", self.function,
+                                AssistantToolCallFunction)
+
+
+def _tool_call(value: Any) -> AssistantToolCall:
+    return _coerce("AssistantMessage", "tool_calls", value, AssistantToolCall)
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class AssistantMessage(_Record):
+    """The model's reply.
+
+    ``finish_reason`` (why it stopped: ``stop``, ``length``, ``tool_calls``,
+    ``content_filter``) and ``parsed`` (the reply built as the requested
+    ``response_format`` type) are filled by the clients and ``Model``.
+    """
+
+    _omit_if_none: ClassVar[frozenset[str]] = frozenset({"finish_reason"})
+    _never_dumped: ClassVar[frozenset[str]] = frozenset({"parsed"})
+
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    tool_calls: list[AssistantToolCall] | None = None
+    finish_reason: str | None = None
+    parsed: Any = dataclasses.field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        _check_literal("AssistantMessage", "role", self.role, "assistant")
+        _check_str("AssistantMessage", "content", self.content, optional=True)
+        if self.tool_calls is not None:
+            self.tool_calls = _coerce_list("AssistantMessage", "tool_calls", self.tool_calls,
+                                           _tool_call)
+        _check_str("AssistantMessage", "finish_reason", self.finish_reason, optional=True)
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class ToolResultMessage(_Record):
+    """The result of a tool call, sent back to the model."""
+
+    role: Literal["tool"] = "tool"
+    name: str
+    tool_call_id: str
+    content: str
+
+    def __post_init__(self) -> None:
+        _check_literal("ToolResultMessage", "role", self.role, "tool")
+        for field in ("name", "tool_call_id", "content"):
+            _check_str("ToolResultMessage", field, getattr(self, field))
+
+
+def _arguments_object(function: AssistantToolCallFunction) -> dict[str, Any]:
+    """Arguments as the JSON object Anthropic and Ollama want.
+
+    Models sometimes write arguments that are not a JSON object; every converter
+    then sends ``{}`` and logs a warning, so one bad call does not sink the
+    conversation (OpenAI gets the string untouched: its wire form is a string).
+    """
+    try:
+        return function.parse_arguments()
+    except ValueError:
+        logger.warning("tool call %r has arguments that are not a JSON object; sending {}",
+                       function.name)
+        return {}
+
+
+ChatMessage = Union[AssistantMessage, SystemMessage, ToolResultMessage, UserMessage]
+
+_MESSAGE_CLASSES: dict[str, type[Any]] = {
+    "assistant": AssistantMessage, "system": SystemMessage,
+    "tool": ToolResultMessage, "user": UserMessage,
+}
+
+
+def message_from_dict(data: dict[str, Any] | ChatMessage) -> ChatMessage:
+    """Rebuild any message from its dict (as ``to_dict`` made it), chosen by ``role``."""
+    if isinstance(data, (AssistantMessage, SystemMessage, ToolResultMessage, UserMessage)):
+        return data
+    role = data.get("role") if isinstance(data, dict) else None
+    cls = _MESSAGE_CLASSES.get(role) if isinstance(role, str) else None
+    if cls is None:
+        raise ValidationError(f"message role must be one of {sorted(_MESSAGE_CLASSES)}, "
+                              f"got {_short(role)}", field="role", value=role)
+    message: ChatMessage = cls.from_dict(data)
+    return message
+
+
+def _check_messages(messages: Any) -> list[ChatMessage]:
+    """Messages as a list of message objects (dicts accepted), checked once per call."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Iterable):
+        raise ValidationError(f"messages must be a list of messages, got {_short(messages)}",
+                              field="messages", value=messages)
+    return [message_from_dict(m) for m in messages]
+
+
+def _to_int(owner: str, field: str, value: Any) -> int:
+    """Token counts: ``"3"`` and ``3.0`` become 3 (pydantic's lax mode); bad values fail."""
+    if isinstance(value, bool):
+        _fail(owner, field, "an integer >= 0", value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    elif isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if not isinstance(value, int) or value < 0:
+        _fail(owner, field, "an integer >= 0", value)
+    return value
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class Usage(_Record):
+    """Tokens a call used. ``total_tokens`` is their sum; usages add up with ``+``."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    def __post_init__(self) -> None:
+        self.prompt_tokens = _to_int("Usage", "prompt_tokens", self.prompt_tokens)
+        self.completion_tokens = _to_int("Usage", "completion_tokens", self.completion_tokens)
+
+    @property
+    def total_tokens(self) -> int:
+        """``prompt_tokens + completion_tokens``."""
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_dict(self, *, exclude_none: bool = False) -> dict[str, Any]:
+        """The counts and their total."""
+        return {"prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "total_tokens": self.total_tokens}
+
+    def __add__(self, other: Usage) -> Usage:
+        if not isinstance(other, Usage):
+            return NotImplemented
+        return _usage(self.prompt_tokens + other.prompt_tokens,
+                      self.completion_tokens + other.completion_tokens)
+
+
+def _usage(prompt: Any, completion: Any) -> Usage:
+    """Usage from a provider's counts; a missing (``null``) count is 0, not a crash."""
+    return Usage(prompt_tokens=prompt or 0, completion_tokens=completion or 0)
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class StreamChunk(_Record):
+    """A piece of a streamed reply.
+
+    The final chunk carries ``finish_reason``, any ``tool_calls`` (assembled from
+    their fragments) and ``usage``; its ``content`` may be ``""``.
+    """
+
+    _omit_if_none: ClassVar[frozenset[str]] = frozenset({"tool_calls", "usage"})
+
+    content: str
+    finish_reason: str | None = None
+    tool_calls: list[AssistantToolCall] | None = None
+    usage: Usage | None = None
+
+    def __post_init__(self) -> None:
+        _check_str("StreamChunk", "content", self.content)
+        _check_str("StreamChunk", "finish_reason", self.finish_reason, optional=True)
+        if self.tool_calls is not None:
+            self.tool_calls = _coerce_list("StreamChunk", "tool_calls", self.tool_calls,
+                                           _tool_call)
+        if self.usage is not None:
+            self.usage = _coerce("StreamChunk", "usage", self.usage, Usage)
+
+
+def _chunk(content: str, finish_reason: str | None = None,
+           tool_calls: list[AssistantToolCall] | None = None,
+           usage: Usage | None = None) -> StreamChunk:
+    """A chunk from values the clients already checked; skips validation (hot path)."""
+    chunk = object.__new__(StreamChunk)
+    chunk.content = content
+    chunk.finish_reason = finish_reason
+    chunk.tool_calls = tool_calls
+    chunk.usage = usage
+    return chunk
+
+
+# === 4. Tools and schemas from Python types ==================================
+
+# Schemas from Python types: used by Tool.from_function here and by structured
+# output (section 5), which validates against them.
+
+_NoneType = type(None)
+
+
+def _json_class(value: Any) -> "type | None":
+    """The JSON class of a value whose class is a subclass (bool before int: True is no number)."""
+    for cls in (bool, int, float, str, dict, list):
+        if isinstance(value, cls):
+            return cls
+    return _NoneType if value is None else None
+
+
+def _json_type_name(values: "typing.Sequence[Any]") -> "str | None":
+    """The one JSON type shared by all values, or None when they are mixed."""
+    classes = {_json_class(v) for v in values}
+    if classes == {bool}:
+        return "boolean"
+    if classes == {str}:
+        return "string"
+    if classes == {int}:
+        return "integer"
+    if classes and classes <= {int, float}:
+        return "number"
+    if classes == {_NoneType}:
+        return "null"
+    return None
+
+
+_UnionType = type(int | str)
+_PRIMITIVE_SCHEMAS = {str: "string", int: "integer", float: "number", bool: "boolean"}
+_SEQUENCE_ORIGINS = (list, collections.abc.Sequence, collections.abc.MutableSequence,
+                     collections.abc.Iterable, collections.abc.Collection)
+_MAPPING_ORIGINS = (dict, collections.abc.Mapping, collections.abc.MutableMapping)
+_TYPEDDICT_QUALIFIERS = tuple(q for q in (getattr(typing, "Required", None),
+                                          getattr(typing, "NotRequired", None)) if q is not None)
+
+
+def _is_class(tp: Any) -> bool:
+    # On 3.9-3.10 isinstance(list[int], type) is True, yet issubclass() rejects it.
+    return isinstance(tp, type) and typing.get_origin(tp) is None
+
+
+def _is_enum(tp: Any) -> bool:
+    return _is_class(tp) and issubclass(tp, enum.Enum)
+
+
+def _is_named_type(tp: Any) -> bool:
+    """Types that get their own ``$defs`` entry: dataclasses, TypedDicts and Enums."""
+    return _is_class(tp) and (dataclasses.is_dataclass(tp) or typing.is_typeddict(tp)
+                              or issubclass(tp, enum.Enum))
+
+
+def _user_doc(cls: type) -> "str | None":
+    """The docstring the user wrote, skipping ones dataclasses and Enum generate."""
+    doc = cls.__dict__.get("__doc__")
+    if not isinstance(doc, str) or not doc.strip():
+        return None
+    if dataclasses.is_dataclass(cls) and doc.startswith(cls.__name__ + "(") and doc.endswith(")"):
+        return None     # dataclasses fills in "Point(x: int, y: int)" when there is no docstring
+    if _is_enum(cls) and doc in ("An enumeration.", enum.Enum.__doc__):
+        return None
+    return inspect.cleandoc(doc)
+
+
+@functools.lru_cache(maxsize=256)
+def _type_hints(cls: type) -> "dict[str, Any]":
+    """Resolved annotations of a class, ``Annotated`` kept (string annotations evaluated)."""
+    try:
+        return typing.get_type_hints(cls, include_extras=True)
+    except Exception as exc:    # NameError for unknown names, TypeError for bad expressions
+        raise TypeError(f"cannot resolve the type annotations of {cls.__qualname__}: {exc}; "
+                        "types referenced by string must be importable from its module") from exc
+
+
+def _json_default(value: Any) -> "tuple[bool, Any]":
+    """``(True, json_value)`` when a field default can be written into a schema."""
+    if value is None or isinstance(value, (str, bool, int)) and not isinstance(value, enum.Enum):
+        return True, value
+    if isinstance(value, float):
+        return math.isfinite(value), value
+    if isinstance(value, enum.Enum):
+        return _json_default(value.value)
+    if isinstance(value, (list, tuple)):
+        pairs = [_json_default(v) for v in value]
+        return all(ok for ok, _ in pairs), [v for _, v in pairs]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        pairs = {k: _json_default(v) for k, v in value.items()}
+        return all(ok for ok, _ in pairs.values()), {k: v for k, (_, v) in pairs.items()}
+    return False, None
+
+
+def _literal_value(value: Any, where: str) -> Any:
+    plain = value.value if isinstance(value, enum.Enum) else value
+    if not (plain is None or isinstance(plain, (str, int, float))):
+        raise TypeError(f"cannot build a JSON Schema for {where}: Literal value {value!r} is not "
+                        "a JSON scalar")
+    return plain
+
+
+class _TypeSchemaBuilder:
+    """Builds the JSON Schema of one Python type; nested named types go to ``$defs`` (or are
+    inlined when ``inline``), and the root type refers to itself as ``#``."""
+
+    def __init__(self, root: Any, inline: bool) -> None:
+        self.root, self.inline = root, inline
+        self.defs: "dict[str, dict]" = {}
+        self.names: "dict[Any, str]" = {}
+        self.building: "list[Any]" = []
+
+    def build(self) -> dict:
+        where = f"type {getattr(self.root, '__qualname__', self.root)!r}"
+        if _is_named_type(self.root):
+            self.building.append(self.root)
+            schema = self.named_body(self.root)
+        else:
+            schema = self.schema(self.root, where)
+        if self.defs:
+            schema["$defs"] = self.defs
+        return schema
+
+    def schema(self, tp: Any, where: str) -> dict:
+        """The schema of ``tp``; ``where`` names the field for error messages."""
+        if isinstance(tp, str) or isinstance(tp, typing.ForwardRef):
+            raise TypeError(f"cannot build a JSON Schema for {where}: unresolved forward "
+                            f"reference {tp!r}")
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if origin is typing.Annotated:
+            schema = self.schema(args[0], where)
+            notes = [a for a in tp.__metadata__ if isinstance(a, str)]
+            if notes:
+                schema["description"] = notes[0]
+            return schema
+        if hasattr(tp, "__supertype__"):        # typing.NewType
+            return self.schema(tp.__supertype__, where)
+        if tp is Any:
+            return {}
+        if tp is None or tp is _NoneType:
+            return {"type": "null"}
+        if _is_class(tp) and tp in _PRIMITIVE_SCHEMAS:
+            return {"type": _PRIMITIVE_SCHEMAS[tp]}
+        if _is_named_type(tp):
+            return self.named_ref(tp, where)
+        if origin is typing.Literal:
+            values = [_literal_value(v, where) for v in args]
+            schema = {"const": values[0]} if len(values) == 1 else {"enum": values}
+            kind = _json_type_name(values)
+            return {"type": kind, **schema} if kind else schema
+        if origin is typing.Union or origin is _UnionType:
+            return {"anyOf": [self.schema(a, where) for a in args]}
+        return self.container(tp, origin, args, where)
+
+    def container(self, tp: Any, origin: Any, args: tuple, where: str) -> dict:
+        base = origin or tp
+        if base in (tuple, typing.Tuple):
+            if not args or (len(args) == 2 and args[1] is Ellipsis):
+                items = {"items": self.schema(args[0], where)} if args else {}
+                return {"type": "array", **items}
+            if args == ((),):
+                return {"type": "array", "maxItems": 0}
+            return {"type": "array", "prefixItems": [self.schema(a, where) for a in args],
+                    "minItems": len(args), "maxItems": len(args)}
+        if base in (set, frozenset, collections.abc.Set, collections.abc.MutableSet):
+            items = {"items": self.schema(args[0], where)} if args else {}
+            return {"type": "array", **items, "uniqueItems": True}
+        if base in _SEQUENCE_ORIGINS and base is not str:
+            return {"type": "array", **({"items": self.schema(args[0], where)} if args else {})}
+        if base in _MAPPING_ORIGINS:
+            if args and args[0] is not str:
+                raise TypeError(f"cannot build a JSON Schema for {where}: mapping keys must be "
+                                f"str (JSON object keys), not {args[0]!r}")
+            return {"type": "object",
+                    **({"additionalProperties": self.schema(args[1], where)} if args else {})}
+        raise TypeError(f"cannot build a JSON Schema for {where}: unsupported type {tp!r} "
+                        "(supported: str, int, float, bool, None, Any, list, tuple, set, dict, "
+                        "Literal, Optional/Union, Annotated, Enum, dataclass, TypedDict)")
+
+    def named_ref(self, tp: type, where: str) -> dict:
+        if self.inline:
+            if tp in self.building:
+                raise TypeError(f"cannot inline the JSON Schema of {tp.__qualname__} ({where}): "
+                                "the type is recursive; use $defs (inline=False)")
+            self.building.append(tp)
+            try:
+                return self.named_body(tp)
+            finally:
+                self.building.pop()
+        if tp is self.root:
+            return {"$ref": "#"}
+        name = self.names.get(tp)
+        if name is None:
+            name, n = tp.__name__, 2
+            while name in self.defs:    # two classes of one name from different modules
+                name, n = f"{tp.__name__}{n}", n + 1
+            self.names[tp] = name
+            self.defs[name] = {}        # reserved first: a recursive field refers to it
+            self.defs[name] = self.named_body(tp)
+        return {"$ref": f"#/$defs/{name}"}
+
+    def named_body(self, tp: type) -> dict:
+        if issubclass(tp, enum.Enum):
+            schema = self.enum_body(tp)
+        elif typing.is_typeddict(tp):
+            schema = self.typeddict_body(tp)
+        else:
+            schema = self.dataclass_body(tp)
+        doc = _user_doc(tp)
+        head = {"title": tp.__name__, **({"description": doc} if doc else {})}
+        if "type" in schema:
+            head = {"type": schema.pop("type"), **head}
+        return {**head, **schema}
+
+    def enum_body(self, tp: "type[enum.Enum]") -> dict:
+        values = [_literal_value(m, f"enum {tp.__qualname__}") for m in tp]
+        kind = _json_type_name(values)
+        return {"type": kind, "enum": values} if kind else {"enum": values}
+
+    def dataclass_body(self, tp: type) -> dict:
+        hints = _type_hints(tp)
+        properties, required = {}, []
+        for field in dataclasses.fields(tp):
+            if not field.init:
+                continue
+            where = f"field {field.name!r} of {tp.__qualname__}"
+            schema = self.schema(hints.get(field.name, field.type), where)
+            description = field.metadata.get("description") if field.metadata else None
+            if isinstance(description, str):
+                schema["description"] = description
+            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                required.append(field.name)
+            elif field.default is not dataclasses.MISSING:
+                ok, value = _json_default(field.default)
+                if ok:
+                    schema["default"] = value
+            properties[field.name] = schema
+        return {"type": "object", "properties": properties, "required": required,
+                "additionalProperties": False}
+
+    def typeddict_body(self, tp: type) -> dict:
+        properties, required = {}, []
+        for name, hint in _type_hints(tp).items():
+            # __required_keys__ misses Required/NotRequired written as strings (PEP 563), so the
+            # resolved hint has the last word.
+            qualifier = typing.get_origin(hint)
+            if qualifier in _TYPEDDICT_QUALIFIERS:
+                is_required = qualifier is getattr(typing, "Required", None)
+            else:
+                is_required = name in tp.__required_keys__
+            properties[name] = self.schema(_strip_qualifiers(hint), f"key {name!r} of {tp.__qualname__}")
+            if is_required:
+                required.append(name)
+        return {"type": "object", "properties": properties, "required": required,
+                "additionalProperties": False}
+
+
+def _copy_json(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _copy_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy_json(v) for v in value]
+    return value
+
+
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_type_schema(tp: Any, inline: bool) -> dict:
+    return _TypeSchemaBuilder(tp, inline).build()
+
+
+def _schema_from_type(tp: Any, inline: bool = False) -> dict:
+    """A fresh JSON Schema (draft 2020-12) for a Python type; ``inline`` inlines nested types
+    instead of using ``$defs`` (for tool parameters) and rejects recursive types."""
+    if _hashable(tp):
+        return _copy_json(_cached_type_schema(tp, inline))
+    return _TypeSchemaBuilder(tp, inline).build()
+
+
+def _strip_qualifiers(hint: Any) -> Any:
+    while typing.get_origin(hint) in _TYPEDDICT_QUALIFIERS:
+        hint = typing.get_args(hint)[0]
+    return hint
+
+
+_PARAMETER_KEYS = ("type", "description", "enum", "items", "properties", "required",
+                   "default", "anyOf", "oneOf")
+
+
+@dataclasses.dataclass(init=False, eq=True)
+class ToolParameter(_Record):
+    """One JSON-Schema property of a tool; unknown schema keys are kept (``model_extra``)."""
+
+    type: str | list[str] | None = None
+    description: str | None = None
+    enum: list[Any] | None = None
+    items: dict[str, Any] | None = None
+    properties: dict[str, ToolParameter] | None = None
+    required: list[str] | None = None
+    default: Any = None
+    anyOf: list[dict[str, Any]] | None = None
+    oneOf: list[dict[str, Any]] | None = None
+    model_extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __init__(self, type: str | list[str] | None = None, description: str | None = None,
+                 enum: list[Any] | None = None, items: dict[str, Any] | None = None,
+                 properties: dict[str, Any] | None = None, required: list[str] | None = None,
+                 default: Any = None, anyOf: list[dict[str, Any]] | None = None,
+                 oneOf: list[dict[str, Any]] | None = None, **extra: Any) -> None:
+        owner = "ToolParameter"
+        if not (type is None or isinstance(type, str) or (
+                isinstance(type, list) and all(isinstance(t, str) for t in type))):
+            _fail(owner, "type", "a JSON-Schema type name or a list of them", type)
+        _check_str(owner, "description", description, optional=True)
+        for name, value in (("enum", enum), ("required", required), ("anyOf", anyOf),
+                            ("oneOf", oneOf)):
+            if value is not None and not isinstance(value, list):
+                _fail(owner, name, "a list or None", value)
+        if isinstance(items, ToolParameter):
+            items = items.to_schema()
+        if items is not None and not isinstance(items, dict):
+            _fail(owner, "items", "a dict or None", items)
+        if properties is not None:
+            if not isinstance(properties, dict):
+                _fail(owner, "properties", "a dict of ToolParameter or None", properties)
+            properties = {k: _coerce(owner, f"properties[{k!r}]", v, ToolParameter)
+                          for k, v in properties.items()}
+        self.type, self.description, self.enum, self.items = type, description, enum, items
+        self.properties, self.required, self.default = properties, required, default
+        self.anyOf, self.oneOf, self.model_extra = anyOf, oneOf, dict(extra)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | ToolParameter) -> ToolParameter:
+        """Build from a JSON-Schema dict, keeping every key."""
+        if isinstance(data, ToolParameter):
+            return data
+        if not isinstance(data, dict):
+            raise ValidationError(f"ToolParameter needs a dict, got {_short(data)}", value=data)
+        return cls(**data)
+
+    def to_schema(self) -> dict[str, Any]:
+        """The JSON Schema, ``None`` values left out at every level (upstream's dump)."""
+        out: dict[str, Any] = {}
+        for key in _PARAMETER_KEYS:
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if key == "properties":
+                value = {k: p.to_schema() for k, p in value.items()}
+            out[key] = _drop_none(value)
+        for key, value in self.model_extra.items():
+            if value is not None:
+                out[key] = _drop_none(value)
+        return out
+
+    def to_dict(self, *, exclude_none: bool = True) -> dict[str, Any]:
+        """Same as :meth:`to_schema`."""
+        return self.to_schema()
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def _parameter(value: Any) -> ToolParameter:
+    return _coerce("Tool", "parameters", value, ToolParameter)
+
+
+@dataclasses.dataclass(kw_only=True)
+class Tool(_Record):
+    """A function the model may call, described by a JSON Schema of its parameters.
+
+    Build one by hand, from an MCP-style schema (:meth:`from_input_schema`), or from
+    a plain Python function (:meth:`from_function`).
+    """
+
+    name: str
+    description: str
+    parameters: dict[str, ToolParameter] = dataclasses.field(default_factory=dict)
+    required: list[str] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _check_str("Tool", "name", self.name)
+        if not self.name:
+            _fail("Tool", "name", "a non-empty string", self.name)
+        _check_str("Tool", "description", self.description)
+        if not isinstance(self.parameters, dict):
+            _fail("Tool", "parameters", "a dict of name -> ToolParameter", self.parameters)
+        self.parameters = {k: _parameter(v) for k, v in self.parameters.items()}
+        if not isinstance(self.required, (list, tuple)) or not all(
+                isinstance(r, str) for r in self.required):
+            _fail("Tool", "required", "a list of parameter names", self.required)
+        self.required = list(self.required)
+
+    @property
+    def input_schema(self) -> dict[str, Any]:
+        """The parameters as one JSON-Schema object (what MCP calls ``inputSchema``)."""
+        return {"type": "object",
+                "properties": {k: p.to_schema() for k, p in self.parameters.items()},
+                "required": list(self.required)}
+
+    def to_dict(self, *, exclude_none: bool = False) -> dict[str, Any]:
+        """Name, description and the parameter schemas."""
+        return {"name": self.name, "description": self.description,
+                "parameters": {k: p.to_schema() for k, p in self.parameters.items()},
+                "required": list(self.required)}
+
+    @classmethod
+    def from_input_schema(cls, name: str, description: str,
+                          input_schema: dict[str, Any]) -> Tool:
+        """A tool from a JSON-Schema object (an MCP tool's ``inputSchema``)."""
+        if not isinstance(input_schema, dict):
+            _fail("Tool", "input_schema", "a JSON-Schema dict", input_schema)
+        return cls(name=name, description=description,
+                   parameters=dict(input_schema.get("properties", {})),
+                   required=list(input_schema.get("required", [])))
+
+    @classmethod
+    def from_function(cls, fn: Callable[..., Any], *, name: str | None = None,
+                      description: str | None = None) -> Tool:
+        """A tool from a function's name, signature, type hints and docstring.
+
+        Parameter descriptions come from the docstring's Google (``Args:``), NumPy
+        (``Parameters``) or reST (``:param x:``) section; parameters without a
+        default are required.
+        """
+        if not callable(fn):
+            raise ValidationError(f"Tool.from_function needs a function, got {_short(fn)}",
+                                  field="fn", value=fn)
+        summary, param_docs = _parse_docstring(inspect.getdoc(fn) or "")
+        hints = typing.get_type_hints(fn, include_extras=True)
+        parameters: dict[str, ToolParameter] = {}
+        required: list[str] = []
+        for param in inspect.signature(fn).parameters.values():
+            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD) or (
+                    param.name in ("self", "cls") and param.annotation is param.empty):
+                continue
+            try:
+                schema = (_schema_from_type(hints[param.name], inline=True)
+                          if param.name in hints else {})
+            except TypeError as exc:
+                raise ValidationError(f"Tool.from_function({fn.__name__}): parameter "
+                                      f"{param.name!r}: {exc}", field=param.name) from exc
+            schema = dict(schema)
+            schema.pop("title", None)
+            if param.name in param_docs and "description" not in schema:
+                schema["description"] = param_docs[param.name]
+            if param.default is param.empty:
+                required.append(param.name)
+            elif param.default is not None and _json_default(param.default)[0]:
+                schema["default"] = _json_default(param.default)[1]
+            parameters[param.name] = ToolParameter.from_dict(schema)
+        return cls(name=name or fn.__name__, description=description or summary,
+                   parameters=parameters, required=required)
+
+
+_DOC_SECTION = re.compile(r"^(Args|Arguments|Parameters|Params|Returns?|Raises|Yields|"
+                          r"Examples?|Notes?|See Also|Attributes)\s*:?\s*$")
+_DOC_REST_PARAM = re.compile(r":param\s+(?:[^:]*\s)?(\w+)\s*:\s*(.*)")
+_DOC_ENTRY = re.compile(r"(\*{0,2}\w+)\s*(?:\([^)]*\))?\s*(?::\s*(.*))?$")
+
+
+def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
+    """Summary and per-parameter text from a Google, NumPy or reST docstring.
+
+    Google: ``Args:`` then ``name (type): text``; NumPy: ``Parameters`` over a dashed
+    line, then ``name : type`` with the text indented below; reST: ``:param name: text``.
+    """
+    lines = doc.expandtabs().splitlines()
+    summary: list[str] = []
+    params: dict[str, str] = {}
+    section: str | None = None
+    current: str | None = None
+    entry_indent: int | None = None
+    numpy = False
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        indent = len(line) - len(line.lstrip())
+        rest = _DOC_REST_PARAM.match(stripped)
+        if rest:
+            section, current = "rest", rest.group(1)
+            params[current] = rest.group(2).strip()
+            continue
+        if stripped.startswith(":"):
+            section, current = "other", None
+            continue
+        underline = i + 1 < len(lines) and set(lines[i + 1].strip()) == {"-"}
+        header = _DOC_SECTION.match(stripped)
+        if header and (stripped.endswith(":") or underline):
+            section = "params" if header.group(1).startswith(("Arg", "Param")) else "other"
+            current, entry_indent, numpy = None, None, underline
+            continue
+        if not stripped or set(stripped) == {"-"}:
+            if section is None:
+                summary.append("")
+            continue
+        entry = _DOC_ENTRY.match(stripped)
+        if section is None:
+            summary.append(stripped)
+        elif section == "params" and entry and (entry_indent is None or indent <= entry_indent):
+            entry_indent, current = indent, entry.group(1).lstrip("*")
+            params[current] = "" if numpy else (entry.group(2) or "").strip()
+        elif section in ("params", "rest") and current:
+            params[current] = f"{params[current]} {stripped}".strip()
+    paragraph = "\n".join(summary).strip().split("\n\n")[0]
+    return " ".join(paragraph.split()), params
+
+
+# === 5. Structured output ====================================================
+
+# Five parts, each using only those above it:
+#   5a. JSON paths and JSON equality        (shared by everything below)
+#   5b. ECMA-262 patterns                   (JSON Schema "pattern" is ECMA, not Python)
+#   5c. the JSON Schema validator           (draft 2020-12, compiled into closures)
+#   5d. a validated value into a Python type (schemas from types: section 4)
+#   5e. response_format resolution, root wrapping, OpenAI strict subset
+
+# --- 5a. JSON paths and JSON equality ----------------------------------------
+
+# Bounds every recursive walk (validation, annotation collection, schema compilation) well below
+# CPython's default recursion limit of 1000: a node costs about two frames.
+_MAX_DEPTH = 256
+_JSON_CLASSES = (bool, int, float, str, dict, list, _NoneType)
+
+
+def _render_keys(keys: "typing.Iterable[Any]") -> str:
+    """Keys from the root down to a value, as ``$.a.b[3]["odd key"]``."""
+    out = ["$"]
+    for key in keys:
+        if isinstance(key, int) and not isinstance(key, bool):
+            out.append(f"[{key}]")
+        elif isinstance(key, str) and key.isidentifier():
+            out.append("." + key)
+        else:
+            out.append("[" + json.dumps(str(key), ensure_ascii=False) + "]")
+    return "".join(out)
+
+
+def _render_path(path: "tuple | None") -> str:
+    """Render a validator path: nested ``(parent, key)`` pairs, built only as cheap tuples."""
+    keys = []
+    while path is not None:
+        path, key = path
+        keys.append(key)
+    keys.reverse()
+    return _render_keys(keys)
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 31] + "…" + text[-30:]
+
+
+def _show(value: Any) -> str:
+    """A value as JSON text, truncated, for error messages."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, default=repr)
+    except (TypeError, ValueError, RecursionError):
+        text = f"<{type(value).__name__}>"
+    return _shorten(text)
+
+
+def _json_key(value: Any) -> Any:
+    """A hashable key equal for JSON-equal values: 1 and 1.0 match, True and 1 do not."""
+    cls = value.__class__
+    if cls is str or cls is int or cls is float or value is None:
+        return value
+    if cls is bool:
+        return (bool, value)
+    if cls is list:
+        return ("l",) + tuple(map(_json_key, value))
+    if cls is dict:
+        return ("d", frozenset((k, _json_key(v)) for k, v in value.items()))
+    cls = _json_class(value)
+    if cls is None:
+        return ("?", repr(value))
+    # str() of a str-mixin Enum member is "Color.RED"; str.__str__ gives the underlying text.
+    return _json_key(str.__str__(value) if cls is str else cls(value))
+
+
+def _schema_error(where: str, message: str) -> SchemaValidationError:
+    """A malformed-schema error; ``where`` is the JSON pointer of the bad keyword."""
+    return SchemaValidationError(f"invalid JSON Schema at {_shorten(where)}: {message}")
+
+
+# --- 5b. ECMA-262 patterns ---------------------------------------------------
+#
+# JSON Schema patterns are ECMA-262 regular expressions. Compiled with re.ASCII, Python's
+# \d \w \b already mean what ECMA means (ASCII only); the translation below covers the rest:
+# \s (ECMA: Unicode spaces), "." and "$" (ECMA: no newline leniency), \p{...} property escapes,
+# named groups, \u{...}, \cX, and the empty classes [] and [^].
+
+_ECMA_SPACE = "\\t\\n\\x0b\\x0c\\r \\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000\\ufeff"
+_GENERAL_CATEGORY_ALIASES = {
+    "letter": "L", "cased_letter": "LC", "uppercase_letter": "Lu", "lowercase_letter": "Ll",
+    "titlecase_letter": "Lt", "modifier_letter": "Lm", "other_letter": "Lo", "mark": "M",
+    "combining_mark": "M", "nonspacing_mark": "Mn", "spacing_mark": "Mc", "enclosing_mark": "Me",
+    "number": "N", "decimal_number": "Nd", "digit": "Nd", "letter_number": "Nl",
+    "other_number": "No", "punctuation": "P", "punct": "P", "connector_punctuation": "Pc",
+    "dash_punctuation": "Pd", "open_punctuation": "Ps", "close_punctuation": "Pe",
+    "initial_punctuation": "Pi", "final_punctuation": "Pf", "other_punctuation": "Po",
+    "symbol": "S", "math_symbol": "Sm", "currency_symbol": "Sc", "modifier_symbol": "Sk",
+    "other_symbol": "So", "separator": "Z", "space_separator": "Zs", "line_separator": "Zl",
+    "paragraph_separator": "Zp", "other": "C", "control": "Cc", "cntrl": "Cc", "format": "Cf",
+    "surrogate": "Cs", "private_use": "Co", "unassigned": "Cn",
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _unicode_category_ranges() -> "dict[str, list[tuple[int, int]]]":
+    """Code point ranges per general category, built once on first use of \\p{...} (~0.1 s)."""
+    import unicodedata
+    category = unicodedata.category
+    ranges: "dict[str, list[tuple[int, int]]]" = {}
+    previous, start = None, 0
+    for code in range(sys.maxunicode + 1):
+        current = category(chr(code))
+        if current != previous:
+            if previous is not None:
+                ranges.setdefault(previous, []).append((start, code - 1))
+            previous, start = current, code
+    ranges.setdefault(previous, []).append((start, sys.maxunicode))
+    return ranges
+
+
+@functools.lru_cache(maxsize=64)
+def _unicode_property_class(name: str) -> str:
+    """The body of a character class (no brackets) for an ECMA ``\\p{name}`` escape."""
+    key = name.split("=", 1)[1] if name.startswith(("General_Category=", "gc=")) else name
+    if key in ("Any", "ASCII"):
+        return "\\x00-\\U0010ffff" if key == "Any" else "\\x00-\\x7f"
+    category = _GENERAL_CATEGORY_ALIASES.get(key.lower(), key)
+    table = _unicode_category_ranges()
+    if category == "LC":
+        wanted = ["Lu", "Ll", "Lt"]
+    elif len(category) == 1:
+        wanted = [c for c in table if c[0] == category]
+    else:
+        wanted = [category] if category in table else []
+    if not wanted:
+        raise ValueError(f"unsupported Unicode property escape \\p{{{name}}}")
+    return "".join(f"\\U{a:08x}-\\U{b:08x}" for c in wanted for a, b in table[c])
+
+
+def _ecma_escape(pattern: str, i: int, in_class: bool) -> "tuple[str, int]":
+    """Translate the escape starting at pattern[i] (a backslash); returns (python, next index)."""
+    if i + 1 >= len(pattern):
+        raise ValueError("pattern ends with a lone backslash")
+    e = pattern[i + 1]
+    if e in "pP" and pattern.startswith("{", i + 2):
+        end = pattern.find("}", i + 3)
+        if end < 0:
+            raise ValueError("unterminated \\p{...} escape")
+        body = _unicode_property_class(pattern[i + 3:end])
+        if e == "P" and in_class:
+            raise ValueError("\\P{...} inside a character class is not supported")
+        text = body if in_class else ("[" if e == "p" else "[^") + body + "]"
+        return text, end + 1
+    if e == "s":
+        return (_ECMA_SPACE if in_class else f"[{_ECMA_SPACE}]"), i + 2
+    if e == "S" and not in_class:
+        return f"[^{_ECMA_SPACE}]", i + 2
+    if e == "u" and pattern.startswith("{", i + 2):
+        end = pattern.find("}", i + 3)
+        return f"\\U{int(pattern[i + 3:end], 16):08x}", end + 1
+    if e == "c" and i + 2 < len(pattern) and pattern[i + 2].isalpha():
+        return f"\\x{ord(pattern[i + 2]) % 32:02x}", i + 3
+    if e == "k" and pattern.startswith("<", i + 2):
+        end = pattern.find(">", i + 3)
+        return f"(?P={pattern[i + 3:end]})", end + 1
+    return pattern[i:i + 2], i + 2
+
+
+def _ecma_to_python(pattern: str) -> str:
+    """Rewrite an ECMA-262 pattern as an equivalent Python pattern (to compile with re.ASCII)."""
+    out, i, n, in_class = [], 0, len(pattern), False
+    while i < n:
+        c = pattern[i]
+        if c == "\\":
+            text, i = _ecma_escape(pattern, i, in_class)
+            out.append(text)
+            continue
+        if in_class:
+            # Python warns on "[[" and "&&"-style set operations; ECMA means the characters.
+            out.append("\\" + c if c in "[&~|" else c)
+            in_class = c != "]"
+        elif c == "[":
+            if pattern.startswith("[]", i) or pattern.startswith("[^]", i):
+                empty = pattern.startswith("[]", i)
+                out.append("(?!)" if empty else "(?s:.)")
+                i += 2 if empty else 3
+                continue
+            negated = pattern.startswith("[^", i)
+            out.append("[^" if negated else "[")
+            i += 2 if negated else 1
+            in_class = True
+            continue
+        elif c == ".":
+            out.append("[^\\n\\r\\u2028\\u2029]")
+        elif c == "$":
+            out.append("\\Z")
+        elif c == "(" and pattern.startswith("(?<", i) and not pattern.startswith(("(?<=", "(?<!"), i):
+            out.append("(?P<")
+            i += 3
+            continue
+        else:
+            out.append(c)
+        i += 1
+    return "".join(out)
+
+
+@functools.lru_cache(maxsize=512)
+def _ecma_regex(pattern: str) -> "re.Pattern[str]":
+    """Compile an ECMA-262 pattern; raises ValueError naming the pattern when unsupported."""
+    try:
+        return re.compile(_ecma_to_python(pattern), re.ASCII)
+    except (re.error, ValueError, OverflowError) as exc:
+        raise ValueError(f"cannot compile pattern {pattern!r}: {exc}") from exc
+
+
+# --- 5c. The JSON Schema validator -------------------------------------------
+#
+# A schema is compiled once into closures. Every compiled node has the signature
+# ``node(instance, path, errors, depth)``: it appends ``(path, message)`` to ``errors`` for every
+# failure, where ``path`` is a linked ``(parent, key)`` tuple rendered only if an error surfaces.
+# Keyword checks are grouped by the instance's JSON class, so a string never runs object checks.
+
+_TYPE_CLASSES = {
+    "null": (_NoneType,), "boolean": (bool,), "integer": (int,), "number": (int, float),
+    "string": (str,), "array": (list,), "object": (dict,),
+}
+_KIND_CLASSES = {"number": (int, float), "string": (str,), "array": (list,), "object": (dict,)}
+
+
+def _accept(inst: Any, path: Any, errs: list, depth: int) -> None:
+    """The ``true`` schema."""
+
+
+def _reject(inst: Any, path: Any, errs: list, depth: int) -> None:
+    """The ``false`` schema."""
+    errs.append((path, "no value is allowed here (the schema is false)"))
+
+
+def _too_deep(path: Any) -> "typing.NoReturn":
+    raise SchemaValidationError(
+        f"validation nests deeper than {_MAX_DEPTH} levels at {_shorten(_render_path(path))}: "
+        "the value is too deeply nested or the schema recurses without consuming the value",
+        [(_shorten(_render_path(path)), "nesting too deep")])
+
+
+def _is_valid(node: "typing.Callable", inst: Any, depth: int) -> bool:
+    errs: list = []
+    node(inst, None, errs, depth)
+    return not errs
+
+
+def _ptr(where: str, *keys: Any) -> str:
+    for key in keys:
+        where += "/" + str(key).replace("~", "~0").replace("/", "~1")
+    return where
+
+
+def _percent_decode(text: str) -> str:
+    if "%" not in text:
+        return text
+    raw = re.sub(rb"%([0-9A-Fa-f]{2})", lambda m: bytes([int(m.group(1), 16)]), text.encode())
+    return raw.decode("utf-8", "replace")
+
+
+class _Checks:
+    """Keyword checks of one schema node, sorted by the JSON class they apply to."""
+
+    __slots__ = ("common", "by_class")
+
+    def __init__(self) -> None:
+        self.common: list = []
+        self.by_class: dict = {cls: [] for cls in _JSON_CLASSES}
+
+    def add(self, kind: "str | None", check: "typing.Callable") -> None:
+        if kind is None:
+            self.common.append(check)
+        else:
+            for cls in _KIND_CLASSES[kind]:
+                self.by_class[cls].append(check)
+
+
+class _SchemaCompiler:
+    """Compiles one schema document (the root of every local ``$ref``) into a validator node."""
+
+    def __init__(self, root: Any) -> None:
+        self.root = root
+        self._nodes: "dict[int, typing.Callable]" = {}
+        self._refs: "dict[str, Any]" = {}
+        self._level = 0
+
+    def compile(self, schema: Any, where: str = "#") -> "typing.Callable":
+        """The node for ``schema``; memoised by identity so recursive ``$ref`` cycles terminate."""
+        if schema is True:
+            return _accept
+        if schema is False:
+            return _reject
+        if not isinstance(schema, dict):
+            raise _schema_error(where, f"a schema must be an object or a boolean, not {_show(schema)}")
+        node = self._nodes.get(id(schema))
+        if node is not None:
+            return node
+        if self._level >= _MAX_DEPTH:
+            raise _schema_error(where, f"schema nests deeper than {_MAX_DEPTH} levels")
+        checks = _Checks()
+        common, by_class = checks.common, checks.by_class
+
+        def node(inst: Any, path: Any, errs: list, depth: int) -> None:
+            if depth > _MAX_DEPTH:
+                _too_deep(path)
+            for check in common:
+                check(inst, path, errs, depth)
+            group = by_class.get(inst.__class__)
+            if group is None:
+                group = by_class.get(_json_class(inst), ())
+            for check in group:
+                check(inst, path, errs, depth)
+
+        self._nodes[id(schema)] = node
+        self._level += 1
+        try:
+            for builder in _KEYWORD_BUILDERS:
+                builder(self, schema, where, checks)
+        finally:
+            self._level -= 1
+        return node
+
+    def resolve(self, ref: Any, where: str) -> Any:
+        """The subschema a local ``$ref`` (``#`` plus a JSON pointer) points to."""
+        if not isinstance(ref, str):
+            raise _schema_error(where, f"$ref must be a string, not {_show(ref)}")
+        if ref in self._refs:
+            return self._refs[ref]
+        if not ref.startswith("#"):
+            raise _schema_error(where, f"$ref {ref!r} is not supported: only local references "
+                                       "('#' or '#/json/pointer') are")
+        pointer = _percent_decode(ref[1:])
+        if pointer and not pointer.startswith("/"):
+            raise _schema_error(where, f"$ref {ref!r} is not supported: anchors are not, "
+                                       "use a JSON pointer such as '#/$defs/Name'")
+        target = self.root
+        for token in pointer.split("/")[1:] if pointer else ():
+            token = token.replace("~1", "/").replace("~0", "~")
+            if isinstance(target, dict) and token in target:
+                target = target[token]
+            elif isinstance(target, list) and token.isdigit() and int(token) < len(target):
+                target = target[int(token)]
+            else:
+                raise _schema_error(where, f"$ref {ref!r} points to nothing: no {token!r} there")
+        self._refs[ref] = target
+        return target
+
+    def evaluated(self, schema: Any, inst: Any, depth: int, own: "typing.Callable",
+                  own_key: str, nested: bool) -> set:
+        """Property names or item indices that ``schema`` and its passing in-place subschemas
+        evaluated: the annotations that unevaluatedProperties / unevaluatedItems consult."""
+        if depth > _MAX_DEPTH:
+            _too_deep(None)
+        if not isinstance(schema, dict):
+            return set()
+        seen = own(self, schema, inst)
+        if nested and own_key in schema:
+            seen.update(inst if isinstance(inst, dict) else range(len(inst)))
+        subs = [*schema.get("allOf", ()), *schema.get("anyOf", ()), *schema.get("oneOf", ())]
+        if "$ref" in schema:
+            subs.append(self.resolve(schema["$ref"], "#"))
+        if "if" in schema:
+            if _is_valid(self.compile(schema["if"]), inst, depth + 1):
+                subs += [schema["if"], schema.get("then", True)]
+            else:
+                subs.append(schema.get("else", True))
+        if isinstance(inst, dict):
+            subs += [s for k, s in schema.get("dependentSchemas", {}).items() if k in inst]
+        for sub in subs:
+            if _is_valid(self.compile(sub), inst, depth + 1):
+                seen |= self.evaluated(sub, inst, depth + 1, own, own_key, True)
+        return seen
+
+
+def _own_evaluated_properties(compiler: _SchemaCompiler, schema: dict, inst: dict) -> set:
+    if "additionalProperties" in schema:
+        return set(inst)    # additionalProperties evaluates every name the others left over
+    properties = schema.get("properties", {})
+    seen = {k for k in inst if k in properties}
+    for pattern in schema.get("patternProperties", {}):
+        search = _ecma_regex(pattern).search
+        seen.update(k for k in inst if search(k))
+    return seen
+
+
+def _own_evaluated_items(compiler: _SchemaCompiler, schema: dict, inst: list) -> set:
+    if "items" in schema:
+        return set(range(len(inst)))
+    seen = set(range(min(len(schema.get("prefixItems", ())), len(inst))))
+    if "contains" in schema:
+        node = compiler.compile(schema["contains"])
+        seen.update(i for i, item in enumerate(inst) if _is_valid(node, item, 0))
+    return seen
+
+
+# Keyword builders: each reads the keywords it owns from a schema and adds checks.
+
+def _number_keyword(schema: dict, key: str, where: str) -> "int | float":
+    value = schema[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _schema_error(_ptr(where, key), f"{key} must be a number, not {_show(value)}")
+    return value
+
+
+def _count_keyword(schema: dict, key: str, where: str) -> int:
+    value = schema[key]
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _schema_error(_ptr(where, key), f"{key} must be a non-negative integer, not {_show(value)}")
+    return value
+
+
+def _schema_list(schema: dict, key: str, where: str) -> list:
+    value = schema[key]
+    if not isinstance(value, list) or not value:
+        raise _schema_error(_ptr(where, key), f"{key} must be a non-empty array of schemas")
+    return value
+
+
+def _schema_map(schema: dict, key: str, where: str) -> dict:
+    value = schema[key]
+    if not isinstance(value, dict):
+        raise _schema_error(_ptr(where, key), f"{key} must be an object, not {_show(value)}")
+    return value
+
+
+def _build_type(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> None:
+    if "type" not in schema:
+        return
+    names = schema["type"]
+    names = [names] if isinstance(names, str) else names
+    if not isinstance(names, list) or not all(n in _TYPE_CLASSES for n in names):
+        raise _schema_error(_ptr(where, "type"), f"type must be one of {sorted(_TYPE_CLASSES)} "
+                                                 f"or a list of them, not {_show(schema['type'])}")
+    allowed = frozenset(cls for n in names for cls in _TYPE_CLASSES[n])
+    integral_floats = "integer" in names and "number" not in names
+    expected = " or ".join(repr(n) for n in names)
+
+    def check_type(inst: Any, path: Any, errs: list, depth: int) -> None:
+        cls = inst.__class__
+        if cls in allowed:
+            return
+        if cls not in _JSON_CLASSES:
+            cls = _json_class(inst)
+            if cls in allowed:
+                return
+        if cls is float and integral_floats and inst.is_integer():
+            return
+        errs.append((path, f"{_show(inst)} is not of type {expected}"))
+
+    out.add(None, check_type)
+
+
+def _build_enum_const(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> None:
+    for key in ("enum", "const"):
+        if key not in schema:
+            continue
+        values = schema[key] if key == "enum" else [schema[key]]
+        if not isinstance(values, list):
+            raise _schema_error(_ptr(where, key), f"enum must be an array, not {_show(values)}")
+        strings = frozenset(v for v in values if v.__class__ is str)
+        others = frozenset(_json_key(v) for v in values if v.__class__ is not str)
+        message = (f"is not one of {_show(values)}" if key == "enum" else f"is not {_show(values[0])}")
+
+        def check_enum(inst: Any, path: Any, errs: list, depth: int,
+                       strings: frozenset = strings, others: frozenset = others,
+                       message: str = message) -> None:
+            key = inst if inst.__class__ is str else _json_key(inst)
+            if key in (strings if key.__class__ is str else others):
+                return
+            errs.append((path, f"{_show(inst)} {message}"))
+
+        out.add(None, check_enum)
+
+
+def _build_in_place(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> None:
+    """allOf, anyOf, oneOf, not, if/then/else and $ref: subschemas applied to the same value."""
+    if "$ref" in schema:
+        target = c.compile(c.resolve(schema["$ref"], _ptr(where, "$ref")), schema["$ref"])
+
+        def check_ref(inst: Any, path: Any, errs: list, depth: int) -> None:
+            target(inst, path, errs, depth + 1)
+
+        out.add(None, check_ref)
+    for key, combine in (("allOf", _all_of), ("anyOf", _any_of), ("oneOf", _one_of)):
+        if key in schema:
+            subs = _schema_list(schema, key, where)
+            out.add(None, combine([c.compile(s, _ptr(where, key, i)) for i, s in enumerate(subs)]))
+    if "not" in schema:
+        negated = c.compile(schema["not"], _ptr(where, "not"))
+
+        def check_not(inst: Any, path: Any, errs: list, depth: int) -> None:
+            if _is_valid(negated, inst, depth + 1):
+                errs.append((path, f"{_show(inst)} must not match the 'not' schema"))
+
+        out.add(None, check_not)
+    if "if" in schema and ("then" in schema or "else" in schema):
+        test = c.compile(schema["if"], _ptr(where, "if"))
+        then = c.compile(schema.get("then", True), _ptr(where, "then"))
+        other = c.compile(schema.get("else", True), _ptr(where, "else"))
+
+        def check_if(inst: Any, path: Any, errs: list, depth: int) -> None:
+            branch = then if _is_valid(test, inst, depth + 1) else other
+            branch(inst, path, errs, depth + 1)
+
+        out.add(None, check_if)
+
+
+def _path_length(path: Any) -> int:
+    length = 0
+    while path is not None:
+        path, length = path[0], length + 1
+    return length
+
+
+def _closest_failure(failures: "list[list]") -> list:
+    """The alternative that got furthest into the value: its errors explain the mismatch best."""
+    return max(failures, key=lambda errs: max(_path_length(p) for p, _ in errs))
+
+
+def _all_of(subs: list) -> "typing.Callable":
+    def check_all_of(inst: Any, path: Any, errs: list, depth: int) -> None:
+        for sub in subs:
+            sub(inst, path, errs, depth + 1)
+
+    return check_all_of
+
+
+def _any_of(subs: list) -> "typing.Callable":
+    def check_any_of(inst: Any, path: Any, errs: list, depth: int) -> None:
+        failures = []
+        for sub in subs:
+            branch: list = []
+            sub(inst, path, branch, depth + 1)
+            if not branch:
+                return
+            failures.append(branch)
+        errs.append((path, f"{_show(inst)} does not match any of the {len(subs)} alternatives (anyOf)"))
+        errs.extend(_closest_failure(failures))
+
+    return check_any_of
+
+
+def _one_of(subs: list) -> "typing.Callable":
+    def check_one_of(inst: Any, path: Any, errs: list, depth: int) -> None:
+        failures, passed = [], []
+        for index, sub in enumerate(subs):
+            branch: list = []
+            sub(inst, path, branch, depth + 1)
+            if branch:
+                failures.append(branch)
+            else:
+                passed.append(index)
+        if not passed:
+            errs.append((path, f"{_show(inst)} does not match any of the {len(subs)} alternatives (oneOf)"))
+            errs.extend(_closest_failure(failures))
+        elif len(passed) > 1:
+            errs.append((path, f"{_show(inst)} matches more than one alternative (oneOf: {passed})"))
+
+    return check_one_of
+
+
+_BOUNDS = (
+    ("minimum", "is less than the minimum", lambda x, limit: x < limit),
+    ("exclusiveMinimum", "is not greater than the exclusive minimum", lambda x, limit: x <= limit),
+    ("maximum", "is greater than the maximum", lambda x, limit: x > limit),
+    ("exclusiveMaximum", "is not less than the exclusive maximum", lambda x, limit: x >= limit),
+)
+
+
+def _build_number(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> None:
+    for key, complaint, fails in _BOUNDS:
+        if key not in schema:
+            continue
+        limit = _number_keyword(schema, key, where)
+
+        def check_bound(inst: Any, path: Any, errs: list, depth: int, limit: Any = limit,
+                        fails: Any = fails, complaint: str = complaint) -> None:
+            if fails(inst, limit):
+                errs.append((path, f"{_show(inst)} {complaint} {_show(limit)}"))
+
+        out.add("number", check_bound)
+    if "multipleOf" in schema:
+        divisor = _number_keyword(schema, "multipleOf", where)
+        if divisor <= 0:
+            raise _schema_error(_ptr(where, "multipleOf"), f"multipleOf must be > 0, not {divisor!r}")
+
+        def check_multiple(inst: Any, path: Any, errs: list, depth: int) -> None:
+            if not _is_multiple(inst, divisor):
+                errs.append((path, f"{_show(inst)} is not a multiple of {_show(divisor)}"))
+
+        out.add("number", check_multiple)
+
+
+def _is_multiple(value: "int | float", divisor: "int | float") -> bool:
+    """Exact test on the numbers as written in JSON (0.0075 is a multiple of 0.0001, although
+    the binary floats are not); huge quotients neither overflow nor lose precision."""
+    if isinstance(value, int) and isinstance(divisor, int):
+        return value % divisor == 0
+    if not math.isfinite(value):
+        return False
+    import decimal      # only floats need it, and most schemas have no multipleOf
+    x, d = (decimal.Decimal(n if isinstance(n, int) else repr(float(n))) for n in (value, divisor))
+    context = decimal.Context(prec=max(28, x.adjusted() - d.adjusted() + 30))
+    return context.remainder(x, d) == 0
+
+
+def _build_string(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> None:
+    if "minLength" in schema:
+        low = _count_keyword(schema, "minLength", where)
+
+        def check_min_length(inst: str, path: Any, errs: list, depth: int) -> None:
+            if len(inst) < low:
+                errs.append((path, f"{_show(inst)} is shorter than {low} characters"))
+
+        out.add("string", check_min_length)
+    if "maxLength" in schema:
+        high = _count_keyword(schema, "maxLength", where)
+
+        def check_max_length(inst: str, path: Any, errs: list, depth: int) -> None:
+            if len(inst) > high:
+                errs.append((path, f"{_show(inst)} is longer than {high} characters"))
+
+        out.add("string", check_max_length)
+    if "pattern" in schema:
+        pattern = schema["pattern"]
+        try:
+            search = _ecma_regex(pattern).search if isinstance(pattern, str) else None
+        except ValueError as exc:
+            raise _schema_error(_ptr(where, "pattern"), str(exc)) from exc
+        if search is None:
+            raise _schema_error(_ptr(where, "pattern"), f"pattern must be a string, not {_show(pattern)}")
+
+        def check_pattern(inst: str, path: Any, errs: list, depth: int) -> None:
+            if search(inst) is None:
+                errs.append((path, f"{_show(inst)} does not match pattern {pattern!r}"))
+
+        out.add("string", check_pattern)
+
+
+def _build_items(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> None:
+    prefix_key, rest_key = "prefixItems", "items"
+    if isinstance(schema.get("items"), list) and "prefixItems" not in schema:
+        prefix_key, rest_key = "items", "additionalItems"     # draft 2019 and older tuple form
+    prefix = [c.compile(s, _ptr(where, prefix_key, i))
+              for i, s in enumerate(schema.get(prefix_key, ()))] if prefix_key in schema else []
+    rest = c.compile(schema[rest_key], _ptr(where, rest_key)) if rest_key in schema else None
+    if not prefix and rest in (None, _accept):
+        return
+    start = len(prefix)
+
+    def check_items(inst: list, path: Any, errs: list, depth: int) -> None:
+        depth += 1
+        for index, (sub, item) in enumerate(zip(prefix, inst)):
+            sub(item, (path, index), errs, depth)
+        if rest is _reject and len(inst) > start:
+            errs.append((path, f"array has {len(inst)} items, at most {start} are allowed"))
+        elif rest is not None:
+            for index in range(start, len(inst)):
+                rest(inst[index], (path, index), errs, depth)
+
+    out.add("array", check_items)
+
+
+def _build_array(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> None:
+    for key, too, compare in (("minItems", "fewer", int.__lt__), ("maxItems", "more", int.__gt__)):
+        if key in schema:
+            limit = _count_keyword(schema, key, where)
+
+            def check_count(inst: list, path: Any, errs: list, depth: int, limit: int = limit,
+                            too: str = too, compare: Any = compare) -> None:
+                if compare(len(inst), limit):
+                    errs.append((path, f"array has {len(inst)} items, {too} than {limit}"))
+
+            out.add("array", check_count)
+    if schema.get("uniqueItems") is True:
+        out.add("array", _check_unique)
+    if "contains" in schema:
+        wanted = c.compile(schema["contains"], _ptr(where, "contains"))
+        low = _count_keyword(schema, "minContains", where) if "minContains" in schema else 1
+        high = _count_keyword(schema, "maxContains", where) if "maxContains" in schema else None
+
+        def check_contains(inst: list, path: Any, errs: list, depth: int) -> None:
+            found = sum(1 for item in inst if _is_valid(wanted, item, depth + 1))
+            if found < low:
+                errs.append((path, f"array has {found} items matching 'contains', "
+                                   f"at least {low} are required"))
+            if high is not None and found > high:
+                errs.append((path, f"array has {found} items matching 'contains', "
+                                   f"at most {high} are allowed"))
+
+        out.add("array", check_contains)
+
+
+def _check_unique(inst: list, path: Any, errs: list, depth: int) -> None:
+    seen: dict = {}
+    for index, item in enumerate(inst):
+        first = seen.setdefault(_json_key(item), index)
+        if first != index:
+            errs.append((path, f"array items {first} and {index} are equal ({_show(item)}); "
+                               "items must be unique"))
+            return
+
+
+def _build_properties(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> None:
+    """properties, patternProperties and additionalProperties, checked in one pass."""
+    props = {k: c.compile(s, _ptr(where, "properties", k))
+             for k, s in _schema_map(schema, "properties", where).items()} if "properties" in schema else {}
+    patterns = []
+    for pattern, sub in (_schema_map(schema, "patternProperties", where).items()
+                         if "patternProperties" in schema else ()):
+        try:
+            search = _ecma_regex(pattern).search
+        except ValueError as exc:
+            raise _schema_error(_ptr(where, "patternProperties"), str(exc)) from exc
+        patterns.append((search, c.compile(sub, _ptr(where, "patternProperties", pattern))))
+    extra = schema.get("additionalProperties", True)
+    extra = c.compile(extra, _ptr(where, "additionalProperties")) if extra is not True else None
+    if patterns or (extra is not None and extra is not _reject):
+        out.add("object", _general_properties(props, patterns, extra))
+    elif extra is _reject:
+        out.add("object", _closed_properties(props))
+    elif props:
+        items = tuple(props.items())
+
+        def check_properties(inst: dict, path: Any, errs: list, depth: int) -> None:
+            depth += 1
+            for name, sub in items:
+                if name in inst:
+                    sub(inst[name], (path, name), errs, depth)
+
+        out.add("object", check_properties)
+
+
+def _closed_properties(props: dict) -> "typing.Callable":
+    def check_closed(inst: dict, path: Any, errs: list, depth: int) -> None:
+        depth += 1
+        for name, value in inst.items():
+            sub = props.get(name)
+            if sub is None:
+                errs.append((path, f"additional property {name!r} is not allowed"))
+            else:
+                sub(value, (path, name), errs, depth)
+
+    return check_closed
+
+
+def _general_properties(props: dict, patterns: list, extra: Any) -> "typing.Callable":
+    def check_general(inst: dict, path: Any, errs: list, depth: int) -> None:
+        depth += 1
+        for name, value in inst.items():
+            sub = props.get(name)
+            matched = sub is not None
+            if matched:
+                sub(value, (path, name), errs, depth)
+            for search, pattern_sub in patterns:
+                if search(name):
+                    matched = True
+                    pattern_sub(value, (path, name), errs, depth)
+            if not matched and extra is not None:
+                if extra is _reject:
+                    errs.append((path, f"additional property {name!r} is not allowed"))
+                else:
+                    extra(value, (path, name), errs, depth)
+
+    return check_general
+
+
+def _build_object(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> None:
+    if "required" in schema:
+        required = schema["required"]
+        if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+            raise _schema_error(_ptr(where, "required"),
+                                f"required must be an array of strings, not {_show(required)}")
+        if required:
+            def check_required(inst: dict, path: Any, errs: list, depth: int) -> None:
+                for name in required:
+                    if name not in inst:
+                        errs.append((path, f"missing required property {name!r}"))
+
+            out.add("object", check_required)
+    if "dependentRequired" in schema:
+        dependent = _schema_map(schema, "dependentRequired", where)
+        if not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in dependent.values()):
+            raise _schema_error(_ptr(where, "dependentRequired"), "each value must be an array of strings")
+
+        def check_dependent(inst: dict, path: Any, errs: list, depth: int) -> None:
+            for trigger, names in dependent.items():
+                if trigger in inst:
+                    for name in names:
+                        if name not in inst:
+                            errs.append((path, f"property {name!r} is required when {trigger!r} is present"))
+
+        out.add("object", check_dependent)
+    if "dependentSchemas" in schema:
+        dependent_subs = [(k, c.compile(s, _ptr(where, "dependentSchemas", k)))
+                          for k, s in _schema_map(schema, "dependentSchemas", where).items()]
+
+        def check_dependent_schemas(inst: dict, path: Any, errs: list, depth: int) -> None:
+            for trigger, sub in dependent_subs:
+                if trigger in inst:
+                    sub(inst, path, errs, depth + 1)
+
+        out.add("object", check_dependent_schemas)
+    if "propertyNames" in schema:
+        names_node = c.compile(schema["propertyNames"], _ptr(where, "propertyNames"))
+
+        def check_names(inst: dict, path: Any, errs: list, depth: int) -> None:
+            for name in inst:
+                problems: list = []
+                names_node(name, None, problems, depth + 1)
+                if problems:
+                    errs.append((path, f"property name {name!r} is invalid: {problems[0][1]}"))
+
+        out.add("object", check_names)
+    for key, too, compare in (("minProperties", "fewer", int.__lt__), ("maxProperties", "more", int.__gt__)):
+        if key in schema:
+            limit = _count_keyword(schema, key, where)
+
+            def check_size(inst: dict, path: Any, errs: list, depth: int, limit: int = limit,
+                           too: str = too, compare: Any = compare) -> None:
+                if compare(len(inst), limit):
+                    errs.append((path, f"object has {len(inst)} properties, {too} than {limit}"))
+
+            out.add("object", check_size)
+
+
+def _build_unevaluated(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> None:
+    for key, kind, own in (("unevaluatedProperties", "object", _own_evaluated_properties),
+                           ("unevaluatedItems", "array", _own_evaluated_items)):
+        if key not in schema:
+            continue
+        sub = c.compile(schema[key], _ptr(where, key))
+        if sub is _accept:
+            continue
+
+        def check_unevaluated(inst: Any, path: Any, errs: list, depth: int, key: str = key,
+                              own: Any = own, sub: Any = sub) -> None:
+            seen = c.evaluated(schema, inst, depth, own, key, False)
+            pairs = inst.items() if isinstance(inst, dict) else enumerate(inst)
+            for name, value in pairs:
+                if name in seen:
+                    continue
+                if sub is _reject:
+                    errs.append((path, f"{'property' if isinstance(inst, dict) else 'item'} "
+                                       f"{name!r} is not allowed ({key} is false)"))
+                else:
+                    sub(value, (path, name), errs, depth + 1)
+
+        out.add(kind, check_unevaluated)
+
+
+_KEYWORD_BUILDERS = (
+    _build_type, _build_enum_const, _build_in_place, _build_number, _build_string,
+    _build_items, _build_array, _build_properties, _build_object, _build_unevaluated,
+)
+
+# Compiled validators by id(schema); each entry keeps its schema alive, and a hit is checked by
+# identity, so a recycled id can never return another schema's validator.
+_VALIDATOR_CACHE: "dict[int, tuple[Any, typing.Callable]]" = {}
+_VALIDATOR_CACHE_SIZE = 128
+
+
+def _compiled_validator(schema: Any) -> "typing.Callable":
+    """The cached root node for ``schema`` (a schema must not be mutated once it is validated)."""
+    key = id(schema)
+    entry = _VALIDATOR_CACHE.pop(key, None)
+    if entry is None or entry[0] is not schema:
+        entry = (schema, _SchemaCompiler(schema).compile(schema))
+        while len(_VALIDATOR_CACHE) >= _VALIDATOR_CACHE_SIZE:
+            try:
+                del _VALIDATOR_CACHE[next(iter(_VALIDATOR_CACHE))]
+            except (KeyError, StopIteration, RuntimeError):
+                break       # another thread changed the cache; eviction is best effort
+    _VALIDATOR_CACHE[key] = entry   # re-inserted last: least recently used entries go first
+    return entry[1]
+
+
+def _run_validator(node: "typing.Callable", instance: Any) -> "list[tuple[str, str]]":
+    """Every failure of ``instance`` against a compiled node, paths rendered."""
+    errs: list = []
+    try:
+        node(instance, None, errs, 0)
+    except RecursionError as exc:
+        raise SchemaValidationError(
+            "validation exceeded Python's recursion limit: the value or the schema nests too deeply",
+            [("$", "nesting too deep")]) from exc
+    return [(_render_path(path), message) for path, message in errs]
+
+
+def _failure(errors: "list[tuple[str, str]]", raw_text: "str | None" = None) -> SchemaValidationError:
+    path, message = errors[0]
+    more = f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    return SchemaValidationError(f"value does not match the schema: {path}: {message}{more}",
+                                 errors, raw_text)
+
+
+def validate_json_schema(instance: Any, schema: "dict | bool") -> None:
+    """Validate a JSON value against a JSON Schema (draft 2020-12); return None when it conforms.
+
+    Raises SchemaValidationError listing every failure in ``.errors`` as ``(json_path, message)``
+    pairs such as ``("$.items[2].name", "missing required property 'id'")``. ``$ref`` must be
+    local (``#`` or ``#/json/pointer``); ``format`` is an annotation and never rejects. A malformed
+    schema raises SchemaValidationError naming the bad keyword. Compiled schemas are cached by
+    identity, so validating many values against one schema object is cheap; do not mutate a
+    schema after validating with it.
+    """
+    errors = _run_validator(_compiled_validator(schema), instance)
+    if errors:
+        raise _failure(errors)
+
+
+# --- 5d. A validated value into a Python type ---------------------------------
+
+@functools.lru_cache(maxsize=256)
+def _cached_type_validator(tp: Any) -> "typing.Callable":
+    schema = _cached_type_schema(tp, False)
+    return _SchemaCompiler(schema).compile(schema)
+
+
+def _matches_type(value: Any, tp: Any) -> bool:
+    """Whether a JSON value validates against the schema of ``tp`` (picks a Union member)."""
+    if _hashable(tp):
+        node = _cached_type_validator(tp)
+    else:
+        schema = _TypeSchemaBuilder(tp, False).build()
+        node = _SchemaCompiler(schema).compile(schema)
+    return not _run_validator(node, value)
+
+
+def _build_typed(value: Any, tp: Any) -> Any:
+    """Turn a JSON value, already validated against ``_schema_from_type(tp)``, into ``tp``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Annotated:
+        return _build_typed(value, args[0])
+    if hasattr(tp, "__supertype__"):
+        return tp(_build_typed(value, tp.__supertype__))
+    if tp is Any or value is None:
+        return value
+    if tp is float:
+        return float(value)
+    if tp is int:
+        return int(value)       # the schema accepts 2.0 as an integer
+    if _is_enum(tp):
+        return tp(value)
+    if _is_class(tp) and dataclasses.is_dataclass(tp):
+        hints = _type_hints(tp)
+        return tp(**{f.name: _build_typed(value[f.name], hints.get(f.name, f.type))
+                     for f in dataclasses.fields(tp) if f.init and f.name in value})
+    if typing.is_typeddict(tp):
+        hints = _type_hints(tp)
+        return {k: _build_typed(v, _strip_qualifiers(hints[k])) if k in hints else v
+                for k, v in value.items()}
+    if origin is typing.Literal:
+        key = _json_key(value)
+        return next((a for a in args if _json_key(_literal_value(a, "Literal")) == key), value)
+    if origin is typing.Union or origin is _UnionType:
+        members = [a for a in args if a is not _NoneType]
+        if len(members) == 1:
+            return _build_typed(value, members[0])
+        return next((_build_typed(value, m) for m in members if _matches_type(value, m)), value)
+    return _build_container(value, tp, origin, args)
+
+
+def _build_container(value: Any, tp: Any, origin: Any, args: tuple) -> Any:
+    base = origin or tp
+    if base in (tuple, typing.Tuple):
+        if not args:
+            return tuple(value)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_build_typed(v, args[0]) for v in value)
+        return tuple(_build_typed(v, a) for v, a in zip(value, args))
+    if base in (set, frozenset, collections.abc.Set, collections.abc.MutableSet):
+        items = (_build_typed(v, args[0]) if args else v for v in value)
+        return frozenset(items) if base is frozenset else set(items)
+    if isinstance(value, list):
+        return [_build_typed(v, args[0]) for v in value] if args else list(value)
+    if isinstance(value, dict) and len(args) == 2:
+        return {k: _build_typed(v, args[1]) for k, v in value.items()}
+    return value
+
+
+# --- 5e. response_format, root wrapping, the OpenAI strict subset --------------
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _ResponseFormat:
+    """A normalised ``response_format``: what to ask the provider for and how to read the reply.
+
+    ``kind`` is "text", "json" (any JSON value) or "schema"; ``schema`` is shared and read-only;
+    ``name`` matches OpenAI's ``[a-zA-Z0-9_-]{1,64}``; ``parse(raw_text)`` returns the typed value
+    or raises SchemaValidationError with ``raw_text`` and JSON paths.
+    """
+
+    kind: str
+    schema: "dict | None" = None
+    name: str = "response"
+    parse: "typing.Callable[[str], Any] | None" = None
+
+
+_ACCEPTED_FORMATS = ("'text', 'json', a JSON Schema dict, a dataclass, a TypedDict, an Enum, a "
+                     "pydantic model class, a primitive (str, int, float, bool), or a typing form "
+                     "such as list[X], dict[str, X], Literal[...], Optional[X] or a Union")
+
+
+def _strip_fences(text: str) -> str:
+    """Drop a Markdown code fence (```json ... ```) that some models wrap JSON replies in."""
+    stripped = text.strip()
+    if stripped.startswith("```") and stripped.endswith("```") and len(stripped) >= 6:
+        inner = stripped[3:-3]
+        newline = inner.find("\n")
+        first = inner[:newline] if newline >= 0 else ""
+        if newline >= 0 and (not first.strip() or first.strip().isidentifier()):
+            inner = inner[newline + 1:]         # the info string, e.g. "json"
+        return inner.strip()
+    return stripped
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _load_reply_json(text: Any) -> Any:
+    """Parse a reply as strict JSON (no NaN/Infinity), tolerating a Markdown fence."""
+    if not isinstance(text, str):
+        raise SchemaValidationError(f"reply is not text but {type(text).__name__}",
+                                    [("$", f"expected JSON text, got {type(text).__name__}")])
+    try:
+        return json.loads(_strip_fences(text), parse_constant=_reject_constant)
+    except ValueError as exc:       # json.JSONDecodeError is a ValueError
+        raise SchemaValidationError(f"reply is not valid JSON: {exc}", [("$", f"invalid JSON: {exc}")],
+                                    raw_text=text) from exc
+    except RecursionError as exc:
+        raise SchemaValidationError("reply nests too deeply to parse", [("$", "nesting too deep")],
+                                    raw_text=text) from exc
+
+
+def _check_reply(node: "typing.Callable", value: Any, text: str) -> None:
+    errors = _run_validator(node, value)
+    if errors:
+        raise _failure(errors, raw_text=text)
+
+
+def _format_name(name: Any) -> str:
+    cleaned = re.sub(r"[^a-zA-Z0-9_-]+", "_", name if isinstance(name, str) else "")[:64].strip("_")
+    return cleaned or "response"
+
+
+_TEXT_FORMAT = _ResponseFormat("text")
+_JSON_FORMAT = _ResponseFormat("json", None, "response", _load_reply_json)
+
+
+def _format_from_schema(schema: dict) -> _ResponseFormat:
+    node = _compiled_validator(schema)      # compiles now: a malformed schema fails early
+
+    def parse(text: str) -> Any:
+        value = _load_reply_json(text)
+        _check_reply(node, value, text)
+        return value
+
+    return _ResponseFormat("schema", schema, _format_name(schema.get("title")), parse)
+
+
+@functools.lru_cache(maxsize=128)
+def _format_from_type(tp: Any) -> _ResponseFormat:
+    schema = _cached_type_schema(tp, False)
+    node = _cached_type_validator(tp)
+
+    def parse(text: str) -> Any:
+        value = _load_reply_json(text)
+        _check_reply(node, value, text)
+        return _build_typed(value, tp)
+
+    name = tp.__name__ if _is_named_type(tp) else "response"
+    return _ResponseFormat("schema", schema, _format_name(name), parse)
+
+
+def _is_pydantic_model(tp: Any) -> bool:
+    return (isinstance(tp, type) and callable(getattr(tp, "model_json_schema", None))
+            and callable(getattr(tp, "model_validate", None)))
+
+
+def _pydantic_failure(exc: Exception, text: str) -> SchemaValidationError:
+    """Map a pydantic ValidationError (duck-typed: ``.errors()`` of dicts with loc and msg)."""
+    errors = []
+    details = getattr(exc, "errors", None)
+    try:
+        for item in details() if callable(details) else ():
+            errors.append((_render_keys(item.get("loc", ())), str(item.get("msg", ""))))
+    except Exception:       # an exotic errors() shape: fall back to the exception text
+        errors = []
+    if not errors:
+        errors = [("$", str(exc))]
+    return _failure(errors, raw_text=text)
+
+
+@functools.lru_cache(maxsize=64)
+def _format_from_pydantic(model: type) -> _ResponseFormat:
+    schema = model.model_json_schema()
+
+    def parse(text: str) -> Any:
+        value = _load_reply_json(text)
+        try:
+            return model.model_validate(value)
+        except (ValueError, TypeError) as exc:      # pydantic's ValidationError is a ValueError
+            raise _pydantic_failure(exc, text) from exc
+
+    return _ResponseFormat("schema", schema, _format_name(model.__name__), parse)
+
+
+def _resolve_response_format(response_format: Any) -> _ResponseFormat:
+    """Normalise a ``response_format`` argument (None means "text"); see _ACCEPTED_FORMATS."""
+    if isinstance(response_format, _ResponseFormat):
+        return response_format
+    if response_format is None or (isinstance(response_format, str) and response_format == "text"):
+        return _TEXT_FORMAT
+    if isinstance(response_format, str) and response_format == "json":
+        return _JSON_FORMAT
+    if isinstance(response_format, dict):
+        return _format_from_schema(response_format)
+    if _is_pydantic_model(response_format):
+        return _format_from_pydantic(response_format)
+    if isinstance(response_format, str) or not _hashable(response_format):
+        raise TypeError(f"unsupported response_format {response_format!r}: expected {_ACCEPTED_FORMATS}")
+    try:
+        return _format_from_type(response_format)
+    except TypeError as exc:
+        raise TypeError(f"unsupported response_format {response_format!r}: expected "
+                        f"{_ACCEPTED_FORMATS} ({exc})") from exc
+
+
+# Providers whose structured-output mode needs an object at the root (OpenAI strict mode, tool
+# arguments for Anthropic) send a wrapper {"value": <schema>} instead; the decision lives here
+# so all wire formats wrap the same way. $defs move to the wrapper's root and local pointers
+# into the old root are rebased under /properties/value, so every $ref still resolves.
+_NON_SCHEMA_KEYS = frozenset({"enum", "const", "default", "examples"})
+
+
+def _is_object_schema(schema: Any) -> bool:
+    return isinstance(schema, dict) and schema.get("type") == "object"
+
+
+def _rebase_refs(schema: Any) -> Any:
+    if isinstance(schema, list):
+        return [_rebase_refs(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and value.startswith("#") \
+                and not value.startswith("#/$defs/"):
+            value = "#/properties/value" + value[1:]
+        elif key not in _NON_SCHEMA_KEYS:
+            value = _rebase_refs(value)
+        out[key] = value
+    return out
+
+
+def _unwrap_identity(text: str) -> str:
+    return text
+
+
+def _unwrap_value(text: str) -> str:
+    """The inner JSON text of a ``{"value": ...}`` reply; other text passes through unchanged
+    (so the parse step reports it with the model's own words)."""
+    try:
+        data = json.loads(_strip_fences(text))
+    except (ValueError, RecursionError, TypeError):
+        return text
+    if isinstance(data, dict) and list(data) == ["value"]:
+        return json.dumps(data["value"], ensure_ascii=False)
+    return text
+
+
+def _wrap_root(schema: Any) -> "tuple[dict, typing.Callable[[str], str]]":
+    """``(schema_to_send, unwrap)``: an object-root schema is returned as is with an identity
+    ``unwrap``; any other root is wrapped as the ``value`` property of an object, and ``unwrap``
+    turns the reply text back into the text of the inner value, ready for ``parse``."""
+    if _is_object_schema(schema):
+        return schema, _unwrap_identity
+    inner = {k: v for k, v in schema.items() if k != "$defs"} if isinstance(schema, dict) else schema
+    wrapped = {"type": "object", "properties": {"value": _rebase_refs(inner)},
+               "required": ["value"], "additionalProperties": False}
+    if isinstance(schema, dict) and "$defs" in schema:
+        wrapped["$defs"] = _rebase_refs(schema["$defs"])
+    return wrapped, _unwrap_value
+
+
+# OpenAI Structured Outputs, strict mode ("Supported schemas" in the Structured Outputs guide):
+# a conservative reading of the documented subset and limits.
+_OPENAI_STRICT_KEYWORDS = frozenset({
+    "type", "properties", "required", "additionalProperties", "items", "enum", "const", "anyOf",
+    "$ref", "$defs", "description", "title", "pattern", "format", "minimum", "maximum",
+    "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minItems", "maxItems",
+})
+_OPENAI_STRICT_FORMATS = frozenset({"date-time", "time", "date", "duration", "email", "hostname",
+                                    "ipv4", "ipv6", "uuid"})
+_OPENAI_MAX_PROPERTIES, _OPENAI_MAX_NESTING, _OPENAI_MAX_ENUM_VALUES = 5000, 10, 1000
+
+
+def _openai_strict_ok(schema: Any) -> bool:
+    """Whether ``schema`` already fits OpenAI's strict Structured Outputs subset: an object
+    root (not anyOf), every object closed (additionalProperties false) with all its properties
+    required, only supported keywords (no ``default``), within the documented size limits."""
+    if not _is_object_schema(schema) or "anyOf" in schema:
+        return False
+    totals = {"properties": 0, "enum": 0}
+    defs = schema.get("$defs", {})
+    if not isinstance(defs, dict):
+        return False
+    roots = [(schema, True)] + [(d, False) for d in defs.values()]
+    if not all(_strict_node_ok(s, 1, totals, is_root) for s, is_root in roots):
+        return False
+    return (totals["properties"] <= _OPENAI_MAX_PROPERTIES
+            and totals["enum"] <= _OPENAI_MAX_ENUM_VALUES)
+
+
+def _strict_node_ok(schema: Any, nesting: int, totals: dict, is_root: bool = False) -> bool:
+    if not isinstance(schema, dict) or nesting > _OPENAI_MAX_NESTING:
+        return False
+    if not set(schema) <= _OPENAI_STRICT_KEYWORDS or ("$defs" in schema and not is_root):
+        return False
+    if not ({"type", "anyOf", "$ref", "enum", "const"} & set(schema)):
+        return False        # an unconstrained {} is not expressible in strict mode
+    if "format" in schema and schema["format"] not in _OPENAI_STRICT_FORMATS:
+        return False
+    if isinstance(schema.get("$ref"), str) and not schema["$ref"].startswith("#"):
+        return False
+    types = schema.get("type")
+    types = types if isinstance(types, list) else [types]
+    children = [(s, nesting) for s in schema.get("anyOf", ())]
+    if "object" in types or "properties" in schema:
+        properties = schema.get("properties", {})
+        if (schema.get("additionalProperties") is not False or not isinstance(properties, dict)
+                or sorted(schema.get("required", [])) != sorted(properties)):
+            return False
+        totals["properties"] += len(properties)
+        children += [(s, nesting + 1) for s in properties.values()]
+    if "array" in types:
+        if not isinstance(schema.get("items"), dict):
+            return False
+        children.append((schema["items"], nesting + 1))
+    totals["enum"] += len(schema.get("enum", ()))
+    return all(_strict_node_ok(child, level, totals) for child, level in children)
+
+
+# === 6. Transport ============================================================
+# The only code that touches sockets and threads. http.client (what urllib uses
+# underneath) keeps connections alive; urllib.request supplies the proxy rules.
+# Blocking work runs on the module's own workers and reaches asyncio through
+# ``_run_blocking`` (one result) and ``_aiter_blocking`` (a stream of batches).
+
+_RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+_SENSITIVE_HEADERS = frozenset({"authorization", "x-api-key", "api-key", "proxy-authorization",
+                                "cookie", "openai-organization", "openai-project"})
+_MAX_REDIRECTS = 5
+_MAX_ERROR_BODY = 1 << 20
+
+
+class _Aborted(Exception):
+    """Raised in a worker whose caller went away (cancelled, broke out of a stream)."""
+
+
+class _Abort:
+    """Lets the event loop stop a worker: sets a flag and shuts the socket down."""
+
+    __slots__ = ("_event", "_sock")
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._sock: Any = None
+
+    @property
+    def aborted(self) -> bool:
+        return self._event.is_set()
+
+    def attach(self, conn: http.client.HTTPConnection) -> None:
+        self._sock = conn.sock
+        if self._event.is_set():
+            raise _Aborted()
+
+    def detach(self) -> None:
+        """The work is done: its connection may go back to the pool, out of reach."""
+        self._sock = None
+
+    def abort(self) -> None:
+        self._event.set()
+        sock = self._sock
+        if sock is not None:
+            import socket
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def sleep(self, seconds: float) -> None:
+        """Wait between retries; wakes at once when aborted."""
+        if self._event.wait(seconds):
+            raise _Aborted()
+
+
+class _Workers:
+    """Threads for blocking HTTP: one more whenever none is idle, idle ones exit.
+
+    asyncio's default executor has min(32, cores + 4) threads, which would cap
+    concurrent requests at 6 on a 2-core machine.
+    """
+
+    def __init__(self, idle_timeout: float = 30.0) -> None:
+        import queue
+        self._queue: Any = queue.SimpleQueue()
+        self._empty = queue.Empty
+        self._idle = threading.Semaphore(0)
+        self._idle_timeout = idle_timeout
+        self._lock = threading.Lock()
+        self.busy = 0
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        self._queue.put(fn)
+        if not self._idle.acquire(blocking=False):
+            threading.Thread(target=self._work, name="casual_llm-worker", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            try:
+                fn = self._queue.get(timeout=self._idle_timeout)
+            except self._empty:
+                if self._idle.acquire(blocking=False):
+                    return
+                continue
+            with self._lock:
+                self.busy += 1
+            try:
+                fn()
+            except BaseException:  # pragma: no cover - the jobs catch their own
+                logger.exception("casual_llm worker job failed")
+            finally:
+                with self._lock:
+                    self.busy -= 1
+            self._idle.release()
+
+
+_workers = _Workers()
+
+
+def _resolve_future(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if not fut.done():
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+
+
+async def _run_blocking(fn: Callable[[_Abort], _T]) -> _T:
+    """Run ``fn(abort)`` on a worker; cancelling the caller aborts it."""
+    import asyncio
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[_T] = loop.create_future()
+    abort = _Abort()
+
+    def job() -> None:
+        try:
+            ok, value = True, fn(abort)
+        except BaseException as exc:  # handed to the awaiting task
+            ok, value = False, exc
+        abort.detach()
+        try:
+            loop.call_soon_threadsafe(_resolve_future, fut, ok, value)
+        except RuntimeError:  # the loop closed while the call ran
+            pass
+
+    _workers.submit(job)
+    try:
+        return await fut
+    except asyncio.CancelledError:
+        abort.abort()
+        raise
+
+
+class _Channel:
+    """Batches handed from one worker to one coroutine; a hop only when it waits."""
+
+    _END: ClassVar[object] = object()
+    _LIMIT = 256  # batches read ahead before the worker waits for the reader
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        import collections
+        self._loop = loop
+        self._items: collections.deque[Any] = collections.deque()
+        self._lock = threading.Lock()
+        self._waiter: asyncio.Future[None] | None = None
+        self._room = threading.Event()
+        self._room.set()
+
+    def put(self, item: Any, abort: _Abort) -> None:
+        with self._lock:
+            self._items.append(item)
+            waiter, self._waiter = self._waiter, None
+            if len(self._items) >= self._LIMIT:
+                self._room.clear()
+        if waiter is not None:
+            try:
+                self._loop.call_soon_threadsafe(_resolve_future, waiter, True, None)
+            except RuntimeError:
+                raise _Aborted() from None
+        while not self._room.wait(0.05):
+            if abort.aborted:
+                raise _Aborted()
+
+    async def get(self) -> Any:
+        with self._lock:
+            if not self._items:
+                self._waiter = self._loop.create_future()
+        if self._waiter is not None:
+            await self._waiter
+        with self._lock:
+            item = self._items.popleft()
+            if len(self._items) < self._LIMIT // 2:
+                self._room.set()
+        return item
+
+
+async def _aiter_blocking(produce: Callable[[_Abort], Iterator[list[_T]]]) -> AsyncIterator[_T]:
+    """Items of the batches ``produce(abort)`` yields on a worker, as an async iterator.
+
+    ``break``, ``aclose()`` or cancelling the consumer aborts the worker, which
+    closes its connection.
+    """
+    import asyncio
+    channel = _Channel(asyncio.get_running_loop())
+    abort = _Abort()
+    end = _Channel._END
+
+    def job() -> None:
+        batches = produce(abort)
+        try:
+            for batch in batches:
+                channel.put(batch, abort)
+            batches.close()
+            abort.detach()
+            channel.put(end, abort)
+        except _Aborted:
+            return
+        except BaseException as exc:
+            try:
+                channel.put(exc, abort)
+            except _Aborted:
+                pass
+        finally:
+            batches.close()
+
+    _workers.submit(job)
+    try:
+        while True:
+            batch = await channel.get()
+            if batch is end:
+                return
+            if isinstance(batch, BaseException):
+                raise batch
+            for item in batch:
+                yield item
+    finally:
+        abort.abort()
+
+
+def _iter_blocking(agen: AsyncIterator[_T]) -> Iterator[_T]:
+    """An async iterator consumed from synchronous code (a loop on a worker)."""
+    import asyncio
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, name="casual_llm-loop", daemon=True)
+    runner.start()
+    try:
+        while True:
+            try:
+                yield asyncio.run_coroutine_threadsafe(agen.__anext__(), loop).result()
+            except StopAsyncIteration:
+                return
+    finally:
+        aclose = getattr(agen, "aclose", None)
+        if aclose is not None:
+            asyncio.run_coroutine_threadsafe(aclose(), loop).result(timeout=5)
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(timeout=5)
+        loop.close()
+
+
+def _run_coroutine(coro: Any) -> Any:
+    """Await ``coro`` from synchronous code, even where a loop already runs (notebooks)."""
+    import asyncio
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    result: list[Any] = []
+
+    def run() -> None:
+        try:
+            result.append((True, asyncio.run(coro)))
+        except BaseException as exc:
+            result.append((False, exc))
+
+    thread = threading.Thread(target=run, name="casual_llm-sync", daemon=True)
+    thread.start()
+    thread.join()
+    ok, value = result[0]
+    if not ok:
+        raise value
+    return value
+
+
+@dataclasses.dataclass(slots=True)
+class _Request:
+    """One HTTP request, with how to send it."""
+
+    method: str
+    url: str
+    headers: dict[str, str]
+    body: bytes | None
+    timeout: float
+    max_retries: int = 2
+    ssl_context: ssl.SSLContext | None = None
+
+    def __repr__(self) -> str:
+        return f"_Request({self.method} {_redact_url(self.url)})"
+
+
+def _redact_url(url: str) -> str:
+    """A URL for messages: no query string, no user info."""
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+@functools.lru_cache(maxsize=4)
+def _ssl_context(cafile: str | None = None) -> ssl.SSLContext:
+    """The default TLS context (honours SSL_CERT_FILE / SSL_CERT_DIR), built once."""
+    import ssl
+    return ssl.create_default_context(cafile=cafile)
+
+
+def _proxy_for(scheme: str, host: str) -> str | None:
+    """The proxy URL for a target, from HTTP(S)_PROXY / NO_PROXY, as urllib reads them."""
+    key = tuple(os.environ.get(n) for n in (
+        "http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY",
+        "all_proxy", "ALL_PROXY"))
+    return _proxy_for_cached(scheme, host, key)
+
+
+@functools.lru_cache(maxsize=64)
+def _proxy_for_cached(scheme: str, host: str, _env_key: tuple[str | None, ...]) -> str | None:
+    import urllib.request
+    proxy = urllib.request.getproxies().get(scheme)
+    if not proxy or urllib.request.proxy_bypass(host):
+        return None
+    return proxy if "://" in proxy else f"http://{proxy}"
+
+
+class _Pool:
+    """Idle keep-alive connections, by (scheme, host, port, proxy, TLS context)."""
+
+    _MAX_IDLE = 32  # per target: enough for bursts, few enough to leave servers alone
+
+    def __init__(self) -> None:
+        self._idle: dict[tuple[Any, ...], list[http.client.HTTPConnection]] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, key: tuple[Any, ...]) -> http.client.HTTPConnection | None:
+        with self._lock:
+            conns = self._idle.get(key)
+            return conns.pop() if conns else None
+
+    def release(self, key: tuple[Any, ...], conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            conns = self._idle.setdefault(key, [])
+            if len(conns) < self._MAX_IDLE:
+                conns.append(conn)
+                return
+        conn.close()
+
+    def clear(self) -> None:
+        with self._lock:
+            conns = [c for cs in self._idle.values() for c in cs]
+            self._idle.clear()
+        for conn in conns:
+            conn.close()
+
+
+_pool = _Pool()
+
+
+class _Connection:
+    """One exchange on a (maybe reused) connection; returns it to the pool when clean."""
+
+    __slots__ = ("key", "conn", "response", "reused")
+
+    def __init__(self, req: _Request, abort: _Abort | None, fresh: bool = False) -> None:
+        import http.client
+        from urllib.parse import urlsplit
+        parts = urlsplit(req.url)
+        scheme, host = parts.scheme, parts.hostname or ""
+        if scheme not in ("http", "https") or not host:
+            raise ConfigurationError(f"URL must be http:// or https:// with a host, got "
+                                     f"{_redact_url(req.url)!r}")
+        port = parts.port or (443 if scheme == "https" else 80)
+        proxy = _proxy_for(scheme, host)
+        context = (req.ssl_context or _ssl_context()) if scheme == "https" else None
+        self.key = (scheme, host, port, proxy, id(context))
+        pooled = None if fresh else _pool.acquire(self.key)
+        self.reused = pooled is not None
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
+        headers = dict(req.headers)
+        if pooled is not None:
+            conn = pooled
+        elif proxy is None:
+            conn = (http.client.HTTPSConnection(host, port, timeout=req.timeout, context=context)
+                    if context else http.client.HTTPConnection(host, port, timeout=req.timeout))
+        else:
+            conn = _proxy_connection(proxy, scheme, host, port, req.timeout, context, headers)
+        if proxy is not None and scheme == "http":
+            target = f"http://{host}:{port}{target}"
+        self.conn = conn
+        try:
+            conn.timeout = req.timeout
+            if conn.sock is not None:
+                conn.sock.settimeout(req.timeout)
+            else:
+                conn.connect()
+            if abort is not None:
+                abort.attach(conn)
+            conn.request(req.method, target, body=req.body, headers=headers)
+            self.response = conn.getresponse()
+        except BaseException:
+            conn.close()
+            raise
+
+    def finish(self) -> None:
+        """Give the connection back if the response was read to its end, else close it."""
+        if self.response.isclosed() and not self.response.will_close:
+            _pool.release(self.key, self.conn)
+        else:
+            self.conn.close()
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _proxy_connection(proxy: str, scheme: str, host: str, port: int, timeout: float,
+                      context: ssl.SSLContext | None,
+                      headers: dict[str, str]) -> http.client.HTTPConnection:
+    import base64
+    import http.client
+    from urllib.parse import unquote, urlsplit
+    p = urlsplit(proxy)
+    auth = {}
+    if p.username:
+        token = f"{unquote(p.username)}:{unquote(p.password or '')}".encode()
+        auth["Proxy-Authorization"] = _Secret("Basic " + base64.b64encode(token).decode())
+    proxy_port = p.port or (443 if p.scheme == "https" else 80)
+    if scheme == "https":
+        conn = http.client.HTTPSConnection(p.hostname or "", proxy_port, timeout=timeout,
+                                           context=context)
+        conn.set_tunnel(host, port, headers=auth)
+        return conn
+    headers.update(auth)
+    return http.client.HTTPConnection(p.hostname or "", proxy_port, timeout=timeout)
+
+
+def _open(req: _Request, abort: _Abort | None) -> _Connection:
+    """Send ``req`` and return its 2xx response, retrying and following redirects."""
+    attempt = redirects = 0
+    while True:
+        try:
+            exchange = _exchange(req, abort)
+        except (OSError, _http_exception()) as exc:
+            if abort is not None and abort.aborted:
+                raise _Aborted() from exc
+            error = _connection_error(exc, req)
+            if attempt >= req.max_retries:
+                raise error from exc
+            delay = _backoff(attempt, None)
+        else:
+            resp = exchange.response
+            status = resp.status
+            if 200 <= status < 300:
+                return exchange
+            if status in (301, 302, 303, 307, 308) and resp.getheader("location"):
+                exchange.response.read(_MAX_ERROR_BODY)
+                exchange.finish()
+                redirects += 1
+                if redirects > _MAX_REDIRECTS:
+                    raise APIConnectionError(f"too many redirects for {_redact_url(req.url)}")
+                req = _redirected(req, status, resp.getheader("location", ""))
+                continue
+            status_error = _status_error(exchange, req)
+            if attempt >= req.max_retries or not _should_retry(status, resp):
+                raise status_error
+            delay = _backoff(attempt, status_error.retry_after)
+        attempt += 1
+        logger.debug("retrying %s %s in %.2fs", req.method, _redact_url(req.url), delay)
+        if abort is not None:
+            abort.sleep(delay)
+        else:
+            time.sleep(delay)
+
+
+def _exchange(req: _Request, abort: _Abort | None) -> _Connection:
+    """One attempt; a reused keep-alive connection the server already closed is retried once."""
+    try:
+        return _Connection(req, abort)
+    except (ConnectionError, _http_exception()) as exc:
+        stale = isinstance(exc, (ConnectionResetError, BrokenPipeError)) or type(
+            exc).__name__ in ("RemoteDisconnected", "BadStatusLine")
+        if not stale or (abort is not None and abort.aborted):
+            raise
+        return _Connection(req, abort, fresh=True)
+
+
+def _http_exception() -> type[Exception]:
+    import http.client
+    return http.client.HTTPException
+
+
+def _connection_error(exc: BaseException, req: _Request) -> APIConnectionError:
+    import socket
+    where = _redact_url(req.url)
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return APITimeoutError(f"timed out after {req.timeout:g}s waiting for {where}")
+    return APIConnectionError(f"could not reach {where}: {exc}")
+
+
+def _should_retry(status: int, resp: http.client.HTTPResponse) -> bool:
+    override = (resp.getheader("x-should-retry") or "").lower()
+    if override in ("true", "false"):
+        return override == "true"
+    return status in _RETRY_STATUSES or status >= 500
+
+
+def _backoff(attempt: int, retry_after: float | None) -> float:
+    """The server's delay when it gave a sane one, else exponential backoff with jitter."""
+    import random
+    if retry_after is not None and 0 <= retry_after <= 60:
+        return retry_after
+    return min(0.5 * 2 ** attempt, 8.0) * (1 - 0.25 * random.random())
+
+
+def _redirected(req: _Request, status: int, location: str) -> _Request:
+    """The request to repeat at ``location``; credentials stay behind on another origin."""
+    from urllib.parse import urljoin, urlsplit
+    url = urljoin(req.url, location)
+    old, new = urlsplit(req.url), urlsplit(url)
+    headers = dict(req.headers)
+    if (old.scheme, old.hostname, old.port) != (new.scheme, new.hostname, new.port):
+        headers = {k: v for k, v in headers.items() if k.lower() not in _SENSITIVE_HEADERS}
+    if status in (307, 308):
+        return dataclasses.replace(req, url=url, headers=headers)
+    headers.pop("Content-Type", None)
+    return dataclasses.replace(req, method="GET", url=url, headers=headers, body=None)
+
+
+def _retry_after(resp: http.client.HTTPResponse) -> float | None:
+    ms = resp.getheader("retry-after-ms")
+    try:
+        if ms is not None:
+            return float(ms) / 1000
+        value = resp.getheader("retry-after")
+        if value is None:
+            return None
+        try:
+            return float(value)
+        except ValueError:
+            import email.utils
+            when = email.utils.parsedate_to_datetime(value)
+            return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _status_error(exchange: _Connection, req: _Request) -> APIStatusError:
+    """The typed exception for a non-2xx response, with the provider's own words."""
+    resp = exchange.response
+    try:
+        raw = resp.read(_MAX_ERROR_BODY)
+        exchange.finish()
+    except (OSError, _http_exception()):
+        raw = b""
+        exchange.close()
+    headers = {k.lower(): v for k, v in resp.getheaders()}
+    details = _error_details(raw, headers)
+    text = details["provider_message"] or resp.reason or "no message"
+    rid = details["request_id"]
+    message = (f"{resp.status} from {req.method} {_redact_url(req.url)}: {text}"
+               + (f" (request id {rid})" if rid else ""))
+    return _status_error_class(resp.status)(
+        message, status_code=resp.status, headers=headers, retry_after=_retry_after(resp),
+        **details)
+
+
+def _error_details(raw: bytes, headers: dict[str, str]) -> dict[str, Any]:
+    """Message, type, code and request id from any of the error bodies servers send."""
+    body: Any = raw.decode("utf-8", "replace")
+    message: Any = body.strip()[:500] or None
+    error_type = code = None
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        pass
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict):
+            message, error_type, code = err.get("message"), err.get("type"), err.get("code")
+        elif isinstance(err, str):
+            message = err
+        elif isinstance(body.get("message"), str):
+            message, error_type, code = body["message"], body.get("type"), body.get("code")
+    request_id = (headers.get("x-request-id") or headers.get("request-id")
+                  or (body.get("request_id") if isinstance(body, dict) else None))
+    return {"provider_message": None if message is None else str(message),
+            "request_id": request_id, "body": body, "error_type": error_type,
+            "error_code": code}
+
+
+def _request_json(req: _Request, abort: _Abort | None = None) -> tuple[Any, dict[str, str]]:
+    """POST and read a whole JSON reply."""
+    exchange = _open(req, abort)
+    try:
+        raw = exchange.response.read()
+    except (OSError, _http_exception()) as exc:
+        exchange.close()
+        if abort is not None and abort.aborted:
+            raise _Aborted() from exc
+        raise _connection_error(exc, req) from exc
+    exchange.finish()
+    headers = {k.lower(): v for k, v in exchange.response.getheaders()}
+    try:
+        return json.loads(raw), headers
+    except ValueError:
+        raise APIError(f"{_redact_url(req.url)} answered with a body that is not JSON: "
+                       f"{_short(raw[:200])}", request_id=_request_id(headers)) from None
+
+
+def _request_id(headers: dict[str, str]) -> str | None:
+    return headers.get("x-request-id") or headers.get("request-id")
+
+
+class _SSEDecoder:
+    """Server-sent events: bytes in, each event's ``data`` out.
+
+    Lines end in LF or CRLF; ``:`` starts a comment; ``data:`` loses one optional
+    space; several ``data`` lines join with LF; a blank line ends the event;
+    ``event``, ``id`` and ``retry`` are not needed (the JSON names its type).
+    """
+
+    __slots__ = ("_buf", "_data")
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._data: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        lines = (self._buf + chunk if self._buf else chunk).split(b"\n")
+        self._buf = lines.pop()
+        return self._lines(lines)
+
+    def _lines(self, lines: list[bytes]) -> list[bytes]:
+        events = []
+        data = self._data
+        for line in lines:
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if not line:
+                if data:
+                    events.append(data[0] if len(data) == 1 else b"\n".join(data))
+                    data = []
+            elif line.startswith(b"data:"):
+                data.append(line[6:] if line[5:6] == b" " else line[5:])
+        self._data = data
+        return events
+
+    def flush(self) -> list[bytes]:
+        """Events left when the stream ends without a final blank line."""
+        tail, self._buf = self._buf, b""
+        return self._lines([tail, b""] if tail else [b""])
+
+
+class _NDJSONDecoder:
+    """Newline-delimited JSON: bytes in, one non-blank line per value out."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        lines = (self._buf + chunk if self._buf else chunk).split(b"\n")
+        self._buf = lines.pop()
+        return [line for line in lines if line.strip()]
+
+    def flush(self) -> list[bytes]:
+        tail, self._buf = self._buf, b""
+        return [tail] if tail.strip() else []
+
+
+class _StreamState:
+    """What every provider's stream parser shares: the reply being assembled.
+
+    Subclasses turn decoded frames into text chunks; this class keeps tool calls
+    (by index), the finish reason and usage, and builds the final chunk. Text of a
+    wrapped schema (see ``_wrap_root``) is held back and unwrapped at the end.
+    """
+
+    def __init__(self, unwrap: Callable[[str], str] | None = None) -> None:
+        self.progress = 0  # meaningful events so far (keep-alive pings do not count)
+        self.calls: dict[Any, list[Any]] = {}  # key -> [id, name, argument pieces]
+        self.reason: str | None = None
+        self.usage: Usage | None = None
+        self.complete = False
+        self._unwrap = unwrap
+        self._held: list[str] = []
+
+    def feed(self, frames: list[bytes]) -> list[StreamChunk]:
+        raise NotImplementedError
+
+    def _text(self, out: list[StreamChunk], text: str) -> None:
+        if self._unwrap is None:
+            out.append(_chunk(text))
+        else:
+            self._held.append(text)
+
+    def _call(self, key: Any, call_id: str | None, name: str | None, arguments: str) -> None:
+        entry = self.calls.get(key)
+        if entry is None:
+            self.calls[key] = [call_id, name, [arguments]]
+            return
+        entry[0] = entry[0] or call_id
+        entry[1] = entry[1] or name
+        entry[2].append(arguments)
+
+    def finish(self) -> list[StreamChunk]:
+        if not self.complete:
+            raise StreamError("the stream ended before the reply was complete")
+        out = []
+        if self._unwrap is not None and self._held:
+            out.append(_chunk(self._unwrap("".join(self._held))))
+        calls = [AssistantToolCall(id=call_id or _new_call_id(),
+                                   function=AssistantToolCallFunction(
+                                       name=name or "", arguments="".join(parts)))
+                 for call_id, name, parts in self.calls.values()] or None
+        reason = self.reason or ("tool_calls" if calls else "stop")
+        out.append(_chunk("", reason, calls, self.usage))
+        return out
+
+
+def _new_call_id() -> str:
+    import uuid
+    return "call_" + uuid.uuid4().hex[:8]
+
+
+def _json_frame(frame: bytes) -> Any:
+    try:
+        return json.loads(frame)
+    except ValueError:
+        raise StreamError(f"stream frame is not JSON: {_short(frame)}") from None
+
+
+def _stream_batches(req: _Request, decoder: _SSEDecoder | _NDJSONDecoder, state: _StreamState,
+                    abort: _Abort | None) -> Iterator[list[StreamChunk]]:
+    """Read a streamed reply, yielding chunks as each read decodes them.
+
+    ``timeout`` bounds every read, and also the time between meaningful events,
+    so a server that sends only keep-alive pings still times out.
+    """
+    import socket
+    exchange = _open(req, abort)
+    resp = exchange.response
+    clean = False
+    try:
+        last = time.monotonic()
+        seen = state.progress
+        while True:
+            try:
+                data = resp.read1(65536)
+            except (socket.timeout, TimeoutError):
+                raise APITimeoutError(f"no data for {req.timeout:g}s from "
+                                      f"{_redact_url(req.url)}") from None
+            except (OSError, _http_exception()) as exc:
+                if abort is not None and abort.aborted:
+                    raise _Aborted() from exc
+                raise StreamError(f"stream from {_redact_url(req.url)} broke: "
+                                  f"{exc!r}") from exc
+            if not data:
+                break
+            batch = state.feed(decoder.feed(data))
+            if state.progress != seen:
+                seen, last = state.progress, time.monotonic()
+            elif time.monotonic() - last > req.timeout:
+                raise APITimeoutError(f"no events for {req.timeout:g}s from "
+                                      f"{_redact_url(req.url)} (only keep-alives)")
+            if batch:
+                yield batch
+        batch = state.feed(decoder.flush()) + state.finish()
+        clean = True
+        yield batch
+    finally:
+        if clean:
+            exchange.finish()
+        else:
+            exchange.close()
+
+
+# === 7. Images ===============================================================
+
+
+def strip_base64_prefix(data: str) -> str:
+    """The base64 payload of a ``data:...;base64,`` URI; other strings unchanged."""
+    if data.startswith("data:") and ";base64," in data:
+        return data.split(";base64,", 1)[1]
+    return data
+
+
+def add_base64_prefix(base64_data: str, media_type: str = "image/png") -> str:
+    """A ``data:`` URI for base64 data."""
+    return f"data:{media_type};base64,{base64_data}"
+
+
+def _split_data_uri(uri: str) -> tuple[str, str]:
+    """``data:image/png;base64,XXXX`` -> (``image/png``, ``XXXX``)."""
+    head, sep, payload = uri.partition(",")
+    if not sep or not head.endswith(";base64"):
+        raise ValidationError(f"image data: URI must be base64-encoded "
+                              f"(data:<type>;base64,<data>), got {_short(uri, 60)}",
+                              field="source", value=uri)
+    return head[5:-7].split(";")[0], payload
+
+
+def _image_source(image: ImageContent) -> tuple[str, str, str]:
+    """One image as (``"url"``, url, type) or (``"base64"``, data, type).
+
+    Base64 arrives as a ``data:`` URI, a dict (whose data may itself carry a
+    ``data:`` prefix) or raw text; the media type read from the bytes wins over
+    the default ``image/jpeg``, because providers reject a mismatch.
+    """
+    source, media = image.source, image.media_type
+    if isinstance(source, dict):
+        data = source.get("data", "")
+        media = source.get("media_type") or media
+    elif "://" in source[:16] and not source.startswith("data:"):
+        return "url", source, media
+    else:
+        data = source
+    if data.startswith("data:"):
+        uri_media, data = _split_data_uri(data)
+        media = uri_media or media
+    return "base64", data, _sniff_media_type(data) or media
+
+
+_FETCH_HEADERS = {"User-Agent": _USER_AGENT, "Accept": "image/*"}
+
+
+def _check_address(host: str, port: int, allow_private: bool) -> list[str]:
+    """The addresses ``host`` resolves to, refused if any is not a public one."""
+    import ipaddress
+    import socket
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ImageFetchError(f"cannot resolve image host {host!r}: {exc}") from exc
+    addresses = []
+    for info in infos:
+        address = str(info[4][0]).split("%")[0]
+        ip = ipaddress.ip_address(address)
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        if not allow_private and not ip.is_global or ip.is_multicast or ip.is_unspecified:
+            raise ImageFetchError(
+                f"refusing to fetch an image from {host!r}: it resolves to {ip}, which is "
+                "not a public address (pass allow_private_image_urls=True for images on "
+                "your own network)")
+        addresses.append(address)
+    return addresses
+
+
+def _pinned_connection(scheme: str, host: str, port: int, address: str,
+                       timeout: float) -> http.client.HTTPConnection:
+    """A connection to the checked ``address`` that still speaks TLS/Host for ``host``."""
+    import http.client
+    import socket
+
+    class Pinned(http.client.HTTPSConnection if scheme == "https" else  # type: ignore[misc]
+                 http.client.HTTPConnection):
+        def connect(self) -> None:
+            sock = socket.create_connection((address, port), timeout)
+            self.sock = (self._context.wrap_socket(sock, server_hostname=host)
+                         if scheme == "https" else sock)
+
+    if scheme == "https":
+        return Pinned(host, port, timeout=timeout, context=_ssl_context())
+    return Pinned(host, port, timeout=timeout)
+
+
+def _fetch_image_blocking(url: str, timeout: float = DEFAULT_TIMEOUT,
+                          max_size: int = MAX_IMAGE_SIZE,
+                          allow_private: bool = False) -> tuple[str, str]:
+    """Download an image safely: public addresses only, at most 5 checked redirects,
+    at most ``max_size`` bytes, an ``image/*`` content type. Returns (base64, type)."""
+    import base64
+    from urllib.parse import urljoin, urlsplit
+    for _ in range(_MAX_REDIRECTS + 1):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ImageFetchError(f"image URL must be http(s) with a host, got "
+                                  f"{_short(_redact_url(url) if '://' in url else url)}")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        address = _check_address(parts.hostname, port, allow_private)[0]
+        conn = _pinned_connection(parts.scheme, parts.hostname, port, address, timeout)
+        try:
+            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            conn.request("GET", path, headers=_FETCH_HEADERS)
+            resp = conn.getresponse()
+            if resp.status in (301, 302, 303, 307, 308) and resp.getheader("location"):
+                url = urljoin(url, resp.getheader("location", ""))
+                continue
+            if resp.status != 200:
+                raise ImageFetchError(f"HTTP error fetching image: {resp.status}")
+            media = (resp.getheader("content-type") or "").split(";")[0].strip().lower()
+            if not media.startswith("image/"):
+                raise ImageFetchError(f"the URL did not return an image (content type "
+                                      f"{media or 'missing'!r})")
+            length = resp.getheader("content-length")
+            if length and length.isdigit() and int(length) > max_size:
+                raise ImageFetchError(f"image is larger than {max_size} bytes")
+            body = resp.read(max_size + 1)
+            if len(body) > max_size:
+                raise ImageFetchError(f"image is larger than {max_size} bytes")
+            return base64.b64encode(body).decode("ascii"), media
+        except (OSError, _http_exception()) as exc:
+            import socket
+            if isinstance(exc, (socket.timeout, TimeoutError)):
+                raise ImageFetchError(f"timeout fetching image after {timeout:g}s") from exc
+            raise ImageFetchError(f"error fetching image: {exc}") from exc
+        finally:
+            conn.close()
+    raise ImageFetchError("too many redirects when fetching image")
+
+
+async def fetch_image_as_base64(url: str, timeout: float = DEFAULT_TIMEOUT,
+                                max_size: int = MAX_IMAGE_SIZE, *,
+                                allow_private: bool = False) -> tuple[str, str]:
+    """Download an image and return ``(base64_data, media_type)``.
+
+    Only http(s) URLs whose host resolves to public addresses are fetched (every
+    address and every redirect is checked; ``allow_private=True`` lifts that for
+    images on your own network); the body is capped at ``max_size`` bytes and must
+    be an image.
+    """
+    return await _run_blocking(lambda abort: _fetch_image_blocking(
+        url, timeout, max_size, allow_private))
+
+
+def _parallel(jobs: list[Callable[[], _T]]) -> list[_T]:
+    """Run blocking jobs on the workers at once; the first failure is raised."""
+    if len(jobs) <= 1:
+        return [job() for job in jobs]
+    results: list[Any] = [None] * len(jobs)
+    done = threading.Semaphore(0)
+
+    def run(i: int, job: Callable[[], _T]) -> None:
+        try:
+            results[i] = (True, job())
+        except BaseException as exc:
+            results[i] = (False, exc)
+        done.release()
+
+    for i, job in enumerate(jobs):
+        _workers.submit(functools.partial(run, i, job))
+    for _ in jobs:
+        done.acquire()
+    for ok, value in results:
+        if not ok:
+            raise value
+    return [value for _, value in results]
+
+
+# === 8. Wire format: OpenAI ==================================================
+
+
+def _image_to_openai(image: ImageContent) -> dict[str, Any]:
+    kind, value, media = _image_source(image)
+    url = value if kind == "url" else add_base64_prefix(value, media)
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _message_to_openai(message: ChatMessage) -> dict[str, Any]:
+    if isinstance(message, UserMessage) and isinstance(message.content, list):
+        parts = [{"type": "text", "text": p.text} if isinstance(p, TextContent)
+                 else _image_to_openai(p) for p in message.content]
+        return {"role": "user", "content": parts}
+    if isinstance(message, AssistantMessage):
+        out: dict[str, Any] = {"role": "assistant", "content": message.content}
+        if message.tool_calls:
+            out["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.function.name,
+                                               "arguments": c.function.arguments}}
+                                 for c in message.tool_calls]
+        return out
+    if isinstance(message, ToolResultMessage):
+        # OpenAI's tool message has no "name" (upstream sent one; strict servers refuse it).
+        return {"role": "tool", "tool_call_id": message.tool_call_id, "content": message.content}
+    return {"role": message.role, "content": message.content}
+
+
+def convert_messages_to_openai(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages in OpenAI Chat Completions form (every system message kept in place)."""
+    return [_message_to_openai(m) for m in _check_messages(messages)]
+
+
+def convert_tool_calls_from_openai(tool_calls: Iterable[Any]) -> list[AssistantToolCall]:
+    """OpenAI tool calls (dicts or SDK objects) as ``AssistantToolCall``s; arguments untouched."""
+    out = []
+    for call in tool_calls:
+        function = _get(call, "function") or {}
+        arguments = _get(function, "arguments")
+        out.append(AssistantToolCall(
+            id=_get(call, "id") or _new_call_id(),
+            function=AssistantToolCallFunction(
+                name=_get(function, "name") or "",
+                arguments=arguments if isinstance(arguments, str) else json.dumps(arguments or {}))))
+    return out
+
+
+def tool_to_openai(tool: Tool) -> dict[str, Any]:
+    """A tool in OpenAI's ``{"type": "function", "function": {...}}`` form."""
+    return {"type": "function", "function": {"name": tool.name, "description": tool.description,
+                                             "parameters": tool.input_schema}}
+
+
+def tools_to_openai(tools: list[Tool]) -> list[dict[str, Any]]:
+    """Several tools in OpenAI form."""
+    return [tool_to_openai(t) for t in tools]
+
+
+def _usage_from_openai(usage: Any) -> Usage | None:
+    if not isinstance(usage, dict):
+        return None
+    return _usage(usage.get("prompt_tokens"), usage.get("completion_tokens"))
+
+
+def _request_openai(model: str, messages: list[ChatMessage], fmt: _ResponseFormat,
+                    max_tokens: int | None, tools: list[Tool] | None,
+                    temperature: float | None, stream: bool,
+                    token_field: str = "max_tokens") -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "messages": convert_messages_to_openai(messages)}
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    if temperature is not None:
+        body["temperature"] = temperature
+    if max_tokens is not None:
+        body[token_field] = max_tokens
+    if tools:
+        body["tools"] = tools_to_openai(tools)
+    if fmt.kind == "json":
+        body["response_format"] = {"type": "json_object"}
+    elif fmt.kind == "schema" and fmt.schema is not None:
+        schema, _ = _wrap_root(fmt.schema)
+        spec: dict[str, Any] = {"name": fmt.name, "schema": schema}
+        if _openai_strict_ok(schema):
+            spec["strict"] = True
+        body["response_format"] = {"type": "json_schema", "json_schema": spec}
+    return body
+
+
+def _reply_from_openai(body: Any, fmt: _ResponseFormat) -> tuple[AssistantMessage, Usage | None]:
+    choices = body.get("choices") if isinstance(body, dict) else None
+    if not choices:
+        raise APIError(f"the reply has no choices: {_short(body, 200)}", body=body)
+    choice = choices[0]
+    message = choice.get("message") or {}
+    calls = message.get("tool_calls")
+    content = message.get("content") or ""
+    if fmt.kind == "schema" and fmt.schema is not None:
+        content = _wrap_root(fmt.schema)[1](content)
+    return (AssistantMessage(
+        content=content,
+        tool_calls=convert_tool_calls_from_openai(calls) if calls else None,
+        finish_reason=choice.get("finish_reason") or ("tool_calls" if calls else "stop")),
+        _usage_from_openai(body.get("usage")))
+
+
+class _OpenAIStream(_StreamState):
+    """Chat Completions chunks: text deltas, tool-call fragments by index, the finish
+    reason on a late chunk, usage on a last chunk with no choices, then ``[DONE]``."""
+
+    def feed(self, frames: list[bytes]) -> list[StreamChunk]:
+        out: list[StreamChunk] = []
+        for frame in frames:
+            self.progress += 1
+            if frame.startswith(b"[DONE]"):
+                self.complete = True
+                continue
+            event = _json_frame(frame)
+            if not isinstance(event, dict):
+                continue
+            if event.get("error"):
+                raise _stream_error(event["error"])
+            if event.get("usage"):
+                self.usage = _usage_from_openai(event["usage"])
+            choices = event.get("choices")
+            if not choices:
+                continue
+            choice = choices[0]
+            delta = choice.get("delta") or {}
+            text = delta.get("content")
+            if text:
+                self._text(out, text)
+            for call in delta.get("tool_calls") or ():
+                function = call.get("function") or {}
+                self._call(call.get("index", len(self.calls)), call.get("id"),
+                           function.get("name"), function.get("arguments") or "")
+            if choice.get("finish_reason"):
+                self.reason = choice["finish_reason"]
+                self.complete = True  # some servers end without [DONE]
+        return out
+
+
+def _stream_error(error: Any) -> StreamError:
+    """An error event inside a stream that already answered 200."""
+    if isinstance(error, dict):
+        message = error.get("message") or "an error occurred during streaming"
+        err = StreamError(f"error in stream: {message}", provider_message=message,
+                          error_type=error.get("type"), error_code=error.get("code"))
+    else:
+        err = StreamError(f"error in stream: {error}", provider_message=str(error))
+    return err
+
+
+# === 9. Wire format: Ollama ==================================================
+
+# Model parameters Ollama reads from "options" rather than the top level.
+_OLLAMA_OPTIONS = frozenset({
+    "num_ctx", "num_predict", "num_keep", "num_batch", "num_gpu", "num_thread", "seed",
+    "top_k", "top_p", "min_p", "typical_p", "tfs_z", "repeat_last_n", "repeat_penalty",
+    "presence_penalty", "frequency_penalty", "mirostat", "mirostat_tau", "mirostat_eta",
+    "penalize_newline", "stop", "temperature", "numa", "low_vram", "use_mmap", "use_mlock"})
+
+
+def _message_to_ollama(message: ChatMessage, images: dict[str, str]) -> dict[str, Any]:
+    """One message; ``images`` maps each image URL to its already-fetched base64."""
+    if isinstance(message, UserMessage) and isinstance(message.content, list):
+        texts, data = [], []
+        for part in message.content:
+            if isinstance(part, TextContent):
+                texts.append(part.text)
+            else:
+                kind, value, _ = _image_source(part)
+                data.append(images[value] if kind == "url" else value)
+        out: dict[str, Any] = {"role": "user", "content": "\n".join(texts)}
+        if data:
+            out["images"] = data
+        return out
+    if isinstance(message, AssistantMessage):
+        out = {"role": "assistant", "content": message.content or ""}
+        if message.tool_calls:
+            out["tool_calls"] = [{"id": c.id, "function": {
+                "name": c.function.name, "arguments": _arguments_object(c.function)}}
+                for c in message.tool_calls]
+        return out
+    if isinstance(message, ToolResultMessage):
+        return {"role": "tool", "content": message.content, "tool_name": message.name,
+                "tool_call_id": message.tool_call_id}
+    return {"role": message.role, "content": message.content or ""}
+
+
+def _image_urls(messages: list[ChatMessage]) -> list[str]:
+    urls = []
+    for message in messages:
+        if isinstance(message, UserMessage) and isinstance(message.content, list):
+            for part in message.content:
+                if isinstance(part, ImageContent):
+                    kind, value, _ = _image_source(part)
+                    if kind == "url" and value not in urls:
+                        urls.append(value)
+    return urls
+
+
+def _messages_to_ollama(messages: list[ChatMessage], allow_private: bool = False,
+                        timeout: float = DEFAULT_TIMEOUT) -> list[dict[str, Any]]:
+    """The blocking converter: image URLs are fetched in parallel on the workers."""
+    checked = _check_messages(messages)
+    urls = _image_urls(checked)
+    fetched = _parallel([functools.partial(_fetch_image_blocking, url, timeout,
+                                           MAX_IMAGE_SIZE, allow_private) for url in urls])
+    images = {url: data for url, (data, _) in zip(urls, fetched)}
+    return [_message_to_ollama(m, images) for m in checked]
+
+
+async def convert_messages_to_ollama(messages: list[ChatMessage], *,
+                                     allow_private_image_urls: bool = False
+                                     ) -> list[dict[str, Any]]:
+    """Messages in Ollama ``/api/chat`` form; image URLs are downloaded (safely) and
+    sent as base64, tool results carry ``tool_name`` and ``tool_call_id``."""
+    checked = _check_messages(messages)
+    if not _image_urls(checked):
+        return [_message_to_ollama(m, {}) for m in checked]
+    return await _run_blocking(lambda abort: _messages_to_ollama(
+        checked, allow_private_image_urls))
+
+
+def convert_tool_calls_from_ollama(tool_calls: Iterable[Any]) -> list[AssistantToolCall]:
+    """Ollama tool calls (arguments as objects) as ``AssistantToolCall``s; ids are made
+    up when an older server sent none."""
+    out = []
+    for call in tool_calls:
+        function = _get(call, "function") or {}
+        arguments = _get(function, "arguments")
+        out.append(AssistantToolCall(
+            id=_get(call, "id") or _new_call_id(),
+            function=AssistantToolCallFunction(
+                name=_get(function, "name") or "",
+                arguments=arguments if isinstance(arguments, str)
+                else json.dumps(arguments) if arguments else "{}")))
+    return out
+
+
+def tool_to_ollama(tool: Tool) -> dict[str, Any]:
+    """A tool in Ollama form (the same as OpenAI's; the whole schema is kept)."""
+    return tool_to_openai(tool)
+
+
+def tools_to_ollama(tools: list[Tool]) -> list[dict[str, Any]]:
+    """Several tools in Ollama form."""
+    return [tool_to_ollama(t) for t in tools]
+
+
+def _usage_from_ollama(body: dict[str, Any]) -> Usage:
+    # Ollama omits counts that are 0 (omitempty), e.g. a fully cached prompt.
+    return _usage(body.get("prompt_eval_count"), body.get("eval_count"))
+
+
+def _request_ollama(model: str, messages: list[dict[str, Any]], fmt: _ResponseFormat,
+                    max_tokens: int | None, tools: list[Tool] | None,
+                    temperature: float | None, stream: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "messages": messages, "stream": stream}
+    options: dict[str, Any] = {}
+    if temperature is not None:
+        options["temperature"] = temperature
+    if max_tokens is not None:
+        options["num_predict"] = max_tokens
+    body["options"] = options
+    if tools:
+        body["tools"] = tools_to_ollama(tools)
+    if fmt.kind == "json":
+        body["format"] = "json"
+    elif fmt.kind == "schema":
+        body["format"] = fmt.schema
+    return body
+
+
+def _finish_from_ollama(reason: Any, has_calls: bool) -> str:
+    if has_calls and reason in (None, "", "stop"):
+        return "tool_calls"
+    return reason or "stop"
+
+
+def _reply_from_ollama(body: Any, fmt: _ResponseFormat) -> tuple[AssistantMessage, Usage | None]:
+    if not isinstance(body, dict):
+        raise APIError(f"unexpected Ollama reply: {_short(body, 200)}", body=body)
+    message = body.get("message") or {}
+    calls = message.get("tool_calls")
+    return (AssistantMessage(
+        content=message.get("content") or "",
+        tool_calls=convert_tool_calls_from_ollama(calls) if calls else None,
+        finish_reason=_finish_from_ollama(body.get("done_reason"), bool(calls))),
+        _usage_from_ollama(body))
+
+
+class _OllamaStream(_StreamState):
+    """NDJSON objects: text in ``message.content``, whole tool calls, then ``done``."""
+
+    def feed(self, frames: list[bytes]) -> list[StreamChunk]:
+        out: list[StreamChunk] = []
+        for frame in frames:
+            self.progress += 1
+            event = _json_frame(frame)
+            if not isinstance(event, dict):
+                continue
+            if event.get("error"):
+                raise _stream_error(event["error"])
+            message = event.get("message") or {}
+            if message.get("content"):
+                self._text(out, message["content"])
+            for call in convert_tool_calls_from_ollama(message.get("tool_calls") or ()):
+                self._call(len(self.calls), call.id, call.function.name, call.function.arguments)
+            if event.get("done"):
+                self.complete = True
+                self.usage = _usage_from_ollama(event)
+                self.reason = _finish_from_ollama(event.get("done_reason"), bool(self.calls))
+        return out
+
+
+# === 10. Wire format: Anthropic ==============================================
+
+_ANSWER_TOOL = "structured_answer"  # the forced tool that carries a schema's answer
+_STOP_REASONS_ANTHROPIC = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
+                           "tool_use": "tool_calls", "refusal": "content_filter",
+                           "model_context_window_exceeded": "length"}
+
+
+def _image_to_anthropic(image: ImageContent) -> dict[str, Any]:
+    kind, value, media = _image_source(image)
+    if kind == "url":
+        return {"type": "image", "source": {"type": "url", "url": value}}
+    return {"type": "image", "source": {"type": "base64", "media_type": media, "data": value}}
+
+
+def _blocks_to_anthropic(message: ChatMessage) -> list[dict[str, Any]]:
+    """A message's content blocks; empty text is left out (the API rejects it)."""
+    blocks: list[dict[str, Any]] = []
+    if isinstance(message, UserMessage) and isinstance(message.content, list):
+        for part in message.content:
+            if isinstance(part, ImageContent):
+                blocks.append(_image_to_anthropic(part))
+            elif part.text.strip():
+                blocks.append({"type": "text", "text": part.text})
+        return blocks
+    if isinstance(message, ToolResultMessage):
+        return [{"type": "tool_result", "tool_use_id": message.tool_call_id,
+                 "content": message.content}]
+    if isinstance(message.content, str) and message.content.strip():
+        blocks.append({"type": "text", "text": message.content})
+    if isinstance(message, AssistantMessage):
+        for call in message.tool_calls or ():
+            blocks.append({"type": "tool_use", "id": call.id, "name": call.function.name,
+                           "input": _arguments_object(call.function)})
+    return blocks
+
+
+def convert_messages_to_anthropic(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages in Anthropic Messages form, without the system messages.
+
+    Tool results become ``tool_result`` blocks in a user turn (the results of one
+    assistant turn share one user message); messages left with no content are
+    dropped, since the API rejects empty text and empty turns.
+    """
+    out: list[dict[str, Any]] = []
+    previous_was_result = False
+    for message in _check_messages(messages):
+        if isinstance(message, SystemMessage):
+            continue
+        blocks = _blocks_to_anthropic(message)
+        is_result = isinstance(message, ToolResultMessage)
+        if is_result and previous_was_result:
+            out[-1]["content"].extend(blocks)
+        elif blocks:
+            out.append({"role": "assistant" if isinstance(message, AssistantMessage)
+                        else "user", "content": blocks})
+        previous_was_result = is_result
+    return out
+
+
+def extract_system_message(messages: list[ChatMessage]) -> str | None:
+    """The first system message's text, or ``None`` (upstream's helper)."""
+    for message in _check_messages(messages):
+        if isinstance(message, SystemMessage):
+            return message.content
+    return None
+
+
+def _system_to_anthropic(messages: list[ChatMessage], extra: list[str]) -> Any:
+    """Every system message (not only the first), plus instructions casual_llm adds."""
+    texts = [m.content for m in messages if isinstance(m, SystemMessage) and m.content.strip()]
+    texts += extra
+    if len(texts) <= 1:
+        return texts[0] if texts else None
+    return [{"type": "text", "text": t} for t in texts]
+
+
+def convert_tool_calls_from_anthropic(blocks: Iterable[Any]) -> list[AssistantToolCall]:
+    """Anthropic ``tool_use`` blocks (dicts or SDK objects) as ``AssistantToolCall``s."""
+    out = []
+    for block in blocks:
+        arguments = _get(block, "input")
+        out.append(AssistantToolCall(
+            id=_get(block, "id") or _new_call_id(),
+            function=AssistantToolCallFunction(
+                name=_get(block, "name") or "",
+                arguments=json.dumps(arguments) if arguments else "{}")))
+    return out
+
+
+def tool_to_anthropic(tool: Tool) -> dict[str, Any]:
+    """A tool in Anthropic form (``input_schema``)."""
+    return {"name": tool.name, "description": tool.description,
+            "input_schema": tool.input_schema}
+
+
+def tools_to_anthropic(tools: list[Tool]) -> list[dict[str, Any]]:
+    """Several tools in Anthropic form."""
+    return [tool_to_anthropic(t) for t in tools]
+
+
+def _usage_from_anthropic(usage: Any) -> Usage | None:
+    if not isinstance(usage, dict):
+        return None
+    return _usage(usage.get("input_tokens"), usage.get("output_tokens"))
+
+
+_JSON_INSTRUCTION = "You must respond with valid JSON only. No other text."
+
+
+def _request_anthropic(model: str, messages: list[ChatMessage], fmt: _ResponseFormat,
+                       max_tokens: int | None, tools: list[Tool] | None,
+                       temperature: float | None, stream: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model,
+                            "max_tokens": DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
+                            "messages": convert_messages_to_anthropic(messages)}
+    system = _system_to_anthropic(messages, [_JSON_INSTRUCTION] if fmt.kind == "json" else [])
+    if system is not None:
+        body["system"] = system
+    if stream:
+        body["stream"] = True
+    if temperature is not None:
+        body["temperature"] = temperature
+    wire_tools = tools_to_anthropic(tools or [])
+    if fmt.kind == "schema" and fmt.schema is not None:
+        # A forced tool call: works on every Claude model that has tools, and the
+        # answer arrives as an already-parsed object (the tool's input).
+        schema, _ = _wrap_root(fmt.schema)
+        wire_tools.append({"name": _ANSWER_TOOL,
+                           "description": f"Give the answer ({fmt.name}) in this shape.",
+                           "input_schema": schema})
+        body["tool_choice"] = {"type": "tool", "name": _ANSWER_TOOL}
+    if wire_tools:
+        body["tools"] = wire_tools
+    return body
+
+
+def _reply_from_anthropic(body: Any, fmt: _ResponseFormat
+                          ) -> tuple[AssistantMessage, Usage | None]:
+    if not isinstance(body, dict):
+        raise APIError(f"unexpected Anthropic reply: {_short(body, 200)}", body=body)
+    blocks = body.get("content") or []
+    text = "".join(b.get("text", "") for b in blocks if b.get("type") == "text")
+    uses = [b for b in blocks if b.get("type") == "tool_use"]
+    reason = _STOP_REASONS_ANTHROPIC.get(body.get("stop_reason"), body.get("stop_reason"))
+    answer = [b for b in uses if b.get("name") == _ANSWER_TOOL] if fmt.kind == "schema" else []
+    if answer:
+        unwrap = _wrap_root(fmt.schema or {})[1]
+        text = unwrap(json.dumps(answer[0].get("input") or {}, ensure_ascii=False))
+        uses, reason = [], "stop"
+    return (AssistantMessage(content=text,
+                             tool_calls=convert_tool_calls_from_anthropic(uses) if uses else None,
+                             finish_reason=reason or ("tool_calls" if uses else "stop")),
+            _usage_from_anthropic(body.get("usage")))
+
+
+class _AnthropicStream(_StreamState):
+    """Messages events: ``message_start`` (input tokens), content blocks with text and
+    ``input_json_delta`` fragments, ``message_delta`` (stop reason, cumulative output
+    tokens), ``message_stop``; ``ping`` and unknown events are skipped."""
+
+    def __init__(self, unwrap: Callable[[str], str] | None = None,
+                 answer_tool: bool = False) -> None:
+        super().__init__(unwrap)
+        self._answer_tool = answer_tool
+        self._answer_blocks: set[Any] = set()
+        self._input = 0
+
+    def feed(self, frames: list[bytes]) -> list[StreamChunk]:
+        out: list[StreamChunk] = []
+        for frame in frames:
+            event = _json_frame(frame)
+            kind = event.get("type") if isinstance(event, dict) else None
+            if kind == "ping" or kind is None:
+                continue
+            self.progress += 1
+            if kind == "content_block_delta":
+                self._delta(out, event.get("index"), event.get("delta") or {})
+            elif kind == "content_block_start":
+                self._start(out, event.get("index"), event.get("content_block") or {})
+            elif kind == "message_start":
+                usage = (event.get("message") or {}).get("usage") or {}
+                self._input = usage.get("input_tokens") or 0
+                self.usage = _usage(self._input, usage.get("output_tokens"))
+            elif kind == "message_delta":
+                self._message_delta(event)
+            elif kind == "message_stop":
+                self.complete = True
+            elif kind == "error":
+                raise _stream_error(event.get("error") or {})
+        return out
+
+    def _start(self, out: list[StreamChunk], index: Any, block: dict[str, Any]) -> None:
+        if block.get("type") == "text" and block.get("text"):
+            self._text(out, block["text"])
+        elif block.get("type") == "tool_use":
+            if self._answer_tool and block.get("name") == _ANSWER_TOOL:
+                self._answer_blocks.add(index)
+            else:
+                self._call(index, block.get("id"), block.get("name"), "")
+
+    def _delta(self, out: list[StreamChunk], index: Any, delta: dict[str, Any]) -> None:
+        kind = delta.get("type")
+        if kind == "text_delta" and delta.get("text"):
+            self._text(out, delta["text"])
+        elif kind == "input_json_delta":
+            if index in self._answer_blocks:
+                self._text(out, delta.get("partial_json") or "")
+            elif index in self.calls:
+                self.calls[index][2].append(delta.get("partial_json") or "")
+
+    def _message_delta(self, event: dict[str, Any]) -> None:
+        reason = (event.get("delta") or {}).get("stop_reason")
+        if reason:
+            self.reason = _STOP_REASONS_ANTHROPIC.get(reason, reason)
+            if self._answer_blocks and reason == "tool_use":
+                self.reason = "stop"
+        usage = event.get("usage") or {}
+        if usage:
+            # output_tokens is cumulative: replace, never add.
+            self.usage = _usage(usage.get("input_tokens") or self._input,
+                                usage.get("output_tokens"))
+
+
+# === 11. Clients =============================================================
+
+
+class LLMClient(Protocol):
+    """What ``Model`` needs from a client: any object with these two methods works.
+
+    ``_chat`` returns the reply and its usage (``None`` when unknown);
+    ``_stream`` is an async generator of ``StreamChunk``s whose last chunk carries
+    ``finish_reason``, ``tool_calls`` and ``usage``. Both take the model name,
+    the messages, ``response_format`` (``"text"``, ``"json"`` or a schema type),
+    ``max_tokens``, ``tools`` and ``temperature``; ``Model`` passes provider
+    extras as further keyword arguments only when some are set. The built-in
+    clients also offer blocking twins, ``_chat_sync`` and ``_stream_sync``.
+    """
+
+    async def _chat(self, model: str, messages: list[ChatMessage], response_format: Any = "text",
+                    max_tokens: int | None = None, tools: list[Tool] | None = None,
+                    temperature: float | None = None) -> tuple[AssistantMessage, Usage | None]:
+        ...
+
+    def _stream(self, model: str, messages: list[ChatMessage], response_format: Any = "text",
+                max_tokens: int | None = None, tools: list[Tool] | None = None,
+                temperature: float | None = None) -> AsyncIterator[StreamChunk]:
+        ...
+
+
+_CallArgs = tuple[str, list[ChatMessage], Any, "int | None", "list[Tool] | None", "float | None"]
+
+
+def _check_call(owner: str, max_tokens: Any, tools: Any, temperature: Any) -> list[Tool] | None:
+    """Per-call arguments, checked before anything is sent."""
+    _check_int(owner, "max_tokens", max_tokens, minimum=1)
+    _check_number(owner, "temperature", temperature, minimum=0)
+    if tools is None:
+        return None
+    if not isinstance(tools, (list, tuple)):
+        _fail(owner, "tools", "a list of Tool", tools)
+    return [t if isinstance(t, Tool) else _coerce(owner, "tools", t, Tool) for t in tools]
+
+
+def _base_url(value: str | None, env: str, default: str, owner: str) -> str:
+    url = (value or _env(env) or default).rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise ConfigurationError(f"{owner} base URL must start with http:// or https://, got "
+                                 f"{_short(url)} (from {'base_url=' if value else env})")
+    return url
+
+
+class _HTTPClient:
+    """The machinery the three clients share: headers, request building, sending.
+
+    A subclass supplies its endpoint, body builder, reply parser and stream
+    parser; the request is built once and used by ``_chat`` and ``_stream`` alike.
+    """
+
+    _decoder: ClassVar[Callable[[], _SSEDecoder | _NDJSONDecoder]] = _SSEDecoder
+    _endpoint: str
+
+    def __init__(self, *, timeout: float, max_retries: int, extra_kwargs: dict[str, Any] | None,
+                 default_headers: dict[str, str] | None, ssl_context: ssl.SSLContext | None,
+                 auth: dict[str, str]) -> None:
+        owner = type(self).__name__
+        _check_number(owner, "timeout", timeout, optional=False, minimum=0.001)
+        _check_int(owner, "max_retries", max_retries, optional=False)
+        if extra_kwargs is not None and not isinstance(extra_kwargs, dict):
+            _fail(owner, "extra_kwargs", "a dict or None", extra_kwargs)
+        if default_headers is not None and not (isinstance(default_headers, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in default_headers.items())):
+            _fail(owner, "default_headers", "a dict of str -> str", default_headers)
+        if ssl_context is not None and type(ssl_context).__name__ != "SSLContext":
+            _fail(owner, "ssl_context", "an ssl.SSLContext", ssl_context)
+        self.timeout = float(timeout)
+        self.max_retries = max_retries
+        self.extra_kwargs: dict[str, Any] = dict(extra_kwargs or {})
+        self._ssl_context = ssl_context
+        self._headers: dict[str, str] = {
+            "Content-Type": "application/json", "Accept": "application/json",
+            "User-Agent": _USER_AGENT, **{k: _Secret(v) for k, v in auth.items()},
+            **(default_headers or {})}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(url={_redact_url(self._endpoint)!r}, timeout={self.timeout:g})"
+
+    def _body(self, model: str, messages: list[ChatMessage], fmt: _ResponseFormat,
+              max_tokens: int | None, tools: list[Tool] | None, temperature: float | None,
+              stream: bool) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _parse(self, body: Any, fmt: _ResponseFormat) -> tuple[AssistantMessage, Usage | None]:
+        raise NotImplementedError
+
+    def _stream_state(self, fmt: _ResponseFormat) -> _StreamState:
+        raise NotImplementedError
+
+    def _merge_extra(self, body: dict[str, Any], extra: dict[str, Any]) -> None:
+        """Provider extras join the body; they never replace what the call set."""
+        for key, value in extra.items():
+            if key in body:
+                logger.warning("extra %r ignored: the request already sets it", key)
+            else:
+                body[key] = value
+
+    def _build_request(self, args: _CallArgs, extra: dict[str, Any],
+                       stream: bool) -> tuple[_Request, _ResponseFormat]:
+        """The HTTP request for one call: the same for chat and stream but ``stream``."""
+        model, messages, response_format, max_tokens, tools, temperature = args
+        owner = type(self).__name__
+        _check_str(owner, "model", model)
+        tools = _check_call(owner, max_tokens, tools, temperature)
+        fmt = _resolve_response_format(response_format)
+        body = self._body(model, _check_messages(messages), fmt, max_tokens, tools,
+                          temperature, stream)
+        self._merge_extra(body, {**self.extra_kwargs, **extra})
+        data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        return _Request("POST", self._endpoint, self._headers, data, self.timeout,
+                        self.max_retries, self._ssl_context), fmt
+
+    def _chat_blocking(self, abort: _Abort | None, args: _CallArgs,
+                       extra: dict[str, Any]) -> tuple[AssistantMessage, Usage | None]:
+        req, fmt = self._build_request(args, extra, stream=False)
+        body, _ = _request_json(req, abort)
+        return self._parse(body, fmt)
+
+    def _stream_blocking(self, abort: _Abort | None, args: _CallArgs,
+                         extra: dict[str, Any]) -> Iterator[list[StreamChunk]]:
+        req, fmt = self._build_request(args, extra, stream=True)
+        return _stream_batches(req, self._decoder(), self._stream_state(fmt), abort)
+
+    async def _chat(self, model: str, messages: list[ChatMessage], response_format: Any = "text",
+                    max_tokens: int | None = None, tools: list[Tool] | None = None,
+                    temperature: float | None = None,
+                    **extra: Any) -> tuple[AssistantMessage, Usage | None]:
+        """See :class:`LLMClient`; ``extra`` keys join the request body."""
+        args = (model, messages, response_format, max_tokens, tools, temperature)
+        return await _run_blocking(lambda abort: self._chat_blocking(abort, args, extra))
+
+    async def _stream(self, model: str, messages: list[ChatMessage],
+                      response_format: Any = "text", max_tokens: int | None = None,
+                      tools: list[Tool] | None = None, temperature: float | None = None,
+                      **extra: Any) -> AsyncIterator[StreamChunk]:
+        """See :class:`LLMClient`."""
+        args = (model, messages, response_format, max_tokens, tools, temperature)
+        async for chunk in _aiter_blocking(lambda abort: self._stream_blocking(abort, args, extra)):
+            yield chunk
+
+    def _chat_sync(self, model: str, messages: list[ChatMessage], response_format: Any = "text",
+                   max_tokens: int | None = None, tools: list[Tool] | None = None,
+                   temperature: float | None = None,
+                   **extra: Any) -> tuple[AssistantMessage, Usage | None]:
+        """Blocking ``_chat``: no event loop involved."""
+        args = (model, messages, response_format, max_tokens, tools, temperature)
+        return self._chat_blocking(None, args, extra)
+
+    def _stream_sync(self, model: str, messages: list[ChatMessage],
+                     response_format: Any = "text", max_tokens: int | None = None,
+                     tools: list[Tool] | None = None, temperature: float | None = None,
+                     **extra: Any) -> Iterator[StreamChunk]:
+        """Blocking ``_stream``; closing the generator closes the connection."""
+        args = (model, messages, response_format, max_tokens, tools, temperature)
+        for batch in self._stream_blocking(None, args, extra):
+            yield from batch
+
+    def _dry_run(self, model: str, messages: list[ChatMessage], response_format: Any = "text",
+                 max_tokens: int | None = None, tools: list[Tool] | None = None,
+                 temperature: float | None = None, stream: bool = False,
+                 **extra: Any) -> dict[str, Any]:
+        """The request a call would send, with credentials redacted (for ``--dry-run``)."""
+        args = (model, messages, response_format, max_tokens, tools, temperature)
+        req, _ = self._build_request(args, extra, stream)
+        headers = {k: ("<redacted>" if isinstance(v, _Secret) or k.lower() in _SENSITIVE_HEADERS
+                       else v) for k, v in req.headers.items()}
+        return {"method": req.method, "url": req.url, "headers": headers,
+                "body": json.loads(req.body or b"null")}
+
+
+def _unwrapper(fmt: _ResponseFormat) -> Callable[[str], str] | None:
+    if fmt.kind != "schema" or fmt.schema is None:
+        return None
+    unwrap = _wrap_root(fmt.schema)[1]
+    return None if unwrap is _unwrap_identity else unwrap
+
+
+class OpenAIClient(_HTTPClient):
+    """OpenAI Chat Completions, and every server that speaks it (vLLM, llama.cpp,
+    LM Studio, OpenRouter, Ollama's ``/v1``).
+
+    The key comes from ``api_key`` or ``OPENAI_API_KEY`` and the URL from
+    ``base_url`` or ``OPENAI_BASE_URL``; a local server that needs no key gets no
+    ``Authorization`` header. ``max_retries``, ``default_headers`` and
+    ``ssl_context`` (e.g. a corporate CA bundle) are extras every client takes.
+    """
+
+    def __init__(self, api_key: str | None = None, base_url: str | None = None,
+                 organization: str | None = None, timeout: float = 60.0,
+                 extra_kwargs: dict[str, Any] | None = None, *, project: str | None = None,
+                 max_retries: int = 2, default_headers: dict[str, str] | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        for name, value in (("api_key", api_key), ("base_url", base_url),
+                            ("organization", organization), ("project", project)):
+            _check_str("OpenAIClient", name, value, optional=True)
+        self.base_url = _base_url(base_url, "OPENAI_BASE_URL", OPENAI_BASE_URL, "OpenAIClient")
+        key = api_key or _env("OPENAI_API_KEY")
+        official = self.base_url.startswith(OPENAI_BASE_URL)
+        if key is None and official:
+            raise ConfigurationError("OpenAIClient needs an API key for api.openai.com: pass "
+                                     "api_key=... or set OPENAI_API_KEY")
+        auth = {"Authorization": f"Bearer {key}"} if key else {}
+        organization = organization or _env("OPENAI_ORG_ID")
+        project = project or _env("OPENAI_PROJECT_ID")
+        if organization:
+            auth["OpenAI-Organization"] = organization
+        if project:
+            auth["OpenAI-Project"] = project
+        # The official API deprecated max_tokens (reasoning models reject it); other
+        # servers may only know max_tokens.
+        self._token_field = "max_completion_tokens" if official else "max_tokens"
+        self._endpoint = self.base_url + "/chat/completions"
+        super().__init__(timeout=timeout, max_retries=max_retries, extra_kwargs=extra_kwargs,
+                         default_headers=default_headers, ssl_context=ssl_context, auth=auth)
+
+    def _body(self, model: str, messages: list[ChatMessage], fmt: _ResponseFormat,
+              max_tokens: int | None, tools: list[Tool] | None, temperature: float | None,
+              stream: bool) -> dict[str, Any]:
+        return _request_openai(model, messages, fmt, max_tokens, tools, temperature, stream,
+                               self._token_field)
+
+    def _parse(self, body: Any, fmt: _ResponseFormat) -> tuple[AssistantMessage, Usage | None]:
+        return _reply_from_openai(body, fmt)
+
+    def _stream_state(self, fmt: _ResponseFormat) -> _StreamState:
+        return _OpenAIStream(_unwrapper(fmt))
+
+
+class AnthropicClient(_HTTPClient):
+    """Anthropic Messages API.
+
+    The key comes from ``api_key`` or ``ANTHROPIC_API_KEY`` (``x-api-key``), or a
+    bearer ``auth_token`` / ``ANTHROPIC_AUTH_TOKEN``; the URL from ``base_url`` or
+    ``ANTHROPIC_BASE_URL``. Every system message is sent, not only the first.
+    """
+
+    def __init__(self, api_key: str | None = None, base_url: str | None = None,
+                 timeout: float = 60.0, extra_kwargs: dict[str, Any] | None = None, *,
+                 auth_token: str | None = None, max_retries: int = 2,
+                 default_headers: dict[str, str] | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        for name, value in (("api_key", api_key), ("base_url", base_url),
+                            ("auth_token", auth_token)):
+            _check_str("AnthropicClient", name, value, optional=True)
+        self.base_url = _base_url(base_url, "ANTHROPIC_BASE_URL", ANTHROPIC_BASE_URL,
+                                  "AnthropicClient")
+        key = api_key or _env("ANTHROPIC_API_KEY")
+        token = auth_token or _env("ANTHROPIC_AUTH_TOKEN")
+        if key is None and token is None and self.base_url == ANTHROPIC_BASE_URL:
+            raise ConfigurationError("AnthropicClient needs an API key: pass api_key=... or "
+                                     "set ANTHROPIC_API_KEY")
+        auth = {"x-api-key": key} if key else {}
+        if token:
+            auth["Authorization"] = f"Bearer {token}"
+        self._endpoint = self.base_url + "/v1/messages"
+        super().__init__(timeout=timeout, max_retries=max_retries, extra_kwargs=extra_kwargs,
+                         default_headers={"anthropic-version": ANTHROPIC_VERSION,
+                                          **(default_headers or {})},
+                         ssl_context=ssl_context, auth=auth)
+
+    def _body(self, model: str, messages: list[ChatMessage], fmt: _ResponseFormat,
+              max_tokens: int | None, tools: list[Tool] | None, temperature: float | None,
+              stream: bool) -> dict[str, Any]:
+        return _request_anthropic(model, messages, fmt, max_tokens, tools, temperature, stream)
+
+    def _parse(self, body: Any, fmt: _ResponseFormat) -> tuple[AssistantMessage, Usage | None]:
+        return _reply_from_anthropic(body, fmt)
+
+    def _stream_state(self, fmt: _ResponseFormat) -> _StreamState:
+        return _AnthropicStream(_unwrapper(fmt), answer_tool=fmt.kind == "schema")
+
+
+def _ollama_host(host: str | None) -> str:
+    """``OLLAMA_HOST`` rules: a bare host gets ``http://`` and port 11434."""
+    value = (host or _env("OLLAMA_HOST") or OLLAMA_HOST).strip().rstrip("/")
+    if "://" not in value:
+        value = "http://" + value
+        if not re.search(r":\d+$", value):
+            value += ":11434"
+    return value
+
+
+class OllamaClient(_HTTPClient):
+    """Ollama's native ``/api/chat`` (NDJSON streams).
+
+    The host comes from ``host`` or ``OLLAMA_HOST``; ``OLLAMA_API_KEY`` (or
+    ``api_key``) adds a bearer token for ollama.com. Image URLs are downloaded
+    here and sent as base64: public addresses only unless
+    ``allow_private_image_urls=True``.
+    """
+
+    _decoder = _NDJSONDecoder
+
+    def __init__(self, host: str | None = None, timeout: float = 60.0, *,
+                 api_key: str | None = None, extra_kwargs: dict[str, Any] | None = None,
+                 max_retries: int = 2, default_headers: dict[str, str] | None = None,
+                 ssl_context: ssl.SSLContext | None = None,
+                 allow_private_image_urls: bool = False) -> None:
+        _check_str("OllamaClient", "host", host, optional=True)
+        _check_str("OllamaClient", "api_key", api_key, optional=True)
+        self.host = _base_url(_ollama_host(host), "OLLAMA_HOST", OLLAMA_HOST, "OllamaClient")
+        self.allow_private_image_urls = bool(allow_private_image_urls)
+        key = api_key or _env("OLLAMA_API_KEY")
+        self._endpoint = self.host + "/api/chat"
+        super().__init__(timeout=timeout, max_retries=max_retries, extra_kwargs=extra_kwargs,
+                         default_headers=default_headers, ssl_context=ssl_context,
+                         auth={"Authorization": f"Bearer {key}"} if key else {})
+
+    def _body(self, model: str, messages: list[ChatMessage], fmt: _ResponseFormat,
+              max_tokens: int | None, tools: list[Tool] | None, temperature: float | None,
+              stream: bool) -> dict[str, Any]:
+        wire = _messages_to_ollama(messages, self.allow_private_image_urls)
+        return _request_ollama(model, wire, fmt, max_tokens, tools, temperature, stream)
+
+    def _merge_extra(self, body: dict[str, Any], extra: dict[str, Any]) -> None:
+        """Model parameters (``top_p``, ``seed``, ``num_ctx``...) go into ``options``."""
+        options = {k: v for k, v in extra.items() if k in _OLLAMA_OPTIONS}
+        for key, value in options.items():
+            body["options"].setdefault(key, value)
+        super()._merge_extra(body, {k: v for k, v in extra.items() if k not in options})
+
+    def _parse(self, body: Any, fmt: _ResponseFormat) -> tuple[AssistantMessage, Usage | None]:
+        return _reply_from_ollama(body, fmt)
+
+    def _stream_state(self, fmt: _ResponseFormat) -> _StreamState:
+        return _OllamaStream()
+
+
+_Reply = Union[str, AssistantMessage, tuple, list, BaseException, type]
+
+
+class ScriptedClient:
+    """An ``LLMClient`` that answers from a script, for testing code built on casual_llm.
+
+    Each call takes the next queued reply: a string, an ``AssistantMessage``, a
+    ``(reply, Usage)`` pair, a list of ``StreamChunk``s, or an exception (raised).
+    Streams split text replies into word chunks and end with the usual final
+    chunk. Every call is recorded in ``calls``. With ``echo=True``, an empty queue
+    answers with the last user message instead of failing.
+    """
+
+    def __init__(self, *replies: _Reply, echo: bool = False) -> None:
+        import collections
+        self.replies: collections.deque[_Reply] = collections.deque()
+        self.calls: list[dict[str, Any]] = []
+        self.echo = echo
+        self.add(*replies)
+
+    def add(self, *replies: _Reply) -> ScriptedClient:
+        """Queue more replies; returns the client for chaining."""
+        for reply in replies:
+            ok = isinstance(reply, (str, AssistantMessage, BaseException)) or (
+                isinstance(reply, type) and issubclass(reply, BaseException)) or (
+                isinstance(reply, tuple) and len(reply) == 2 and isinstance(
+                    reply[0], (str, AssistantMessage)) and isinstance(reply[1], (Usage, type(None)))
+            ) or (isinstance(reply, list) and all(isinstance(c, StreamChunk) for c in reply))
+            if not ok:
+                _fail("ScriptedClient", "replies", "str, AssistantMessage, (reply, Usage), "
+                      "a list of StreamChunk or an exception", reply)
+            self.replies.append(reply)
+        return self
+
+    def _next(self, stream: bool, args: dict[str, Any]) -> tuple[AssistantMessage, Usage | None,
+                                                                   list[StreamChunk] | None]:
+        self.calls.append({"stream": stream, **args})
+        if self.replies:
+            reply = self.replies.popleft()
+        elif self.echo:
+            users = [m for m in args["messages"] if isinstance(m, UserMessage)]
+            text = users[-1].content if users else ""
+            reply = text if isinstance(text, str) else " ".join(
+                p.text for p in text or [] if isinstance(p, TextContent))
+        else:
+            raise CasualLLMError(f"ScriptedClient has no reply left for call #{len(self.calls)}; "
+                                 "queue more with .add(...)")
+        if isinstance(reply, BaseException) or isinstance(reply, type):
+            raise reply
+        if isinstance(reply, list):
+            final = reply[-1] if reply else _chunk("")
+            return (AssistantMessage(content="".join(c.content for c in reply),
+                                     tool_calls=final.tool_calls,
+                                     finish_reason=final.finish_reason), final.usage, reply)
+        usage = None
+        if isinstance(reply, tuple):
+            reply, usage = reply
+        message = AssistantMessage(content=reply) if isinstance(reply, str) else reply
+        if message.finish_reason is None:
+            message = message.model_copy(update={
+                "finish_reason": "tool_calls" if message.tool_calls else "stop"})
+        return message.model_copy(), usage, None
+
+    def _chat_sync(self, model: str, messages: list[ChatMessage], response_format: Any = "text",
+                   max_tokens: int | None = None, tools: list[Tool] | None = None,
+                   temperature: float | None = None,
+                   **extra: Any) -> tuple[AssistantMessage, Usage | None]:
+        """Take the next reply."""
+        message, usage, _ = self._next(False, dict(
+            model=model, messages=list(messages), response_format=response_format,
+            max_tokens=max_tokens, tools=tools, temperature=temperature, extra=extra))
+        return message, usage
+
+    async def _chat(self, model: str, messages: list[ChatMessage], response_format: Any = "text",
+                    max_tokens: int | None = None, tools: list[Tool] | None = None,
+                    temperature: float | None = None,
+                    **extra: Any) -> tuple[AssistantMessage, Usage | None]:
+        """Take the next reply."""
+        return self._chat_sync(model, messages, response_format, max_tokens, tools,
+                               temperature, **extra)
+
+    def _stream_sync(self, model: str, messages: list[ChatMessage],
+                     response_format: Any = "text", max_tokens: int | None = None,
+                     tools: list[Tool] | None = None, temperature: float | None = None,
+                     **extra: Any) -> Iterator[StreamChunk]:
+        """Take the next reply, in chunks."""
+        message, usage, chunks = self._next(True, dict(
+            model=model, messages=list(messages), response_format=response_format,
+            max_tokens=max_tokens, tools=tools, temperature=temperature, extra=extra))
+        if chunks is not None:
+            yield from chunks
+            return
+        for piece in re.findall(r"\s*\S+\s*", message.content or ""):
+            yield _chunk(piece)
+        yield _chunk("", message.finish_reason, message.tool_calls, usage)
+
+    async def _stream(self, model: str, messages: list[ChatMessage],
+                      response_format: Any = "text", max_tokens: int | None = None,
+                      tools: list[Tool] | None = None, temperature: float | None = None,
+                      **extra: Any) -> AsyncIterator[StreamChunk]:
+        """Take the next reply, in chunks."""
+        for chunk in self._stream_sync(model, messages, response_format, max_tokens, tools,
+                                       temperature, **extra):
+            yield chunk
+
+
+# === 12. Model ===============================================================
+
+_REASK = ("Your previous reply did not match the required JSON schema:\n{errors}\n"
+          "Reply again with only the corrected JSON.")
+
+
+class Model:
+    """A model on a client: ``chat``, ``stream`` and usage tracking.
+
+    ``temperature`` and ``extra_kwargs`` are the model's defaults; a per-call
+    ``temperature`` wins. ``get_usage()`` is the last call's usage (streams
+    included) and ``total_usage`` the sum over every call. ``chat_sync`` and
+    ``stream_sync`` are the blocking faces for scripts and notebooks.
+    """
+
+    def __init__(self, client: LLMClient, name: str, temperature: float | None = None,
+                 extra_kwargs: dict[str, Any] | None = None) -> None:
+        if not (hasattr(client, "_chat") and hasattr(client, "_stream")):
+            _fail("Model", "client", "an LLMClient (an object with _chat and _stream)", client)
+        _check_str("Model", "name", name)
+        _check_number("Model", "temperature", temperature, minimum=0)
+        if extra_kwargs is not None and not isinstance(extra_kwargs, dict):
+            _fail("Model", "extra_kwargs", "a dict or None", extra_kwargs)
+        self._client = client
+        self.name = name
+        self.temperature = temperature
+        self.extra_kwargs: dict[str, Any] = dict(extra_kwargs or {})
+        self._last_usage: Usage | None = None
+        self._total_usage = Usage(prompt_tokens=0, completion_tokens=0)
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Model(name={self.name!r}, temperature={self.temperature})"
+
+    def get_usage(self) -> Usage | None:
+        """Usage of the last ``chat`` or ``stream`` call (``None`` when unknown)."""
+        return self._last_usage
+
+    @property
+    def total_usage(self) -> Usage:
+        """Usage summed over every call this model made (re-asks included)."""
+        return self._total_usage
+
+    def _record(self, usage: Usage | None) -> None:
+        self._last_usage = usage
+        if usage is not None:
+            with self._lock:
+                self._total_usage = self._total_usage + usage
+
+    def _call(self, messages: Any, response_format: Any, max_tokens: Any, tools: Any,
+              temperature: Any, extra: dict[str, Any]) -> dict[str, Any]:
+        """The keyword arguments for the client, checked; extras only when set."""
+        call = {"model": self.name, "messages": _check_messages(messages),
+                "response_format": response_format, "max_tokens": max_tokens,
+                "tools": _check_call("Model", max_tokens, tools, temperature),
+                "temperature": self.temperature if temperature is None else temperature}
+        _resolve_response_format(response_format)  # a bad format fails before any request
+        extras = {**self.extra_kwargs, **extra}
+        for key in extras.keys() & call.keys():
+            logger.warning("extra %r ignored: it is a parameter of chat() and stream()", key)
+            del extras[key]
+        return {**call, **extras}
+
+    def _chat_steps(self, call: dict[str, Any], validation_retries: int
+                    ) -> typing.Generator[dict[str, Any], tuple[AssistantMessage, Usage | None],
+                                          AssistantMessage]:
+        """The chat logic without I/O: yields client calls, receives their replies.
+
+        The reply is parsed into the ``response_format`` type; an invalid reply is
+        re-asked up to ``validation_retries`` times with the errors attached.
+        """
+        _check_int("Model", "validation_retries", validation_retries, optional=False)
+        fmt = _resolve_response_format(call["response_format"])
+        messages = call["messages"]
+        for attempt in range(validation_retries + 1):
+            message, usage = yield {**call, "messages": messages}
+            self._record(usage)
+            if fmt.parse is None or message.tool_calls:
+                return message
+            try:
+                message.parsed = fmt.parse(message.content or "")
+                return message
+            except SchemaValidationError as exc:
+                if attempt == validation_retries:
+                    raise
+                errors = "\n".join(f"- {path}: {text}" for path, text in exc.errors) or str(exc)
+                messages = [*messages, message,
+                            UserMessage(content=_REASK.format(errors=errors))]
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def chat(self, messages: list[ChatMessage], response_format: Any = "text",
+                   max_tokens: int | None = None, tools: list[Tool] | None = None,
+                   temperature: float | None = None, *, validation_retries: int = 0,
+                   **extra: Any) -> AssistantMessage:
+        """Send the conversation and return the reply.
+
+        ``response_format`` is ``"text"``, ``"json"``, a JSON Schema dict or a type
+        (dataclass, TypedDict, Enum, ``list[X]``..., a pydantic class): the reply's
+        ``content`` is then the JSON text and ``parsed`` the validated value.
+        Further keyword arguments are provider extras (``top_p``, ``seed``...).
+        """
+        steps = self._chat_steps(self._call(messages, response_format, max_tokens, tools,
+                                            temperature, extra), validation_retries)
+        call = next(steps)
+        while True:
+            try:
+                call = steps.send(await self._client._chat(**call))
+            except StopIteration as done:
+                result: AssistantMessage = done.value
+                return result
+
+    def chat_sync(self, messages: list[ChatMessage], response_format: Any = "text",
+                  max_tokens: int | None = None, tools: list[Tool] | None = None,
+                  temperature: float | None = None, *, validation_retries: int = 0,
+                  **extra: Any) -> AssistantMessage:
+        """Blocking :meth:`chat`, for scripts and notebooks; same errors and usage."""
+        blocking = getattr(self._client, "_chat_sync", None)
+        steps = self._chat_steps(self._call(messages, response_format, max_tokens, tools,
+                                            temperature, extra), validation_retries)
+        call = next(steps)
+        while True:
+            reply = blocking(**call) if blocking else _run_coroutine(self._client._chat(**call))
+            try:
+                call = steps.send(reply)
+            except StopIteration as done:
+                result: AssistantMessage = done.value
+                return result
+
+    async def stream(self, messages: list[ChatMessage], response_format: Any = "text",
+                     max_tokens: int | None = None, tools: list[Tool] | None = None,
+                     temperature: float | None = None,
+                     **extra: Any) -> AsyncIterator[StreamChunk]:
+        """Stream the reply: text chunks as they arrive, then a final chunk with
+        ``finish_reason``, ``tool_calls`` and ``usage`` (also kept for ``get_usage()``)."""
+        call = self._call(messages, response_format, max_tokens, tools, temperature, extra)
+        usage: list[Usage | None] = [None]
+        try:
+            async for chunk in self._client._stream(**call):
+                usage[0] = chunk.usage or usage[0]
+                yield chunk
+        finally:
+            self._record(usage[0])
+
+    def stream_sync(self, messages: list[ChatMessage], response_format: Any = "text",
+                    max_tokens: int | None = None, tools: list[Tool] | None = None,
+                    temperature: float | None = None, **extra: Any) -> Iterator[StreamChunk]:
+        """Blocking :meth:`stream`: ``for chunk in model.stream_sync(...)``."""
+        call = self._call(messages, response_format, max_tokens, tools, temperature, extra)
+        blocking = getattr(self._client, "_stream_sync", None)
+        chunks = blocking(**call) if blocking else _iter_blocking(self._client._stream(**call))
+        usage = None
+        try:
+            for chunk in chunks:
+                usage = chunk.usage or usage
+                yield chunk
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+            self._record(usage)
+
+
+# === 13. Config and factories ================================================
+
+
+class Provider(enum.Enum):
+    """The providers casual_llm speaks to; ``Provider("OpenAI")`` works in any case."""
+
+    OPENAI = "openai"
+    OLLAMA = "ollama"
+    ANTHROPIC = "anthropic"
+
+    @classmethod
+    def _missing_(cls, value: object) -> Provider | None:
+        if isinstance(value, str):
+            for member in cls:
+                if member.value == value.strip().lower():
+                    return member
+        return None
+
+
+def _provider(value: Any) -> Provider:
+    try:
+        return value if isinstance(value, Provider) else Provider(value)
+    except ValueError:
+        valid = ", ".join(p.value for p in Provider)
+        raise UnsupportedProviderError(f"Unknown provider: {value!r}. Valid providers: "
+                                       f"{valid}") from None
+
+
+@dataclasses.dataclass(repr=False)
+class ClientConfig:
+    """How to build a client: provider, URL, key, timeout, extras.
+
+    ``provider`` may be a ``Provider`` or its name in any case. Without ``api_key``,
+    ``name="open-router"`` reads ``OPEN_ROUTER_API_KEY``, else the provider's own
+    variable (``OPENAI_API_KEY``...). The repr never shows the key.
+    """
+
+    provider: Provider | str
+    base_url: str | None = None
+    api_key: str | None = None
+    timeout: float = 60.0
+    extra_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    name: str | None = None
+    max_retries: int = 2
+
+    def __post_init__(self) -> None:
+        self.provider = _provider(self.provider)
+        for field in ("base_url", "api_key", "name"):
+            _check_str("ClientConfig", field, getattr(self, field), optional=True)
+        _check_number("ClientConfig", "timeout", self.timeout, optional=False, minimum=0.001)
+        _check_int("ClientConfig", "max_retries", self.max_retries, optional=False)
+        if not isinstance(self.extra_kwargs, dict):
+            _fail("ClientConfig", "extra_kwargs", "a dict", self.extra_kwargs)
+
+    def __repr__(self) -> str:
+        return (f"ClientConfig(provider={self.provider}, base_url={self.base_url!r}, "
+                f"api_key={_mask(self.api_key)}, timeout={self.timeout}, "
+                f"extra_kwargs={self.extra_kwargs!r}, name={self.name!r})")
+
+    def resolved_api_key(self) -> str | None:
+        """``api_key``, else ``<NAME>_API_KEY`` when ``name`` is set, else ``None``."""
+        if self.api_key:
+            return self.api_key
+        if self.name:
+            return _env(re.sub(r"[-.]", "_", self.name).upper() + "_API_KEY")
+        return None
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """How to build a ``Model``: its name and defaults."""
+
+    name: str
+    temperature: float | None = None
+    extra_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_str("ModelConfig", "name", self.name)
+        _check_number("ModelConfig", "temperature", self.temperature, minimum=0)
+        if not isinstance(self.extra_kwargs, dict):
+            _fail("ModelConfig", "extra_kwargs", "a dict", self.extra_kwargs)
+
+
+def _build_openai(config: ClientConfig) -> OpenAIClient:
+    return OpenAIClient(api_key=config.resolved_api_key(), base_url=config.base_url,
+                        timeout=config.timeout, extra_kwargs=config.extra_kwargs or None,
+                        max_retries=config.max_retries)
+
+
+def _build_anthropic(config: ClientConfig) -> AnthropicClient:
+    return AnthropicClient(api_key=config.resolved_api_key(), base_url=config.base_url,
+                           timeout=config.timeout, extra_kwargs=config.extra_kwargs or None,
+                           max_retries=config.max_retries)
+
+
+def _build_ollama(config: ClientConfig) -> OllamaClient:
+    return OllamaClient(host=config.base_url, timeout=config.timeout,
+                        api_key=config.resolved_api_key(),
+                        extra_kwargs=config.extra_kwargs or None, max_retries=config.max_retries)
+
+
+_CLIENT_BUILDERS: dict[Provider, Callable[[ClientConfig], _HTTPClient]] = {
+    Provider.OPENAI: _build_openai,
+    Provider.ANTHROPIC: _build_anthropic,
+    Provider.OLLAMA: _build_ollama,
+}
+
+
+def create_client(config: ClientConfig) -> LLMClient:
+    """A client for ``config.provider``."""
+    if not isinstance(config, ClientConfig):
+        _fail("create_client", "config", "a ClientConfig", config)
+    builder = _CLIENT_BUILDERS.get(config.provider)  # type: ignore[arg-type]
+    if builder is None:
+        raise UnsupportedProviderError(f"Unsupported provider: {config.provider}")
+    return builder(config)
+
+
+def create_model(client: LLMClient, config: ModelConfig) -> Model:
+    """A ``Model`` on ``client`` with ``config``'s name and defaults."""
+    if not isinstance(config, ModelConfig):
+        _fail("create_model", "config", "a ModelConfig", config)
+    return Model(client=client, name=config.name, temperature=config.temperature,
+                 extra_kwargs=config.extra_kwargs or None)
+
+
+# === 14. Command line ========================================================
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``python -m casual_llm`` command line; returns the exit code."""
+    raise NotImplementedError
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,2840 @@
+"""Tests for casual_llm, ordered like the module.
+
+Everything talks real HTTP to a fake provider on 127.0.0.1 that speaks each
+provider's wire format byte for byte; nothing here needs a package or a network.
+Run with ``python -m unittest``.
+"""
+
+import asyncio
+import base64
+import collections
+import contextlib
+import dataclasses
+import enum
+import io
+import json
+import os
+import pathlib
+import re
+import selectors
+import socket
+import socketserver
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import types
+import typing
+import unittest
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, TypedDict, Union
+
+import casual_llm
+from casual_llm import *  # noqa: F401,F403 - on purpose: a name missing from __all__ fails
+
+# Loopback servers only: never send test traffic through a proxy.
+os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
+
+
+# =============================================================================
+# The fake provider: a loopback server and byte-exact replies
+# =============================================================================
+
+_MAX_HOLD = 10.0  # no scripted wait may outlive this, so no test can hang on a forgotten release
+_POLL = 0.02  # how often a hold re-checks its release event
+_REASONS = {499: "Client Closed Request", 529: "Overloaded"}
+
+
+# === Recorded requests and scripted replies ===================================================
+
+@dataclass
+class Recorded:
+    """One request as the server saw it; header names are lower-cased."""
+
+    method: str
+    path: str
+    headers: "dict[str, str]"
+    body: bytes
+    json: "Any | None" = None
+
+
+@dataclass
+class Reply:
+    """A scripted answer.
+
+    body          bytes, str (sent as UTF-8 text/plain) or dict/list (sent as JSON).
+    frames        a streamed reply: each frame is its own chunk and its own send.
+    delay         seconds before the status line.
+    frame_delay   seconds between frames.
+    hold_before   index of the frame before which the server waits for `release`
+                  (len(frames): before the terminating chunk); sets `reached` on arrival;
+                  after `hold_timeout` s (at most 10) gives up and cuts the connection.
+    split         send each frame as several chunks, cut inside `data:`, inside the first
+                  multi-byte UTF-8 character and before the last byte.
+    piece_size    instead of split: cut every N bytes.
+    cut_after     after that many frames (or body bytes) shut the connection: no
+                  terminating chunk, an incomplete reply.
+    raw           the exact response bytes; the connection is closed after them.
+    coalesce      send the whole stream in one write (split, delays and holds ignored).
+    A reply may be served many times; its events stay set once set.
+    """
+
+    status: int = 200
+    headers: dict = field(default_factory=dict)
+    body: Union[bytes, str, dict, list, None] = None
+    frames: Optional[list] = None
+    content_type: Optional[str] = None
+    delay: float = 0
+    frame_delay: float = 0
+    hold_before: Optional[int] = None
+    hold_timeout: float = _MAX_HOLD
+    release: threading.Event = field(default_factory=threading.Event, repr=False)
+    reached: threading.Event = field(default_factory=threading.Event, repr=False)
+    split: bool = False
+    piece_size: Optional[int] = None
+    cut_after: Optional[int] = None
+    raw: Optional[bytes] = None
+    coalesce: bool = False
+
+
+def _body_bytes(reply):
+    """The body as bytes and its default content type."""
+    body = reply.body
+    if body is None:
+        return b"", None
+    if isinstance(body, bytes):
+        return body, "application/octet-stream"
+    if isinstance(body, str):
+        return body.encode("utf-8"), "text/plain; charset=utf-8"
+    return json.dumps(body, ensure_ascii=False).encode("utf-8"), "application/json"
+
+
+def _chunk(data):
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def _pieces(frame, reply):
+    """A frame cut into the pieces `split` / `piece_size` ask for."""
+    size = len(frame)
+    if reply.piece_size:
+        cuts = list(range(reply.piece_size, size, reply.piece_size))
+    else:
+        cuts = {size - 1}
+        at = frame.find(b"data:")
+        if at >= 0:
+            cuts.add(at + 2)
+        for i, byte in enumerate(frame):
+            if byte >= 0xC0:  # lead byte of a multi-byte UTF-8 sequence
+                cuts.add(i + 1)
+                break
+        cuts = sorted(c for c in cuts if 0 < c < size)
+    bounds = [0, *cuts, size]
+    return [frame[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+# === Server ===================================================================================
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # each frame leaves as its own segment, no 40 ms stalls
+
+    def log_message(self, format, *args):  # noqa: A002 - the base class's name
+        pass
+
+    def _serve(self):
+        provider = self.server.provider
+        body = self._read_body()
+        recorded = Recorded(self.command, self.path,
+                            {k.lower(): v for k, v in self.headers.items()}, body)
+        if body:
+            try:
+                recorded.json = json.loads(body)
+            except ValueError:
+                pass
+        provider._record(recorded)
+        try:
+            self._send(provider._next_reply(recorded))
+        except OSError:  # BrokenPipe / ConnectionReset: the client left mid-reply
+            self.close_connection = True
+            if not provider._closing.is_set():
+                provider._note_gone()
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_HEAD = _serve
+
+    def _read_body(self):
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            parts = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0], 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return b"".join(parts)
+                parts.append(self.rfile.read(size))
+                self.rfile.readline()
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def _head(self, reply, default_type, length):
+        """Status line and headers; `length` None means chunked."""
+        status = reply.status
+        try:
+            reason = HTTPStatus(status).phrase
+        except ValueError:
+            reason = _REASONS.get(status, "")
+        given = {k.lower() for k in reply.headers}
+        lines = [f"HTTP/1.1 {status} {reason}"]
+        ctype = reply.content_type or default_type
+        if ctype and "content-type" not in given:
+            lines.append(f"Content-Type: {ctype}")
+        if "content-length" not in given and "transfer-encoding" not in given:
+            if length is None:
+                lines.append("Transfer-Encoding: chunked")
+            elif not (status < 200 or status in (204, 304)):
+                lines.append(f"Content-Length: {length}")
+        lines.extend(f"{k}: {v}" for k, v in reply.headers.items())
+        if self.close_connection and "connection" not in given:
+            lines.append("Connection: close")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    def _send(self, reply):
+        if reply.delay and self._pause(reply.delay) != "timeout":
+            return
+        sock = self.connection
+        if reply.raw is not None:
+            sock.sendall(reply.raw)
+            return self._cut()
+        if reply.frames is not None:
+            return self._stream(reply)
+        body, default_type = _body_bytes(reply)
+        head = self._head(reply, default_type, len(body))
+        if self.command == "HEAD":
+            body = b""
+        if reply.cut_after is not None:
+            sock.sendall(head + body[:reply.cut_after])
+            return self._cut()
+        sock.sendall(head + body)
+
+    def _stream(self, reply):
+        sock = self.connection
+        frames = [f.encode("utf-8") if isinstance(f, str) else f for f in reply.frames]
+        frames = [f for f in frames if f]  # an empty chunk would end the stream
+        head = self._head(reply, "text/event-stream", None)
+        if reply.coalesce:
+            shown = frames if reply.cut_after is None else frames[:reply.cut_after]
+            tail = b"0\r\n\r\n" if reply.cut_after is None else b""
+            sock.sendall(head + b"".join(map(_chunk, shown)) + tail)
+            return None if reply.cut_after is None else self._cut()
+        sock.sendall(head)
+        for i in range(len(frames) + 1):  # index len(frames) is the terminating chunk
+            if i == reply.cut_after:
+                return self._cut()
+            if i == reply.hold_before:
+                reply.reached.set()
+                outcome = self._pause(min(reply.hold_timeout, _MAX_HOLD), reply.release)
+                if outcome == "timeout":
+                    self.server.provider.errors.append(
+                        f"hold_before={i} not released within {reply.hold_timeout} s")
+                    return self._cut()
+                if outcome != "released":
+                    return None
+            elif i and reply.frame_delay and self._pause(reply.frame_delay) != "timeout":
+                return None
+            if i == len(frames):
+                break
+            if reply.split or reply.piece_size:
+                for piece in _pieces(frames[i], reply):
+                    sock.sendall(_chunk(piece))
+            else:
+                sock.sendall(_chunk(frames[i]))
+        sock.sendall(b"0\r\n\r\n")
+        return None
+
+    def _cut(self):
+        """End the response abruptly: FIN, no terminating chunk, no keep-alive."""
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def _pause(self, seconds, event=None):
+        """Wait up to `seconds`, watching the client; returns why the wait ended:
+        "released" (event set), "timeout", "gone" (client closed) or "closing" (server)."""
+        provider = self.server.provider
+        deadline = time.monotonic() + seconds
+        peer_sent_data = False
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.connection, selectors.EVENT_READ)
+            while True:
+                if event is not None and event.is_set():
+                    return "released"
+                if provider._closing.is_set():
+                    self.close_connection = True
+                    return "closing"
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return "timeout"
+                step = min(left, _POLL) if event is not None else left
+                if peer_sent_data:  # readable stays true; poll the events instead
+                    provider._closing.wait(min(step, _POLL))
+                elif sel.select(step) and not provider._closing.is_set():
+                    if self._peer_closed():
+                        self.close_connection = True
+                        provider._note_gone()
+                        return "gone"
+                    peer_sent_data = True
+
+    def _peer_closed(self):
+        try:
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # benchmarks open many connections at once
+
+    def __init__(self, provider):
+        self.provider = provider
+        super().__init__(("127.0.0.1", 0), _Handler)
+
+    def server_bind(self):
+        # HTTPServer.server_bind calls getfqdn(), a reverse DNS lookup that can stall.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def process_request(self, request, client_address):
+        thread = threading.Thread(target=self.process_request_thread,
+                                  args=(request, client_address), daemon=True,
+                                  name=f"fakeprovider-conn-{client_address[1]}")
+        self.provider._track(thread, request)
+        thread.start()
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.provider._untrack(threading.current_thread())
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            if not self.provider._closing.is_set():
+                self.provider.errors.append(traceback.format_exc())
+
+
+class FakeProvider:
+    """A loopback HTTP/1.1 server answering from a script; use as a context manager.
+
+    `add(*replies)` queues `Reply` objects or callables `fn(recorded) -> Reply`, served in
+    order whatever the path; `default` answers when the queue is empty (else 500 "no
+    scripted reply").  `requests` holds every `Recorded` request; `errors` holds server-side
+    problems (handler tracebacks, holds never released).
+    """
+
+    def __init__(self, record=True):
+        self.requests = []
+        self.errors = []
+        self.default = None
+        self.record = record
+        self.closed_connections = 0  # clients that went away in the middle of a reply
+        self.total_connections = 0
+        self._queue = collections.deque()
+        self._lock = threading.Lock()
+        self._gone = threading.Condition(self._lock)
+        self._conns = {}
+        self._closing = threading.Event()
+        self._closed = False
+        self._server = _Server(self)
+        self._server.timeout = 0.05
+        self.url = "http://127.0.0.1:%d" % self._server.server_address[1]
+        self._thread = threading.Thread(target=self._serve_loop, daemon=True,
+                                        name="fakeprovider-serve")
+        self._thread.start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def add(self, *replies):
+        """Queue replies (or callables returning one) to serve in order."""
+        with self._lock:
+            self._queue.extend(replies)
+        return self
+
+    @property
+    def remaining(self):
+        """How many queued replies have not been served yet."""
+        return len(self._queue)
+
+    @property
+    def active_connections(self):
+        """Connections whose handler thread is still running."""
+        return len(self._conns)
+
+    def wait_client_gone(self, timeout=5.0, count=1):
+        """True once `count` clients in total closed their connection mid-reply."""
+        with self._gone:
+            return self._gone.wait_for(lambda: self.closed_connections >= count, timeout)
+
+    def wait_idle(self, timeout=5.0):
+        """True once no connection is open (every client hung up)."""
+        deadline = time.monotonic() + timeout
+        while self._conns:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    def close(self, timeout=5.0):
+        """Stop serving, release holds and delays, drop connections, join every thread."""
+        if self._closed:
+            return
+        self._closed = True
+        self._closing.set()
+        deadline = time.monotonic() + timeout
+        self._thread.join(timeout)
+        self._server.server_close()
+        with self._lock:
+            conns = list(self._conns.items())
+        for _, sock in conns:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for thread, _ in conns:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _serve_loop(self):
+        while not self._closing.is_set():
+            self._server.handle_request()
+
+    def _record(self, recorded):
+        if self.record:
+            with self._lock:
+                self.requests.append(recorded)
+
+    def _next_reply(self, recorded):
+        with self._lock:
+            reply = self._queue.popleft() if self._queue else self.default
+        if reply is None:
+            return Reply(500, body=f"no scripted reply for {recorded.method} {recorded.path}")
+        if callable(reply):
+            try:
+                reply = reply(recorded)
+            except Exception:
+                self.errors.append(traceback.format_exc())
+                return Reply(500, body="reply callable failed:\n" + traceback.format_exc())
+        return reply
+
+    def _note_gone(self):
+        with self._gone:
+            self.closed_connections += 1
+            self._gone.notify_all()
+
+    def _track(self, thread, sock):
+        with self._lock:
+            self._conns[thread] = sock
+            self.total_connections += 1
+
+    def _untrack(self, thread):
+        with self._lock:
+            self._conns.pop(thread, None)
+
+
+# === Framing ==================================================================================
+
+def _dumps(obj):
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def _go_dumps(obj):
+    """Go's encoding/json output: compact, raw UTF-8, with <, >, &, U+2028/9 escaped."""
+    text = _dumps(obj)
+    for char, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
+                          ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        text = text.replace(char, escaped)
+    return text
+
+
+def sse_frame(data, event=None, *, crlf=False, no_space=False):
+    """One server-sent event as bytes; `data` is a str or a JSON-able object."""
+    newline = "\r\n" if crlf else "\n"
+    sep = ":" if no_space else ": "
+    if not isinstance(data, str):
+        data = _dumps(data)
+    lines = [f"event{sep}{event}"] if event else []
+    lines.extend(f"data{sep}{line}" for line in data.split("\n"))
+    return (newline.join(lines) + newline + newline).encode("utf-8")
+
+
+def ndjson_frame(obj):
+    """One NDJSON line as Ollama writes it."""
+    return (_go_dumps(obj) + "\n").encode("utf-8")
+
+
+def _reply(status, body_or_frames, content_type, headers=None, stream=False, **reply_kw):
+    headers = dict(headers or {})
+    key = "frames" if stream else "body"
+    return Reply(status=status, headers=headers, content_type=content_type,
+                 **{key: body_or_frames}, **reply_kw)
+
+
+# === OpenAI and OpenAI-compatible =============================================================
+
+_OPENAI_ID = "chatcmpl-fake123"
+_OPENAI_CREATED = 1700000000
+_OPENAI_FP = "fp_fake"
+_OPENAI_REQUEST_ID = "req_test123"
+
+
+def _openai_usage(usage):
+    prompt, completion = usage
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def _openai_arguments(arguments):
+    if isinstance(arguments, str):
+        return arguments
+    if isinstance(arguments, (list, tuple)):
+        return "".join(arguments)
+    return _dumps(arguments)
+
+
+def openai_reply(text="Hello!", tool_calls=None, finish_reason=None, usage=(10, 5),
+                 model="m", **reply_kw):
+    """A chat.completion body.  tool_calls: [(id, name, arguments str | dict)];
+    finish_reason defaults to "tool_calls" with tool calls, else "stop"."""
+    message = {"role": "assistant", "content": (text or None) if tool_calls else text}
+    if tool_calls:
+        message["tool_calls"] = [
+            {"id": id_, "type": "function",
+             "function": {"name": name, "arguments": _openai_arguments(args)}}
+            for id_, name, args in tool_calls]
+    message["refusal"] = None
+    message["annotations"] = []
+    body = {"id": _OPENAI_ID, "object": "chat.completion", "created": _OPENAI_CREATED,
+            "model": model,
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": finish_reason
+                         or ("tool_calls" if tool_calls else "stop")}]}
+    if usage is not None:
+        body["usage"] = _openai_usage(usage)
+    body["system_fingerprint"] = _OPENAI_FP
+    return _reply(200, _dumps(body).encode("utf-8"), "application/json", **reply_kw)
+
+
+def _openai_tool_deltas(tool_calls, interleave):
+    """Per call: the opening fragment (index, id, type, name, empty arguments), then one
+    fragment per argument piece; parallel calls interleave round-robin if asked."""
+    per_call = []
+    for index, (id_, name, fragments) in enumerate(tool_calls):
+        if isinstance(fragments, dict):
+            fragments = [_dumps(fragments)]
+        elif isinstance(fragments, str):
+            fragments = [fragments]
+        deltas = [{"index": index, "id": id_, "type": "function",
+                   "function": {"name": name, "arguments": ""}}]
+        deltas += [{"index": index, "function": {"arguments": piece}} for piece in fragments]
+        per_call.append(deltas)
+    if not interleave:
+        return [d for deltas in per_call for d in deltas]
+    out = []
+    for step in range(max(map(len, per_call), default=0)):
+        out.extend(deltas[step] for deltas in per_call if step < len(deltas))
+    return out
+
+
+def openai_stream(pieces=("Hello", "!"), tool_calls=None, finish_reason=None, usage=None,
+                  done=True, crlf=False, no_space=False, comments=False, model="m",
+                  interleave=True, **reply_kw):
+    """A chat.completion.chunk SSE stream: role chunk, content chunks, tool-call fragments
+    (tool_calls: [(id, name, [argument fragments])]), an empty-delta chunk carrying the
+    finish reason, a `"choices": []` usage chunk if usage is given, then `data: [DONE]`.
+    crlf / no_space / comments (`: OPENROUTER PROCESSING` lines) vary the framing."""
+    def chunk(choices, **extra):
+        obj = {"id": _OPENAI_ID, "object": "chat.completion.chunk", "created": _OPENAI_CREATED,
+               "model": model, "system_fingerprint": _OPENAI_FP, "choices": choices}
+        if usage is not None:
+            obj["usage"] = None
+        obj.update(extra)
+        return sse_frame(obj, crlf=crlf, no_space=no_space)
+
+    def choice(delta, reason=None):
+        return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]
+
+    comment = (": OPENROUTER PROCESSING" + ("\r\n\r\n" if crlf else "\n\n")).encode()
+    frames = [comment] if comments else []
+    content = "" if pieces or not tool_calls else None
+    frames.append(chunk(choice({"role": "assistant", "content": content})))
+    for i, piece in enumerate(pieces):
+        frames.append(chunk(choice({"content": piece})))
+        if comments and i == 0:
+            frames.append(comment)
+    for delta in _openai_tool_deltas(tool_calls or [], interleave):
+        frames.append(chunk(choice({"tool_calls": [delta]})))
+    frames.append(chunk(choice({}, finish_reason or ("tool_calls" if tool_calls else "stop"))))
+    if usage is not None:
+        frames.append(chunk([], usage=_openai_usage(usage)))
+    if done:
+        frames.append(sse_frame("[DONE]", crlf=crlf, no_space=no_space))
+    return _reply(200, frames, "text/event-stream; charset=utf-8", stream=True, **reply_kw)
+
+
+def openai_error(status, message, type_="invalid_request_error", code=None, headers=None,
+                 param=None, **reply_kw):
+    """An OpenAI error reply: `{"error": {message, type, param, code}}` + `x-request-id`."""
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    headers = {"x-request-id": _OPENAI_REQUEST_ID, **(headers or {})}
+    return _reply(status, _dumps(body).encode("utf-8"), "application/json", headers,
+                  **reply_kw)
+
+
+def openai_stream_error_event(message, type_="server_error", code=None, **extra):
+    """A mid-stream `data: {"error": {...}}` frame (OpenRouter sends these under HTTP 200)."""
+    return sse_frame({"error": {"message": message, "type": type_, "code": code, **extra}})
+
+
+# === Anthropic ================================================================================
+
+_ANTHROPIC_ID = "msg_fake123"
+_ANTHROPIC_REQUEST_ID = "req_test123"
+
+
+def anthropic_reply(text="Hello!", tool_uses=None, stop_reason=None, usage=(10, 5),
+                    model="claude-x", **reply_kw):
+    """A Messages API body.  tool_uses: [(id, name, input dict)]; stop_reason defaults to
+    "tool_use" with tool uses, else "end_turn"; text None or "" gives no text block."""
+    content = [{"type": "text", "text": text}] if text else []
+    content += [{"type": "tool_use", "id": id_, "name": name, "input": input_}
+                for id_, name, input_ in tool_uses or []]
+    body = {"id": _ANTHROPIC_ID, "type": "message", "role": "assistant", "model": model,
+            "content": content,
+            "stop_reason": stop_reason or ("tool_use" if tool_uses else "end_turn"),
+            "stop_sequence": None,
+            "usage": {"input_tokens": usage[0], "output_tokens": usage[1]}}
+    return _reply(200, _dumps(body).encode("utf-8"), "application/json", **reply_kw)
+
+
+def _anthropic_event(obj):
+    return sse_frame(obj, event=obj["type"])
+
+
+def anthropic_stream(pieces=("Hello", "!"), tool_uses=None, stop_reason=None, usage=(10, 5),
+                     ping=True, unknown_event=False, model="claude-x", **reply_kw):
+    """A Messages SSE stream: message_start (input tokens), a text block (start, ping,
+    text_delta per piece, stop), tool_use blocks (tool_uses: [(id, name, [partial_json
+    fragments])]) with input_json_delta fragments, message_delta (stop reason, cumulative
+    output tokens), message_stop.  unknown_event adds an event a parser must skip."""
+    ev = _anthropic_event
+    frames = [ev({"type": "message_start", "message": {
+        "id": _ANTHROPIC_ID, "type": "message", "role": "assistant", "model": model,
+        "content": [], "stop_reason": None, "stop_sequence": None,
+        "usage": {"input_tokens": usage[0], "output_tokens": 1}}})]
+    extras = [ev({"type": "ping"})] if ping else []
+    if unknown_event:
+        extras.append(ev({"type": "future_event", "detail": {"x": 1}}))
+    blocks = []
+    if pieces:
+        blocks.append(({"type": "text", "text": ""},
+                       [{"type": "text_delta", "text": p} for p in pieces]))
+    for id_, name, fragments in tool_uses or []:
+        if isinstance(fragments, dict):
+            fragments = [_dumps(fragments)]
+        elif isinstance(fragments, str):
+            fragments = [fragments]
+        blocks.append(({"type": "tool_use", "id": id_, "name": name, "input": {}},
+                       [{"type": "input_json_delta", "partial_json": f} for f in fragments]))
+    for index, (block, deltas) in enumerate(blocks):
+        frames.append(ev({"type": "content_block_start", "index": index,
+                          "content_block": block}))
+        if index == 0:
+            frames += extras  # where the API sends its first ping
+        frames += [ev({"type": "content_block_delta", "index": index, "delta": d})
+                   for d in deltas]
+        frames.append(ev({"type": "content_block_stop", "index": index}))
+    if not blocks:
+        frames += extras
+    frames.append(ev({"type": "message_delta",
+                      "delta": {"stop_reason": stop_reason
+                                or ("tool_use" if tool_uses else "end_turn"),
+                                "stop_sequence": None},
+                      "usage": {"output_tokens": usage[1]}}))
+    frames.append(ev({"type": "message_stop"}))
+    return _reply(200, frames, "text/event-stream; charset=utf-8", stream=True, **reply_kw)
+
+
+def anthropic_error(status, type_, message, headers=None, **reply_kw):
+    """An Anthropic error reply with its `request-id` header and `request_id` body field."""
+    body = {"type": "error", "error": {"type": type_, "message": message},
+            "request_id": _ANTHROPIC_REQUEST_ID}
+    headers = {"request-id": _ANTHROPIC_REQUEST_ID, **(headers or {})}
+    return _reply(status, _dumps(body).encode("utf-8"), "application/json", headers,
+                  **reply_kw)
+
+
+def anthropic_stream_error_event(type_="overloaded_error", message="Overloaded"):
+    """A mid-stream `event: error` frame (the HTTP status is already 200)."""
+    return _anthropic_event({"type": "error", "error": {"type": type_, "message": message}})
+
+
+# === Ollama ===================================================================================
+
+_OLLAMA_CREATED_AT = "2026-01-01T00:00:00.123456789Z"
+
+
+def _ollama_message(content, tool_calls):
+    message = {"role": "assistant", "content": content}
+    if tool_calls:
+        message["tool_calls"] = []
+        for index, (id_, name, args) in enumerate(tool_calls):
+            call = {"id": id_} if id_ else {}
+            call["function"] = {"index": index, "name": name, "arguments": args}
+            message["tool_calls"].append(call)
+    return message
+
+
+def _ollama_done(model, content, tool_calls, done_reason, usage):
+    """The final object; metrics are omitempty in Go, so zero or unknown counts vanish."""
+    obj = {"model": model, "created_at": _OLLAMA_CREATED_AT,
+           "message": _ollama_message(content, tool_calls)}
+    if done_reason:
+        obj["done_reason"] = done_reason
+    obj["done"] = True
+    prompt, evals = usage or (0, 0)
+    obj["total_duration"] = 1234567
+    obj["load_duration"] = 12345
+    if prompt:
+        obj["prompt_eval_count"] = prompt
+    obj["prompt_eval_duration"] = 23456
+    if evals:
+        obj["eval_count"] = evals
+    obj["eval_duration"] = 345678
+    return obj
+
+
+def ollama_reply(text="Hello!", tool_calls=None, done_reason="stop", usage=(10, 5),
+                 model="llama3.2", **reply_kw):
+    """A /api/chat body with `"done": true`.  tool_calls: [(id or None, name, args dict)]."""
+    body = _ollama_done(model, text, tool_calls, done_reason, usage)
+    return _reply(200, _go_dumps(body).encode("utf-8"), "application/json; charset=utf-8",
+                  **reply_kw)
+
+
+def ollama_stream(pieces=("Hello", "!"), tool_calls=None, done_reason="stop", usage=(10, 5),
+                  model="llama3.2", **reply_kw):
+    """An NDJSON /api/chat stream: one object per piece, tool calls whole in one more
+    object, then the `"done": true` object with empty content and the metrics."""
+    def partial(content, calls=None):
+        return ndjson_frame({"model": model, "created_at": _OLLAMA_CREATED_AT,
+                             "message": _ollama_message(content, calls), "done": False})
+
+    frames = [partial(p) for p in pieces]
+    if tool_calls:
+        frames.append(partial("", tool_calls))
+    frames.append(ndjson_frame(_ollama_done(model, "", None, done_reason, usage)))
+    return _reply(200, frames, "application/x-ndjson", stream=True, **reply_kw)
+
+
+def ollama_error(status, message, **reply_kw):
+    """An Ollama HTTP error: `{"error": "<message>"}`."""
+    return _reply(status, _go_dumps({"error": message}).encode("utf-8"),
+                  "application/json; charset=utf-8", **reply_kw)
+
+
+def ollama_stream_error_line(message):
+    """A mid-stream NDJSON error line (the HTTP status is already 200)."""
+    return ndjson_frame({"error": message})
+# =============================================================================
+# Tests, in the order of the module's sections
+# =============================================================================
+
+HERE = pathlib.Path(__file__).resolve().parent
+MODULE = HERE / "casual_llm.py"
+
+
+def run_async(coro, timeout=20):
+    """Run a coroutine with a deadline, so no test can hang."""
+    async def bounded():
+        return await asyncio.wait_for(coro, timeout)
+    return asyncio.run(bounded())
+
+
+class TestLayout(unittest.TestCase):
+    """The module reads top to bottom; its public surface is complete and documented."""
+
+    def test_banners_match_docstring_index(self):
+        """The docstring's numbered index and the ``# ===`` banners name the same sections."""
+        text = MODULE.read_text(encoding="utf-8")
+        banners = re.findall(r"^# === (\d+)\. (.+?) =+$", text, re.M)
+        index = re.findall(r"^ ?(\d+)\. (.+)$", casual_llm.__doc__, re.M)
+        self.assertEqual([(n, t.strip()) for n, t in banners],
+                         [(n, t.strip()) for n, t in index])
+
+    def test_upstream_names_exported(self):
+        """Every name of upstream's __all__ (37) is exported, plus the image helpers."""
+        upstream = """__version__ ClientConfig ModelConfig Provider LLMClient OpenAIClient
+            AnthropicClient OllamaClient create_client create_model Model ChatMessage UserMessage
+            AssistantMessage SystemMessage ToolResultMessage AssistantToolCall
+            AssistantToolCallFunction StreamChunk TextContent ImageContent Tool ToolParameter
+            Usage tool_to_openai tools_to_openai tool_to_anthropic tools_to_anthropic
+            tool_to_ollama tools_to_ollama convert_messages_to_openai
+            convert_messages_to_anthropic convert_messages_to_ollama
+            convert_tool_calls_from_openai convert_tool_calls_from_anthropic
+            convert_tool_calls_from_ollama extract_system_message""".split()
+        self.assertEqual(len(upstream), 37)
+        extras = ["fetch_image_as_base64", "strip_base64_prefix", "add_base64_prefix",
+                  "ImageFetchError", "CasualLLMError"]
+        for name in upstream + extras:
+            with self.subTest(name=name):
+                self.assertIn(name, casual_llm.__all__)
+                self.assertTrue(hasattr(casual_llm, name))
+
+    def test_every_public_name_has_a_docstring(self):
+        """Every name in __all__ (but constants and aliases) has its own docstring."""
+        for name in casual_llm.__all__:
+            obj = getattr(casual_llm, name)
+            if name in ("__version__", "ChatMessage"):
+                continue
+            with self.subTest(name=name):
+                self.assertTrue((obj.__doc__ or "").strip(), name)
+
+    def test_import_is_light(self):
+        """Importing starts no thread, opens no socket and leaves the heavy modules out."""
+        code = ("import sys, threading, casual_llm; "
+                "print(threading.active_count(), sorted(m for m in "
+                "('asyncio', 'ssl', 'urllib.request', 'http.client', 'socket') "
+                "if m in sys.modules))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             cwd=HERE, timeout=30)
+        self.assertEqual(out.stdout.strip(), "1 []", out.stderr)
+
+    def test_running_as_main_does_not_load_a_second_copy(self):
+        """``python -m casual_llm`` leaves one module object, however it is imported."""
+        code = ("import runpy, sys; sys.argv = ['casual_llm', '--version']\n"
+                "try:\n    runpy.run_module('casual_llm', run_name='__main__')\n"
+                "except SystemExit:\n    pass\n"
+                "import casual_llm; print(casual_llm is sys.modules['__main__'] or "
+                "'casual_llm' in sys.modules)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             cwd=HERE, timeout=30)
+        self.assertIn("True", out.stdout, out.stderr)
+
+
+class TestErrors(unittest.TestCase):
+    """The exception family: one root, builtin bases kept, data as attributes."""
+
+    def test_hierarchy(self):
+        """Each error inherits the builtin its users already catch."""
+        self.assertTrue(issubclass(ValidationError, (TypeError, ValueError)))
+        self.assertTrue(issubclass(APITimeoutError, TimeoutError))
+        self.assertTrue(issubclass(APIConnectionError, ConnectionError))
+        self.assertTrue(issubclass(SchemaValidationError, ValueError))
+        self.assertTrue(issubclass(UnsupportedProviderError, ValueError))
+        self.assertTrue(issubclass(OverloadedError, InternalServerError))
+        for cls in (ValidationError, APIError, ImageFetchError, StreamError):
+            self.assertTrue(issubclass(cls, CasualLLMError))
+
+    def test_status_classes(self):
+        """Status codes map to their classes; unknown 5xx are InternalServerError."""
+        table = {400: BadRequestError, 401: AuthenticationError, 403: PermissionDeniedError,
+                 404: NotFoundError, 409: ConflictError, 413: RequestTooLargeError,
+                 422: UnprocessableEntityError, 429: RateLimitError, 500: InternalServerError,
+                 503: InternalServerError, 529: OverloadedError, 418: APIStatusError}
+        for status, cls in table.items():
+            with self.subTest(status=status):
+                self.assertIs(casual_llm._status_error_class(status), cls)
+
+
+class TestMessages(unittest.TestCase):
+    """Messages behave as users of the pydantic originals expect."""
+
+    def test_keyword_construction_and_defaults(self):
+        """Keyword-only, role defaults, upstream's model_dump shapes."""
+        self.assertEqual(UserMessage(content="x").model_dump(), {"role": "user", "content": "x"})
+        self.assertEqual(AssistantMessage().model_dump(),
+                         {"role": "assistant", "content": None, "tool_calls": None})
+        url = "https://example.com/a.png"
+        self.assertEqual(ImageContent(source=url).model_dump(),
+                         {"type": "image", "source": url, "media_type": "image/jpeg"})
+        with self.assertRaises(TypeError):
+            UserMessage("hi")  # noqa - positional, as pydantic refuses
+        with self.assertRaises(TypeError):
+            UserMessage()
+        self.assertIsNone(UserMessage(content=None).content)
+
+    def test_bad_input_names_the_field(self):
+        """Every constructor rejects wrong types with the class, field and value in the message."""
+        cases = [
+            (lambda: UserMessage(role="assistant", content="x"), "UserMessage.role"),
+            (lambda: UserMessage(content=5), "UserMessage.content"),
+            (lambda: UserMessage(content=[{"type": "video"}]), "UserMessage.content"),
+            (lambda: SystemMessage(content=None), "SystemMessage.content"),
+            (lambda: TextContent(type="image", text="x"), "TextContent.type"),
+            (lambda: TextContent(text=3), "TextContent.text"),
+            (lambda: ImageContent(source=""), "ImageContent.source"),
+            (lambda: ImageContent(source="http://x/a.png", media_type=None),
+             "ImageContent.media_type"),
+            (lambda: ImageContent(source="http://x/a.png", media_type="text/plain"),
+             "ImageContent.media_type"),
+            (lambda: AssistantMessage(content=3), "AssistantMessage.content"),
+            (lambda: AssistantMessage(tool_calls="x"), "AssistantMessage.tool_calls"),
+            (lambda: AssistantToolCall(id=1, function={"name": "f", "arguments": "{}"}),
+             "AssistantToolCall.id"),
+            (lambda: AssistantToolCall(id="1", type="tool",
+                                       function={"name": "f", "arguments": "{}"}),
+             "AssistantToolCall.type"),
+            (lambda: AssistantToolCallFunction(name="f", arguments={"a": 1}),
+             "AssistantToolCallFunction.arguments"),
+            (lambda: ToolResultMessage(name="f", tool_call_id="1", content=None),
+             "ToolResultMessage.content"),
+            (lambda: StreamChunk(content=None), "StreamChunk.content"),
+            (lambda: Usage(prompt_tokens=-1, completion_tokens=0), "Usage.prompt_tokens"),
+            (lambda: Usage(prompt_tokens=None, completion_tokens=0), "Usage.prompt_tokens"),
+            (lambda: Usage(prompt_tokens=1, completion_tokens="x"), "Usage.completion_tokens"),
+        ]
+        for build, where in cases:
+            with self.subTest(where=where):
+                with self.assertRaises(ValidationError) as ctx:
+                    build()
+                self.assertIn(where, str(ctx.exception))
+                self.assertIsInstance(ctx.exception, ValueError)
+
+    def test_nested_dicts_are_coerced(self):
+        """Dicts become content parts and tool calls, as pydantic coerces them."""
+        msg = UserMessage(content=[{"type": "text", "text": "hi"},
+                                   {"type": "image", "source": "https://e.com/a.png"},
+                                   {"text": "no type"}])
+        self.assertEqual([type(p) for p in msg.content],
+                         [TextContent, ImageContent, TextContent])
+        reply = AssistantMessage(tool_calls=[{"id": "c1", "function": {
+            "name": "f", "arguments": "{}"}}])
+        self.assertIsInstance(reply.tool_calls[0], AssistantToolCall)
+        self.assertIsInstance(reply.tool_calls[0].function, AssistantToolCallFunction)
+
+    def test_usage(self):
+        """Usage computes its total, coerces lax numbers and adds up."""
+        usage = Usage(prompt_tokens="3", completion_tokens=4.0)
+        self.assertEqual((usage.prompt_tokens, usage.completion_tokens, usage.total_tokens),
+                         (3, 4, 7))
+        self.assertEqual(usage.model_dump(),
+                         {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7})
+        self.assertEqual(usage + usage, Usage(prompt_tokens=6, completion_tokens=8))
+
+    def test_repr_never_prints_a_megabyte(self):
+        """Image data is shortened in reprs, however it is given."""
+        data = "A" * 1_000_000
+        for image in (ImageContent(source=data), ImageContent(source={"type": "base64",
+                                                                      "data": data}),
+                      ImageContent(source="data:image/png;base64," + data)):
+            with self.subTest(image=type(image.source)):
+                self.assertLess(len(repr(UserMessage(content=[image]))), 400)
+
+    def test_round_trip(self):
+        """to_dict/from_dict, JSON and message_from_dict rebuild every message."""
+        messages = [
+            SystemMessage(content="s"),
+            UserMessage(content=[TextContent(text="t"),
+                                 ImageContent(source={"type": "base64", "data": "QUJD"},
+                                              media_type="image/png")]),
+            UserMessage(content=None),
+            AssistantMessage(content=None, tool_calls=[AssistantToolCall(
+                id="c", function=AssistantToolCallFunction(name="f", arguments='{"a": 1}'))],
+                finish_reason="tool_calls"),
+            ToolResultMessage(name="f", tool_call_id="c", content="42"),
+        ]
+        for message in messages:
+            with self.subTest(message=message):
+                self.assertEqual(message_from_dict(message.to_dict()), message)
+                self.assertEqual(message_from_dict(json.loads(message.model_dump_json())),
+                                 message)
+                self.assertEqual(type(message).model_validate(message.model_dump()), message)
+        with self.assertRaises(ValidationError):
+            message_from_dict({"role": "robot", "content": "x"})
+
+    def test_model_copy(self):
+        """model_copy applies (and checks) updates; deep copies are independent."""
+        msg = UserMessage(content=[TextContent(text="a")])
+        copy = msg.model_copy(deep=True)
+        copy.content[0].text = "b"
+        self.assertEqual(msg.content[0].text, "a")
+        self.assertEqual(msg.model_copy(update={"content": "z"}).content, "z")
+        with self.assertRaises(ValidationError):
+            msg.model_copy(update={"content": 3})
+
+    def test_stream_chunk_fields(self):
+        """StreamChunk keeps upstream's fields and adds tool_calls and usage."""
+        chunk = StreamChunk(content="", finish_reason="stop",
+                            usage={"prompt_tokens": 1, "completion_tokens": 2})
+        self.assertEqual(chunk.usage.total_tokens, 3)
+        self.assertEqual(StreamChunk(content="x").model_dump(),
+                         {"content": "x", "finish_reason": None})
+
+    def test_image_helpers(self):
+        """Image constructors from bytes and files sniff the media type."""
+        png = b"\x89PNG\r\n\x1a\n" + b"\0" * 16
+        image = ImageContent.from_bytes(png)
+        self.assertEqual(image.media_type, "image/png")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = pathlib.Path(tmp, "x.gif")
+            path.write_bytes(b"GIF89a" + b"\0" * 10)
+            self.assertEqual(ImageContent.from_path(path).media_type, "image/gif")
+        self.assertEqual(strip_base64_prefix("data:image/png;base64,QUJD"), "QUJD")
+        self.assertEqual(strip_base64_prefix("QUJD"), "QUJD")
+        self.assertEqual(add_base64_prefix("QUJD"), "data:image/png;base64,QUJD")
+        self.assertEqual(add_base64_prefix("QUJD", "image/gif"), "data:image/gif;base64,QUJD")
+
+
+class TestTools(unittest.TestCase):
+    """Tools: schemas kept whole, MCP shapes, plain functions as tools."""
+
+    def test_tool_parameter_keeps_everything(self):
+        """Unknown JSON-Schema keys, nested properties, anyOf and items survive the dump."""
+        param = ToolParameter(type="object", description="opts",
+                              properties={"deep": {"type": "boolean"},
+                                          "name": {"type": "string", "minLength": 1,
+                                                   "x-extra": None}},
+                              required=["deep"], anyOf=None, default=None, pattern="^a")
+        self.assertEqual(param.to_schema(), {
+            "type": "object", "description": "opts",
+            "properties": {"deep": {"type": "boolean"},
+                           "name": {"type": "string", "minLength": 1}},
+            "required": ["deep"], "pattern": "^a"})
+        self.assertEqual(param.model_extra, {"pattern": "^a"})
+        with self.assertRaises(ValidationError):
+            ToolParameter(type=3)
+        with self.assertRaises(ValidationError):
+            ToolParameter(properties={"x": 3})
+
+    def test_input_schema_and_round_trip(self):
+        """input_schema has upstream's exact shape; from_input_schema reverses it."""
+        tool = Tool(name="get_w", description="Weather",
+                    parameters={"city": {"type": "string", "description": "City",
+                                         "minLength": 1},
+                                "unit": {"anyOf": [{"type": "string"}, {"type": "null"}],
+                                         "default": None}},
+                    required=["city"])
+        schema = {"type": "object", "properties": {
+            "city": {"type": "string", "description": "City", "minLength": 1},
+            "unit": {"anyOf": [{"type": "string"}, {"type": "null"}]}}, "required": ["city"]}
+        self.assertEqual(tool.input_schema, schema)
+        self.assertEqual(Tool.from_input_schema("get_w", "Weather", schema), tool)
+        self.assertEqual(Tool.from_input_schema("t", "d", {}).input_schema,
+                         {"type": "object", "properties": {}, "required": []})
+
+    def test_bad_tools(self):
+        """Tool checks its fields."""
+        for kwargs, field in (({"name": "", "description": "d"}, "Tool.name"),
+                              ({"name": "t", "description": None}, "Tool.description"),
+                              ({"name": "t", "description": "d", "parameters": []},
+                               "Tool.parameters"),
+                              ({"name": "t", "description": "d", "required": "x"},
+                               "Tool.required")):
+            with self.subTest(field=field):
+                with self.assertRaisesRegex(ValidationError, re.escape(field)):
+                    Tool(**kwargs)
+
+    def test_from_function_google(self):
+        """A Google-style docstring gives the description and parameter texts."""
+        def get_weather(city: str, unit: Literal["c", "f"] = "c", days: int = 1) -> str:
+            """Get the weather for a city.
+
+            Args:
+                city: The city name,
+                    as people write it.
+                unit (str): Temperature unit.
+                days: How many days.
+            """
+        tool = Tool.from_function(get_weather)
+        self.assertEqual(tool.name, "get_weather")
+        self.assertEqual(tool.description, "Get the weather for a city.")
+        self.assertEqual(tool.input_schema, {"type": "object", "properties": {
+            "city": {"type": "string", "description": "The city name, as people write it."},
+            "unit": {"enum": ["c", "f"], "type": "string", "description": "Temperature unit.",
+                     "default": "c"},
+            "days": {"type": "integer", "description": "How many days.", "default": 1}},
+            "required": ["city"]})
+
+    def test_from_function_numpy_and_rest(self):
+        """NumPy and reST docstrings work too; unannotated parameters accept anything."""
+        def numpy_style(x: float, tags: list[str] | None = None):
+            """Scale things.
+
+            Parameters
+            ----------
+            x : float
+                The factor.
+            tags : list of str, optional
+                Labels.
+            """
+
+        def rest_style(path, verbose: bool = False):
+            """Read a file.
+
+            :param path: Where the file is.
+            :param bool verbose: Say more.
+            :returns: nothing
+            """
+        schema = Tool.from_function(numpy_style).input_schema
+        self.assertEqual(schema["properties"]["x"], {"type": "number",
+                                                     "description": "The factor."})
+        self.assertEqual(schema["properties"]["tags"]["description"], "Labels.")
+        self.assertEqual(schema["required"], ["x"])
+        rest = Tool.from_function(rest_style, name="read")
+        self.assertEqual(rest.name, "read")
+        self.assertEqual(rest.description, "Read a file.")
+        self.assertEqual(rest.input_schema["properties"], {
+            "path": {"description": "Where the file is."},
+            "verbose": {"type": "boolean", "description": "Say more.", "default": False}})
+
+    def test_from_function_with_a_dataclass_parameter(self):
+        """Structured parameter types become inline object schemas."""
+        @dataclasses.dataclass
+        class Point:
+            x: int
+            y: int = 0
+
+        def move(to: Point) -> None:
+            """Move."""
+        prop = Tool.from_function(move).input_schema["properties"]["to"]
+        self.assertEqual(prop["type"], "object")
+        self.assertEqual(prop["required"], ["x"])
+        self.assertNotIn("$ref", json.dumps(prop))
+
+
+# -- structured output -------------------------------------------------------
+
+_build_typed = casual_llm._build_typed
+_openai_strict_ok = casual_llm._openai_strict_ok
+_resolve_response_format = casual_llm._resolve_response_format
+_schema_from_type = casual_llm._schema_from_type
+_wrap_root = casual_llm._wrap_root
+Annotated, Dict, List = typing.Annotated, typing.Dict, typing.List
+
+SUITE_DIR = Path(__file__).parent.parent / "shared" / "jsonschema-test-suite"
+SUITE_IN_SCOPE = 945
+
+
+def errors_of(instance: Any, schema: Any) -> "list[tuple[str, str]]":
+    """The ``.errors`` of a failed validation ([] when the instance is valid)."""
+    try:
+        validate_json_schema(instance, schema)
+    except SchemaValidationError as exc:
+        return exc.errors
+    return []
+
+
+# --- types used by the schema tests (module level, so string annotations resolve) -------------
+
+class Color(enum.Enum):
+    RED = "red"
+    GREEN = "green"
+
+
+class Priority(enum.IntEnum):
+    """How urgent a task is."""
+    LOW = 1
+    HIGH = 2
+
+
+class Mixed(enum.Enum):
+    A = "a"
+    B = 2
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    y: int
+
+
+@dataclasses.dataclass
+class Task:
+    """A unit of work.
+
+    Keep it short.
+    """
+    title: Annotated[str, "what to do"]
+    priority: Priority
+    done: bool = False
+    where: Optional[Point] = None
+    tags: list[str] = dataclasses.field(default_factory=list)
+    weight: float = dataclasses.field(default=1.0, metadata={"description": "relative effort"})
+    color: Color = Color.RED
+
+
+@dataclasses.dataclass
+class Tree:
+    name: str
+    children: "list[Tree]"
+    parent: "Optional[Tree]" = None
+
+
+@dataclasses.dataclass
+class Forest:
+    trees: list[Tree]
+
+
+@dataclasses.dataclass
+class Cat:
+    meow: str
+
+
+@dataclasses.dataclass
+class Dog:
+    bark: int
+
+
+class Movie(TypedDict, total=False):
+    """A film."""
+    title: str
+    year: int
+
+
+class _PersonBase(TypedDict):
+    name: str
+
+
+class Person(_PersonBase, total=False):
+    age: int
+
+
+@dataclasses.dataclass
+class Bad:
+    when: complex
+
+
+class JsonSchemaSuiteTest(unittest.TestCase):
+    """The official JSON Schema Test Suite (draft 2020-12, in-scope groups)."""
+
+    @staticmethod
+    def out_of_scope(schema: Any) -> bool:
+        """A group is out of scope when its schema needs URI resolution (see the suite README)."""
+        if isinstance(schema, dict):
+            for key, value in schema.items():
+                if key in ("$id", "$anchor", "$dynamicRef", "$dynamicAnchor"):
+                    return True
+                if key == "$ref" and isinstance(value, str) and not value.startswith("#"):
+                    return True
+                if JsonSchemaSuiteTest.out_of_scope(value):
+                    return True
+        elif isinstance(schema, list):
+            return any(JsonSchemaSuiteTest.out_of_scope(v) for v in schema)
+        return False
+
+    def test_suite(self) -> None:
+        """Every in-scope test of the suite gets the expected verdict."""
+        if not SUITE_DIR.is_dir():
+            self.skipTest(f"JSON Schema Test Suite not found at {SUITE_DIR}")
+        passed, failed = 0, []
+        for path in sorted(SUITE_DIR.glob("*.json")):
+            for group in json.loads(path.read_text(encoding="utf-8")):
+                if self.out_of_scope(group["schema"]):
+                    continue
+                for case in group["tests"]:
+                    try:
+                        validate_json_schema(case["data"], group["schema"])
+                        verdict = True
+                    except SchemaValidationError:
+                        verdict = False
+                    if verdict == case["valid"]:
+                        passed += 1
+                    else:
+                        failed.append((path.name, group["description"], case["description"]))
+        total = passed + len(failed)
+        print(f"\nJSON Schema Test Suite: {passed} passed, {len(failed)} failed of {total} in scope",
+              file=sys.stderr)
+        for name, group, case in failed:
+            with self.subTest(file=name, group=group, case=case):
+                self.fail("wrong verdict")
+        self.assertEqual(total, SUITE_IN_SCOPE)
+
+
+class ValidatorTest(unittest.TestCase):
+    """validate_json_schema beyond the suite: error reporting, ECMA patterns, limits, caching."""
+
+    def test_every_error_with_paths(self) -> None:
+        """All failures are listed, each with the JSON path of the offending value."""
+        schema = {"type": "object", "properties": {
+            "items": {"type": "array", "items": {"type": "object", "properties": {
+                "name": {"type": "string"}}, "required": ["name"]}},
+            "odd key": {"type": "integer"}}, "additionalProperties": False}
+        value = {"items": [{"name": "a"}, {"name": 3}, {}], "odd key": "x", "extra": 1}
+        self.assertEqual(errors_of(value, schema), [
+            ("$.items[1].name", "3 is not of type 'string'"),
+            ("$.items[2]", "missing required property 'name'"),
+            ('$["odd key"]', "\"x\" is not of type 'integer'"),
+            ("$", "additional property 'extra' is not allowed"),
+        ])
+
+    def test_message_summarises(self) -> None:
+        """The message names the first failure and counts the rest; no raw text is attached."""
+        with self.assertRaises(SchemaValidationError) as caught:
+            validate_json_schema([1, "a", "b"], {"items": {"type": "integer"}})
+        self.assertIn("$[1]", str(caught.exception))
+        self.assertIn("and 1 more error", str(caught.exception))
+        self.assertIsNone(caught.exception.raw_text)
+        self.assertIsInstance(caught.exception, ValueError)
+
+    def test_json_equality(self) -> None:
+        """enum, const and uniqueItems compare as JSON: 1 == 1.0 but True != 1, deeply."""
+        self.assertEqual(errors_of(1.0, {"const": 1}), [])
+        self.assertNotEqual(errors_of(True, {"const": 1}), [])
+        self.assertNotEqual(errors_of(1, {"enum": [True, "1"]}), [])
+        self.assertEqual(errors_of({"a": [1, {"b": 2.0}]}, {"enum": [{"a": [1.0, {"b": 2}]}]}), [])
+        self.assertNotEqual(errors_of([1, 1.0], {"uniqueItems": True}), [])
+        self.assertEqual(errors_of([1, True, [0], [False]], {"uniqueItems": True}), [])
+
+    def test_numbers(self) -> None:
+        """integer accepts 1.0, a bool is no number, and multipleOf is exact on decimals."""
+        self.assertEqual(errors_of(1.0, {"type": "integer"}), [])
+        self.assertNotEqual(errors_of(True, {"type": "number"}), [])
+        self.assertEqual(errors_of(True, {"minimum": 5}), [])
+        self.assertEqual(errors_of(0.0075, {"multipleOf": 0.0001}), [])
+        self.assertNotEqual(errors_of(1e308, {"multipleOf": 0.123456789}), [])
+        self.assertEqual(errors_of(10 ** 30, {"multipleOf": 10}), [])
+
+    def test_ecma_patterns(self) -> None:
+        """Patterns follow ECMA-262: ASCII \\d, strict $, Unicode \\p{...}, named groups."""
+        cases = [
+            ("^\\d+$", "123", True), ("^\\d+$", "١٢٣", False), ("^a$", "a\n", False),
+            ("^\\p{L}+$", "héllo", True), ("^\\p{Lu}", "Élan", True), ("^\\p{Lu}", "élan", False),
+            ("^[\\p{L}\\d]+$", "ab12", True), ("^\\P{L}+$", "123", True), ("a.c", "a\rc", False),
+            ("^\\s$", "\u00a0", True), ("^\\w+$", "été", False),
+            ("^(?<x>a)\\k<x>$", "aa", True), ("^[^]$", "\n", True), ("[]", "a", False),
+        ]
+        for pattern, text, ok in cases:
+            with self.subTest(pattern=pattern, text=text):
+                self.assertEqual(errors_of(text, {"pattern": pattern}) == [], ok)
+
+    def test_format_is_annotation(self) -> None:
+        """format never rejects a value."""
+        self.assertEqual(errors_of("not an email", {"format": "email"}), [])
+
+    def test_malformed_schemas(self) -> None:
+        """A malformed schema raises, naming the problem."""
+        cases = [({"type": 5}, "type"), ({"$ref": "#/$defs/missing"}, "missing"),
+                 ({"$ref": "other.json#/a"}, "local"), ({"pattern": "("}, "pattern"),
+                 ({"properties": {"a": 3}}, "properties/a"), ({"minLength": -1}, "minLength")]
+        for schema, fragment in cases:
+            with self.subTest(schema=schema):
+                with self.assertRaises(ValueError) as caught:
+                    validate_json_schema("x", schema)
+                self.assertIn(fragment, str(caught.exception))
+
+    def test_deep_instance(self) -> None:
+        """A 10,000-deep value fails cleanly against a recursive schema instead of crashing."""
+        deep: list = []
+        for _ in range(10_000):
+            deep = [deep]
+        for schema in ({"type": "array", "items": {"$ref": "#"}}, {"uniqueItems": True, "items": {"$ref": "#"}}):
+            with self.subTest(schema=schema):
+                with self.assertRaises(SchemaValidationError) as caught:
+                    validate_json_schema(deep, schema)
+                self.assertIn("deep", str(caught.exception))
+        self.assertEqual(errors_of(deep, {"type": "array"}), [])
+
+    def test_deep_and_looping_schemas(self) -> None:
+        """A 10,000-deep schema and a $ref loop raise SchemaValidationError, not RecursionError."""
+        schema: dict = {"type": "integer"}
+        for _ in range(10_000):
+            schema = {"items": schema}
+        with self.assertRaises(SchemaValidationError):
+            validate_json_schema([], schema)
+        for loop in ({"$ref": "#"}, {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}},
+                                     "$ref": "#/$defs/a"}):
+            with self.subTest(loop=loop):
+                with self.assertRaises(SchemaValidationError):
+                    validate_json_schema(1, loop)
+
+    def test_compiled_once(self) -> None:
+        """One schema object compiles once; a new object with another shape is not confused."""
+        schema = {"type": "string"}
+        first = casual_llm._compiled_validator(schema)
+        self.assertIs(casual_llm._compiled_validator(schema), first)
+        self.assertEqual(errors_of("a", schema), [])
+        self.assertNotEqual(errors_of("a", {"type": "integer"}), [])
+
+    def test_unevaluated_properties(self) -> None:
+        """unevaluatedProperties sees properties evaluated by passing in-place subschemas."""
+        schema = {"allOf": [{"properties": {"a": True}}], "unevaluatedProperties": False}
+        self.assertEqual(errors_of({"a": 1}, schema), [])
+        self.assertNotEqual(errors_of({"a": 1, "b": 2}, schema), [])
+
+
+class SchemaFromTypeTest(unittest.TestCase):
+    """_schema_from_type: exact schemas for every supported form."""
+
+    def test_primitives_and_forms(self) -> None:
+        """Primitives, containers, Literal, unions and Annotated map to plain schemas."""
+        cases = [
+            (str, {"type": "string"}), (int, {"type": "integer"}), (float, {"type": "number"}),
+            (bool, {"type": "boolean"}), (None, {"type": "null"}), (type(None), {"type": "null"}),
+            (Any, {}), (list[int], {"type": "array", "items": {"type": "integer"}}),
+            (List[str], {"type": "array", "items": {"type": "string"}}),
+            (tuple[int, ...], {"type": "array", "items": {"type": "integer"}}),
+            (tuple[int, str], {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string"}],
+                               "minItems": 2, "maxItems": 2}),
+            (set[str], {"type": "array", "items": {"type": "string"}, "uniqueItems": True}),
+            (frozenset[int], {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}),
+            (dict[str, float], {"type": "object", "additionalProperties": {"type": "number"}}),
+            (Dict[str, Any], {"type": "object", "additionalProperties": {}}),
+            (Literal["a", "b"], {"type": "string", "enum": ["a", "b"]}),
+            (Literal[3], {"type": "integer", "const": 3}),
+            (Literal["a", 1], {"enum": ["a", 1]}),
+            (Optional[int], {"anyOf": [{"type": "integer"}, {"type": "null"}]}),
+            (str | None, {"anyOf": [{"type": "string"}, {"type": "null"}]}),
+            (Union[int, str], {"anyOf": [{"type": "integer"}, {"type": "string"}]}),
+            (Annotated[int, "a count"], {"type": "integer", "description": "a count"}),
+        ]
+        for tp, expected in cases:
+            with self.subTest(tp=tp):
+                self.assertEqual(_schema_from_type(tp), expected)
+
+    def test_enums(self) -> None:
+        """An Enum lists its values, typed when uniform, described by a user docstring only."""
+        self.assertEqual(_schema_from_type(Color),
+                         {"type": "string", "title": "Color", "enum": ["red", "green"]})
+        self.assertEqual(_schema_from_type(Priority), {"type": "integer", "title": "Priority",
+                                                       "description": "How urgent a task is.",
+                                                       "enum": [1, 2]})
+        self.assertEqual(_schema_from_type(Mixed), {"title": "Mixed", "enum": ["a", 2]})
+
+    def test_dataclass(self) -> None:
+        """A dataclass: docstring, defaults, metadata and Annotated descriptions, nested $defs."""
+        self.assertEqual(_schema_from_type(Task), {
+            "type": "object", "title": "Task", "description": "A unit of work.\n\nKeep it short.",
+            "properties": {
+                "title": {"type": "string", "description": "what to do"},
+                "priority": {"$ref": "#/$defs/Priority"},
+                "done": {"type": "boolean", "default": False},
+                "where": {"anyOf": [{"$ref": "#/$defs/Point"}, {"type": "null"}], "default": None},
+                "tags": {"type": "array", "items": {"type": "string"}},
+                "weight": {"type": "number", "description": "relative effort", "default": 1.0},
+                "color": {"$ref": "#/$defs/Color", "default": "red"},
+            },
+            "required": ["title", "priority"],
+            "additionalProperties": False,
+            "$defs": {
+                "Priority": {"type": "integer", "title": "Priority",
+                             "description": "How urgent a task is.", "enum": [1, 2]},
+                "Point": {"type": "object", "title": "Point",
+                          "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}},
+                          "required": ["x", "y"], "additionalProperties": False},
+                "Color": {"type": "string", "title": "Color", "enum": ["red", "green"]},
+            },
+        })
+
+    def test_recursive(self) -> None:
+        """The root refers to itself as '#'; a nested recursive type lives in $defs."""
+        self.assertEqual(_schema_from_type(Tree), {
+            "type": "object", "title": "Tree",
+            "properties": {"name": {"type": "string"},
+                           "children": {"type": "array", "items": {"$ref": "#"}},
+                           "parent": {"anyOf": [{"$ref": "#"}, {"type": "null"}], "default": None}},
+            "required": ["name", "children"], "additionalProperties": False})
+        forest = _schema_from_type(Forest)
+        self.assertEqual(forest["properties"]["trees"], {"type": "array", "items": {"$ref": "#/$defs/Tree"}})
+        self.assertEqual(forest["$defs"]["Tree"]["properties"]["children"]["items"], {"$ref": "#/$defs/Tree"})
+        validate_json_schema({"trees": [{"name": "a", "children": [{"name": "b", "children": []}]}]}, forest)
+
+    def test_typeddict(self) -> None:
+        """A TypedDict: required keys from totality and NotRequired, closed object."""
+        self.assertEqual(_schema_from_type(Movie), {
+            "type": "object", "title": "Movie", "description": "A film.",
+            "properties": {"title": {"type": "string"}, "year": {"type": "integer"}},
+            "required": [], "additionalProperties": False})
+        self.assertEqual(_schema_from_type(Person)["required"], ["name"])
+        self.assertEqual(_schema_from_type(Person)["properties"]["age"], {"type": "integer"})
+
+    @unittest.skipUnless(hasattr(typing, "NotRequired"), "typing.NotRequired needs Python 3.11")
+    def test_typeddict_qualifiers(self) -> None:
+        """NotRequired/Required written as string annotations still decide what is required."""
+        class Pet(TypedDict):
+            name: typing.Required[str]
+            age: typing.NotRequired[Annotated[int, "years"]]
+
+        self.assertEqual(_schema_from_type(Pet, inline=True)["required"], ["name"])
+        self.assertEqual(_schema_from_type(Pet)["properties"]["age"], {"type": "integer", "description": "years"})
+
+    def test_inline(self) -> None:
+        """inline=True inlines nested types and rejects recursive ones."""
+        schema = _schema_from_type(Optional[Point], inline=True)
+        self.assertEqual(schema["anyOf"][0]["properties"]["x"], {"type": "integer"})
+        self.assertNotIn("$defs", schema)
+        with self.assertRaisesRegex(TypeError, "recursive"):
+            _schema_from_type(Tree, inline=True)
+
+    def test_unsupported(self) -> None:
+        """An unsupported type raises TypeError naming the field and the type."""
+        with self.assertRaisesRegex(TypeError, "field 'when' of Bad.*complex"):
+            _schema_from_type(Bad)
+        with self.assertRaisesRegex(TypeError, "mapping keys must be str"):
+            _schema_from_type(dict[int, str])
+
+    def test_fresh_copies(self) -> None:
+        """Each call returns a new dict, so mutating one cannot corrupt the cache."""
+        first = _schema_from_type(Point)
+        first["properties"].clear()
+        self.assertIn("x", _schema_from_type(Point)["properties"])
+
+
+class BuildTypedTest(unittest.TestCase):
+    """_build_typed: validated JSON into the user's types."""
+
+    def test_dataclass_round_trip(self) -> None:
+        """Nested dataclasses, enums, Optional, defaults and int→float."""
+        value = {"title": "t", "priority": 2, "where": {"x": 1, "y": 2}, "weight": 3, "color": "green"}
+        validate_json_schema(value, _schema_from_type(Task))
+        task = _build_typed(value, Task)
+        self.assertEqual(task, Task("t", Priority.HIGH, where=Point(1, 2), weight=3.0, color=Color.GREEN))
+        self.assertIsInstance(task.weight, float)
+
+    def test_recursive(self) -> None:
+        """Recursive dataclasses build all the way down."""
+        tree = _build_typed({"name": "a", "children": [{"name": "b", "children": []}]}, Tree)
+        self.assertEqual(tree.children[0], Tree("b", []))
+
+    def test_containers_and_unions(self) -> None:
+        """Tuples, sets, dicts, unions (first member that validates) and Literal with enums."""
+        self.assertEqual(_build_typed([1, "a"], tuple[int, str]), (1, "a"))
+        self.assertEqual(_build_typed([1, 2], frozenset[int]), frozenset({1, 2}))
+        self.assertEqual(_build_typed({"a": {"x": 1, "y": 2}}, dict[str, Point]), {"a": Point(1, 2)})
+        self.assertEqual(_build_typed({"bark": 3}, Union[Cat, Dog]), Dog(3))
+        self.assertEqual(_build_typed({"meow": "m"}, Cat | Dog | None), Cat("m"))
+        self.assertIsNone(_build_typed(None, Optional[Point]))
+        self.assertIs(_build_typed("red", Literal[Color.RED, "blue"]), Color.RED)
+        self.assertEqual(_build_typed(2.0, int), 2)
+        self.assertIsInstance(_build_typed(2.0, int), int)
+        self.assertEqual(_build_typed({"name": "n", "age": 3}, Person), {"name": "n", "age": 3})
+
+
+class FakeValidationError(ValueError):
+    """Shaped like pydantic's ValidationError."""
+
+    def errors(self) -> list:
+        return [{"loc": ("items", 0, "name"), "msg": "Field required"}]
+
+
+class FakeModel:
+    """Duck-typed like a pydantic v2 model class."""
+
+    def __init__(self, data: dict) -> None:
+        self.data = data
+
+    @classmethod
+    def model_json_schema(cls) -> dict:
+        return {"type": "object", "properties": {"items": {"type": "array"}}, "title": "FakeModel"}
+
+    @classmethod
+    def model_validate(cls, data: Any) -> "FakeModel":
+        if not data.get("items"):
+            raise FakeValidationError("1 validation error")
+        return cls(data)
+
+
+class ResponseFormatTest(unittest.TestCase):
+    """_resolve_response_format for every accepted kind, and its failures."""
+
+    def test_text_and_json(self) -> None:
+        """'text' (and None) need no parsing; 'json' parses any JSON and rejects the rest."""
+        self.assertEqual(_resolve_response_format("text").kind, "text")
+        self.assertIsNone(_resolve_response_format(None).parse)
+        fmt = _resolve_response_format("json")
+        self.assertEqual((fmt.kind, fmt.schema), ("json", None))
+        self.assertEqual(fmt.parse('```json\n{"a": [1]}\n```'), {"a": [1]})
+        for bad in ("not json", "NaN", "[1,"):
+            with self.subTest(bad=bad):
+                with self.assertRaises(SchemaValidationError) as caught:
+                    fmt.parse(bad)
+                self.assertEqual(caught.exception.raw_text, bad)
+                self.assertEqual(caught.exception.errors[0][0], "$")
+
+    def test_dict_schema(self) -> None:
+        """A schema dict parses to the plain value; a bad value raises with paths and raw_text."""
+        schema = {"title": "My Reply!", "type": "object", "properties": {"n": {"type": "integer"}}}
+        fmt = _resolve_response_format(schema)
+        self.assertEqual((fmt.kind, fmt.name), ("schema", "My_Reply"))
+        self.assertIs(fmt.schema, schema)
+        self.assertEqual(fmt.parse('{"n": 2}'), {"n": 2})
+        with self.assertRaises(SchemaValidationError) as caught:
+            fmt.parse('{"n": "two"}')
+        self.assertEqual(caught.exception.errors, [("$.n", "\"two\" is not of type 'integer'")])
+        self.assertEqual(caught.exception.raw_text, '{"n": "two"}')
+
+    def test_types(self) -> None:
+        """Dataclasses, TypedDicts, Enums, typing forms and primitives parse into typed values."""
+        cases = [
+            (Point, '{"x": 1, "y": 2}', Point(1, 2), "Point"),
+            (Movie, '{"title": "Up"}', {"title": "Up"}, "Movie"),
+            (Color, '"green"', Color.GREEN, "Color"),
+            (list[Point], '[{"x": 1, "y": 2}]', [Point(1, 2)], "response"),
+            (dict[str, int], '{"a": 1}', {"a": 1}, "response"),
+            (Literal["yes", "no"], '"no"', "no", "response"),
+            (Optional[int], "null", None, "response"),
+            (float, "3", 3.0, "response"),
+        ]
+        for tp, text, expected, name in cases:
+            with self.subTest(tp=tp):
+                fmt = _resolve_response_format(tp)
+                self.assertEqual((fmt.kind, fmt.name), ("schema", name))
+                self.assertEqual(fmt.parse(text), expected)
+        self.assertIs(_resolve_response_format(Point), _resolve_response_format(Point))
+
+    def test_typed_failure(self) -> None:
+        """A reply that breaks the schema raises with every path and the raw text."""
+        fmt = _resolve_response_format(list[Point])
+        raw = '[{"x": 1}, {"x": "a", "y": 2, "z": 0}]'
+        with self.assertRaises(SchemaValidationError) as caught:
+            fmt.parse(raw)
+        self.assertEqual(caught.exception.errors, [
+            ("$[0]", "missing required property 'y'"),
+            ("$[1].x", "\"a\" is not of type 'integer'"),
+            ("$[1]", "additional property 'z' is not allowed"),
+        ])
+        self.assertEqual(caught.exception.raw_text, raw)
+
+    def test_pydantic_duck(self) -> None:
+        """A class with model_json_schema/model_validate is used as pydantic; errors map to paths."""
+        fmt = _resolve_response_format(FakeModel)
+        self.assertEqual((fmt.name, fmt.schema["title"]), ("FakeModel", "FakeModel"))
+        self.assertEqual(fmt.parse('{"items": [1]}').data, {"items": [1]})
+        with self.assertRaises(SchemaValidationError) as caught:
+            fmt.parse('{"items": []}')
+        self.assertEqual(caught.exception.errors, [("$.items[0].name", "Field required")])
+        self.assertEqual(caught.exception.raw_text, '{"items": []}')
+
+    def test_real_pydantic(self) -> None:
+        """A real pydantic model resolves and its ValidationError maps to paths."""
+        try:
+            import pydantic
+        except ImportError:
+            self.skipTest("pydantic is not installed")
+
+        class Item(pydantic.BaseModel):
+            name: str
+            qty: int
+
+        fmt = _resolve_response_format(Item)
+        self.assertEqual(fmt.parse('{"name": "a", "qty": 2}'), Item(name="a", qty=2))
+        with self.assertRaises(SchemaValidationError) as caught:
+            fmt.parse('{"name": "a", "qty": "many"}')
+        self.assertEqual(caught.exception.errors[0][0], "$.qty")
+
+    def test_rejected(self) -> None:
+        """Anything else raises TypeError listing what is accepted."""
+        for bad in ("xml", 42, Bad, [int], object):
+            with self.subTest(bad=bad):
+                with self.assertRaisesRegex(TypeError, "expected 'text', 'json'"):
+                    _resolve_response_format(bad)
+
+
+class WrapRootTest(unittest.TestCase):
+    """_wrap_root for providers that need an object at the root."""
+
+    def test_object_root_untouched(self) -> None:
+        """An object root is sent as is and the reply passes through."""
+        schema = _schema_from_type(Point)
+        wrapped, unwrap = _wrap_root(schema)
+        self.assertIs(wrapped, schema)
+        self.assertEqual(unwrap('{"x": 1}'), '{"x": 1}')
+
+    def test_wrapped(self) -> None:
+        """Other roots become {"value": ...}, with $defs hoisted and root refs rebased."""
+        fmt = _resolve_response_format(list[Tree])
+        wrapped, unwrap = _wrap_root(fmt.schema)
+        self.assertEqual(wrapped["properties"]["value"], {"type": "array", "items": {"$ref": "#/$defs/Tree"}})
+        self.assertIn("Tree", wrapped["$defs"])
+        reply = '{"value": [{"name": "a", "children": []}]}'
+        validate_json_schema(json.loads(reply), wrapped)
+        self.assertEqual(fmt.parse(unwrap(reply)), [Tree("a", [])])
+        self.assertEqual(unwrap("oops"), "oops")
+        inner, _ = _wrap_root({"type": "array", "items": {"$ref": "#"}})
+        self.assertEqual(inner["properties"]["value"]["items"], {"$ref": "#/properties/value"})
+
+
+class OpenAIStrictTest(unittest.TestCase):
+    """_openai_strict_ok recognises OpenAI's strict Structured Outputs subset."""
+
+    def test_verdicts(self) -> None:
+        """Closed, all-required objects qualify; defaults, open objects and non-object roots don't."""
+        cases = [
+            (_schema_from_type(Point), True),
+            (_schema_from_type(Tree), False),                       # has a default
+            (_schema_from_type(Forest), False),
+            (_schema_from_type(list[int]), False),
+            (_wrap_root(_schema_from_type(list[int]))[0], True),
+            ({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}, False),
+            ({"type": "object", "properties": {"a": {"type": "string", "minLength": 1}},
+              "required": ["a"], "additionalProperties": False}, False),
+            ({"type": "object", "properties": {"a": {"anyOf": [{"type": "string"}, {"type": "null"}]}},
+              "required": ["a"], "additionalProperties": False}, True),
+        ]
+        for schema, ok in cases:
+            with self.subTest(schema=schema):
+                self.assertIs(_openai_strict_ok(schema), ok)
+
+
+if __name__ == "__main__":
+    unittest.main()
+
+
+PNG_B64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+
+
+def _conversations():
+    """The golden conversations: name -> messages."""
+    call = lambda cid, name, args: AssistantToolCall(  # noqa: E731
+        id=cid, function=AssistantToolCallFunction(name=name, arguments=args))
+    return {
+        "system_and_user": [SystemMessage(content="Be brief."), UserMessage(content="Hi")],
+        "multimodal": [UserMessage(content=[
+            TextContent(text="Look"),
+            ImageContent(source="https://example.com/cat.jpg"),
+            ImageContent(source="data:image/png;base64," + PNG_B64),
+            ImageContent(source={"type": "base64", "data": PNG_B64}),
+            ImageContent(source={"type": "base64", "data": "data:image/png;base64," + PNG_B64},
+                         media_type="image/png")])],
+        "parallel_tools": [
+            UserMessage(content="Weather in Oslo and Rome?"),
+            AssistantMessage(content=None, tool_calls=[call("call_1", "get_w", '{"city": "Oslo"}'),
+                                                       call("call_2", "get_w", '{"city":"Rome"}')]),
+            ToolResultMessage(name="get_w", tool_call_id="call_1", content="4C"),
+            ToolResultMessage(name="get_w", tool_call_id="call_2", content="20C"),
+            AssistantMessage(content="Oslo 4C, Rome 20C.")],
+        "empty_content": [SystemMessage(content="First"), UserMessage(content=None),
+                          UserMessage(content=""), AssistantMessage(content=""),
+                          SystemMessage(content="Second"), UserMessage(content="go")],
+        "bad_arguments": [UserMessage(content="x"), AssistantMessage(
+            content="Calling.", tool_calls=[call("c9", "f", "{not json")])],
+    }
+
+
+_PNG_URI = "data:image/png;base64," + PNG_B64
+
+GOLDEN_OPENAI = {
+    "system_and_user": [{"role": "system", "content": "Be brief."},
+                        {"role": "user", "content": "Hi"}],
+    "multimodal": [{"role": "user", "content": [
+        {"type": "text", "text": "Look"},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}},
+        {"type": "image_url", "image_url": {"url": _PNG_URI}},
+        {"type": "image_url", "image_url": {"url": _PNG_URI}},
+        {"type": "image_url", "image_url": {"url": _PNG_URI}}]}],
+    "parallel_tools": [
+        {"role": "user", "content": "Weather in Oslo and Rome?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_w", "arguments": '{"city": "Oslo"}'}},
+            {"id": "call_2", "type": "function",
+             "function": {"name": "get_w", "arguments": '{"city":"Rome"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "4C"},
+        {"role": "tool", "tool_call_id": "call_2", "content": "20C"},
+        {"role": "assistant", "content": "Oslo 4C, Rome 20C."}],
+    "empty_content": [{"role": "system", "content": "First"}, {"role": "user", "content": None},
+                      {"role": "user", "content": ""}, {"role": "assistant", "content": ""},
+                      {"role": "system", "content": "Second"}, {"role": "user", "content": "go"}],
+    "bad_arguments": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "Calling.",
+                      "tool_calls": [{"id": "c9", "type": "function",
+                                      "function": {"name": "f", "arguments": "{not json"}}]}],
+}
+
+_PNG_BLOCK = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                          "data": PNG_B64}}
+GOLDEN_ANTHROPIC = {
+    "system_and_user": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+    "multimodal": [{"role": "user", "content": [
+        {"type": "text", "text": "Look"},
+        {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.jpg"}},
+        _PNG_BLOCK, _PNG_BLOCK, _PNG_BLOCK]}],
+    "parallel_tools": [
+        {"role": "user", "content": [{"type": "text", "text": "Weather in Oslo and Rome?"}]},
+        {"role": "assistant", "content": [
+            {"type": "tool_use", "id": "call_1", "name": "get_w", "input": {"city": "Oslo"}},
+            {"type": "tool_use", "id": "call_2", "name": "get_w", "input": {"city": "Rome"}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "call_1", "content": "4C"},
+            {"type": "tool_result", "tool_use_id": "call_2", "content": "20C"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Oslo 4C, Rome 20C."}]}],
+    "empty_content": [{"role": "user", "content": [{"type": "text", "text": "go"}]}],
+    "bad_arguments": [{"role": "user", "content": [{"type": "text", "text": "x"}]},
+                      {"role": "assistant", "content": [
+                          {"type": "text", "text": "Calling."},
+                          {"type": "tool_use", "id": "c9", "name": "f", "input": {}}]}],
+}
+
+GOLDEN_OLLAMA = {
+    "system_and_user": [{"role": "system", "content": "Be brief."},
+                        {"role": "user", "content": "Hi"}],
+    "parallel_tools": [
+        {"role": "user", "content": "Weather in Oslo and Rome?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_1", "function": {"name": "get_w", "arguments": {"city": "Oslo"}}},
+            {"id": "call_2", "function": {"name": "get_w", "arguments": {"city": "Rome"}}}]},
+        {"role": "tool", "content": "4C", "tool_name": "get_w", "tool_call_id": "call_1"},
+        {"role": "tool", "content": "20C", "tool_name": "get_w", "tool_call_id": "call_2"},
+        {"role": "assistant", "content": "Oslo 4C, Rome 20C."}],
+    "empty_content": [{"role": "system", "content": "First"}, {"role": "user", "content": ""},
+                      {"role": "user", "content": ""}, {"role": "assistant", "content": ""},
+                      {"role": "system", "content": "Second"}, {"role": "user", "content": "go"}],
+    "bad_arguments": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "Calling.",
+                      "tool_calls": [{"id": "c9", "function": {"name": "f", "arguments": {}}}]}],
+}
+
+
+class TestGoldenWire(unittest.TestCase):
+    """Message list in, exact provider JSON out, for every provider."""
+
+    def test_openai(self):
+        """convert_messages_to_openai matches the golden table."""
+        for name, messages in _conversations().items():
+            with self.subTest(conversation=name):
+                self.assertEqual(convert_messages_to_openai(messages), GOLDEN_OPENAI[name])
+
+    def test_anthropic(self):
+        """convert_messages_to_anthropic matches the golden table (no empty blocks or turns)."""
+        for name, messages in _conversations().items():
+            with self.subTest(conversation=name):
+                self.assertEqual(convert_messages_to_anthropic(messages),
+                                 GOLDEN_ANTHROPIC[name])
+
+    def test_ollama(self):
+        """convert_messages_to_ollama matches the golden table (nothing stripped)."""
+        for name, expected in GOLDEN_OLLAMA.items():
+            with self.subTest(conversation=name):
+                self.assertEqual(run_async(convert_messages_to_ollama(_conversations()[name])),
+                                 expected)
+
+    def test_ollama_images_inline(self):
+        """Ollama gets raw base64 for data-URI, dict and prefixed-dict images."""
+        messages = [UserMessage(content=[TextContent(text="a"), TextContent(text="b"),
+                                         ImageContent(source=_PNG_URI),
+                                         ImageContent(source={"type": "base64", "data": PNG_B64})])]
+        self.assertEqual(run_async(convert_messages_to_ollama(messages)),
+                         [{"role": "user", "content": "a\nb", "images": [PNG_B64, PNG_B64]}])
+
+    def test_ollama_url_image_refused_for_private_hosts(self):
+        """A URL image on a loopback host is refused before anything is fetched."""
+        messages = [UserMessage(content=[ImageContent(source="http://127.0.0.1:9/a.png")])]
+        with self.assertRaisesRegex(ImageFetchError, "not a public address"):
+            run_async(convert_messages_to_ollama(messages))
+
+    def test_anthropic_system_messages(self):
+        """extract_system_message keeps upstream's first-only answer; requests get them all."""
+        messages = _conversations()["empty_content"]
+        self.assertEqual(extract_system_message(messages), "First")
+        self.assertIsNone(extract_system_message([UserMessage(content="x")]))
+        body = casual_llm._request_anthropic("m", messages, casual_llm._resolve_response_format(
+            "text"), None, None, None, False)
+        self.assertEqual(body["system"], [{"type": "text", "text": "First"},
+                                          {"type": "text", "text": "Second"}])
+
+    def test_tool_converters(self):
+        """Tools convert to each provider's shape; OpenAI's and Ollama's are the same."""
+        tool = Tool(name="get_w", description="Weather",
+                    parameters={"city": ToolParameter(type="string")}, required=["city"])
+        schema = {"type": "object", "properties": {"city": {"type": "string"}},
+                  "required": ["city"]}
+        self.assertEqual(tool_to_openai(tool), {"type": "function", "function": {
+            "name": "get_w", "description": "Weather", "parameters": schema}})
+        self.assertEqual(tool_to_ollama(tool), tool_to_openai(tool))
+        self.assertEqual(tool_to_anthropic(tool), {"name": "get_w", "description": "Weather",
+                                                   "input_schema": schema})
+        self.assertEqual(tools_to_openai([tool, tool]), [tool_to_openai(tool)] * 2)
+        self.assertEqual(tools_to_anthropic([tool]), [tool_to_anthropic(tool)])
+        self.assertEqual(tools_to_ollama([tool]), [tool_to_ollama(tool)])
+
+    def test_tool_calls_from_providers(self):
+        """Provider tool calls (dicts or objects) become AssistantToolCalls alike."""
+        openai = convert_tool_calls_from_openai([{"id": "c1", "type": "function", "function": {
+            "name": "f", "arguments": '{"a":1}'}}])
+        self.assertEqual(openai[0].function.arguments, '{"a":1}')
+        block = types.SimpleNamespace(id="t1", name="f", input={"a": 1})
+        anthropic = convert_tool_calls_from_anthropic([block])
+        self.assertEqual((anthropic[0].id, anthropic[0].function.arguments), ("t1", '{"a": 1}'))
+        self.assertEqual(convert_tool_calls_from_anthropic([{"id": "t", "name": "f",
+                                                             "input": {}}])[0].function.arguments,
+                         "{}")
+        ollama = convert_tool_calls_from_ollama([{"function": {"name": "f",
+                                                               "arguments": {"a": 1}}}])
+        self.assertRegex(ollama[0].id, r"^call_[0-9a-f]{8}$")
+        self.assertEqual(ollama[0].function.arguments, '{"a": 1}')
+
+    def test_bad_image_data_uri(self):
+        """A data: URI that is not base64 gets a clear error."""
+        with self.assertRaisesRegex(ValidationError, "base64"):
+            convert_messages_to_openai([UserMessage(content=[ImageContent(
+                source="data:image/svg+xml,<svg/>")])])
+
+
+class MyCustomClient:
+    """A client written as the upstream docs show: no inheritance, two methods."""
+
+    def __init__(self):
+        self.calls = []
+
+    async def _chat(self, model, messages, response_format="text", max_tokens=None,
+                    tools=None, temperature=None):
+        self.calls.append({"model": model, "temperature": temperature,
+                           "max_tokens": max_tokens})
+        return (AssistantMessage(content=f"echo: {messages[-1].content}"),
+                Usage(prompt_tokens=3, completion_tokens=2))
+
+    async def _stream(self, model, messages, response_format="text", max_tokens=None,
+                      tools=None, temperature=None):
+        self.calls.append({"model": model, "temperature": temperature, "stream": True})
+        for word in ["a", "b"]:
+            yield StreamChunk(content=word, finish_reason=None)
+        yield StreamChunk(content="", finish_reason="stop",
+                          usage=Usage(prompt_tokens=5, completion_tokens=1))
+
+
+class ExtrasClient(MyCustomClient):
+    """A custom client that also takes provider extras."""
+
+    async def _chat(self, model, messages, response_format="text", max_tokens=None,
+                    tools=None, temperature=None, **extra):
+        self.calls.append(extra)
+        return AssistantMessage(content="ok"), None
+
+
+class TestModel(unittest.TestCase):
+    """Model over any LLMClient: options, usage, sync faces."""
+
+    def test_custom_client_chat_and_stream(self):
+        """The documented custom client works with chat and stream, usage included."""
+        client = MyCustomClient()
+        model = Model(client, name="mine", temperature=0.7)
+        reply = run_async(model.chat([UserMessage(content="hi")]))
+        self.assertEqual(reply.content, "echo: hi")
+        self.assertEqual(model.get_usage().total_tokens, 5)
+
+        async def collect():
+            return [c async for c in model.stream([UserMessage(content="hi")],
+                                                  temperature=0.1)]
+        chunks = run_async(collect())
+        self.assertEqual([c.content for c in chunks], ["a", "b", ""])
+        self.assertEqual(model.get_usage(), Usage(prompt_tokens=5, completion_tokens=1))
+        self.assertEqual(model.total_usage, Usage(prompt_tokens=8, completion_tokens=3))
+        self.assertEqual([c["temperature"] for c in client.calls], [0.7, 0.1])
+        self.assertEqual(repr(model), "Model(name='mine', temperature=0.7)")
+
+    def test_sync_faces_on_a_custom_client(self):
+        """chat_sync and stream_sync work on a client that has only async methods."""
+        model = Model(MyCustomClient(), name="mine")
+        self.assertEqual(model.chat_sync([UserMessage(content="x")]).content, "echo: x")
+        self.assertEqual("".join(c.content for c in model.stream_sync(
+            [UserMessage(content="x")])), "ab")
+        self.assertEqual(model.get_usage().prompt_tokens, 5)
+
+        async def inside_a_loop():  # as in a notebook: a loop already runs
+            return model.chat_sync([UserMessage(content="y")]).content
+        self.assertEqual(run_async(inside_a_loop()), "echo: y")
+
+    def test_extra_kwargs_passed_only_when_set(self):
+        """Model extras reach clients that take them; plain clients never see them."""
+        client = ExtrasClient()
+        model = Model(client, name="m", extra_kwargs={"top_p": 0.5})
+        run_async(model.chat([UserMessage(content="x")], seed=7))
+        self.assertEqual(client.calls[-1], {"top_p": 0.5, "seed": 7})
+        plain = MyCustomClient()
+        run_async(Model(plain, name="m").chat([UserMessage(content="x")]))
+        self.assertEqual(len(plain.calls), 1)
+
+    def test_bad_arguments(self):
+        """Model and its calls reject bad values before any request."""
+        with self.assertRaisesRegex(ValidationError, "Model.client"):
+            Model(object(), name="x")
+        with self.assertRaisesRegex(ValidationError, "Model.name"):
+            Model(MyCustomClient(), name=None)
+        with self.assertRaisesRegex(ValidationError, "Model.temperature"):
+            Model(MyCustomClient(), name="m", temperature="hot")
+        model = Model(MyCustomClient(), name="m")
+        with self.assertRaisesRegex(ValidationError, "Model.max_tokens"):
+            run_async(model.chat([UserMessage(content="x")], max_tokens=0))
+        with self.assertRaisesRegex(ValidationError, "messages"):
+            run_async(model.chat("hello"))
+        with self.assertRaisesRegex(ValidationError, "Model.tools"):
+            run_async(model.chat([UserMessage(content="x")], tools="t"))
+
+    def test_messages_as_dicts(self):
+        """Plain dicts are accepted as messages."""
+        model = Model(MyCustomClient(), name="m")
+        reply = run_async(model.chat([{"role": "user", "content": "dict"}]))
+        self.assertEqual(reply.content, "echo: dict")
+
+
+class TestScriptedClient(unittest.TestCase):
+    """ScriptedClient: queued replies, recorded calls, no network."""
+
+    def test_replies_in_order(self):
+        """Text, messages with usage, tool calls and exceptions come back in order."""
+        call = AssistantToolCall(id="c1", function=AssistantToolCallFunction(
+            name="f", arguments="{}"))
+        client = ScriptedClient("hello", (AssistantMessage(content="two"),
+                                          Usage(prompt_tokens=1, completion_tokens=2)),
+                                AssistantMessage(tool_calls=[call]), RateLimitError(
+                                    "slow down", status_code=429))
+        model = Model(client, name="test")
+        self.assertEqual(model.chat_sync([UserMessage(content="a")]).content, "hello")
+        self.assertEqual(model.chat_sync([UserMessage(content="b")]).content, "two")
+        self.assertEqual(model.get_usage().total_tokens, 3)
+        reply = model.chat_sync([UserMessage(content="c")])
+        self.assertEqual((reply.tool_calls, reply.finish_reason), ([call], "tool_calls"))
+        with self.assertRaises(RateLimitError):
+            model.chat_sync([UserMessage(content="d")])
+        with self.assertRaisesRegex(CasualLLMError, "no reply left"):
+            model.chat_sync([UserMessage(content="e")])
+        self.assertEqual([c["messages"][-1].content for c in client.calls], list("abcde"))
+
+    def test_streams(self):
+        """Text streams in word chunks and ends with the usual final chunk."""
+        client = ScriptedClient(("one two three", Usage(prompt_tokens=4, completion_tokens=3)))
+        model = Model(client, name="test")
+
+        async def collect():
+            return [c async for c in model.stream([UserMessage(content="x")])]
+        chunks = run_async(collect())
+        self.assertEqual("".join(c.content for c in chunks), "one two three")
+        self.assertEqual(chunks[-1].finish_reason, "stop")
+        self.assertEqual(model.get_usage().total_tokens, 7)
+        self.assertTrue(client.calls[0]["stream"])
+
+    def test_echo_and_bad_replies(self):
+        """echo=True answers with the last user message; bad replies are refused."""
+        model = Model(ScriptedClient(echo=True), name="echo")
+        self.assertEqual(model.chat_sync([UserMessage(content="ping")]).content, "ping")
+        with self.assertRaisesRegex(ValidationError, "ScriptedClient.replies"):
+            ScriptedClient(42)
+
+
+class TestConfig(unittest.TestCase):
+    """Provider, ClientConfig, ModelConfig and the factories."""
+
+    def test_provider_accepts_strings(self):
+        """Provider names match in any case; unknown ones list the valid names."""
+        self.assertIs(Provider("OpenAI"), Provider.OPENAI)
+        self.assertIs(ClientConfig(provider="ANTHROPIC").provider, Provider.ANTHROPIC)
+        with self.assertRaisesRegex(UnsupportedProviderError,
+                                    "Unknown provider: 'nope'. Valid providers: openai, "
+                                    "ollama, anthropic"):
+            ClientConfig(provider="nope")
+
+    def test_repr_masks_the_key(self):
+        """ClientConfig's repr never shows the key."""
+        config = ClientConfig(provider="openai", api_key="sk-secret-value-1234567")
+        self.assertNotIn("secret", repr(config))
+        self.assertNotIn("sk-secret-value-1234567", str(config))
+
+    def test_create_client(self):
+        """create_client builds each provider's client; the name picks a key variable."""
+        with mock_env(OPEN_ROUTER_API_KEY="sk-or-1"):
+            client = create_client(ClientConfig(provider="openai", name="open-router",
+                                                base_url="http://127.0.0.1:1/v1"))
+        self.assertIsInstance(client, OpenAIClient)
+        self.assertEqual(client._headers["Authorization"], "Bearer sk-or-1")
+        self.assertIsInstance(create_client(ClientConfig(provider=Provider.OLLAMA)),
+                              OllamaClient)
+        anthropic = create_client(ClientConfig(provider="anthropic", api_key="k",
+                                               timeout=5, extra_kwargs={"top_k": 3}))
+        self.assertEqual((anthropic.timeout, anthropic.extra_kwargs), (5.0, {"top_k": 3}))
+        config = ClientConfig(provider="openai")
+        config.provider = "bogus"
+        with self.assertRaisesRegex(UnsupportedProviderError, "Unsupported provider: bogus"):
+            create_client(config)
+
+    def test_create_model(self):
+        """create_model passes name, temperature and extras."""
+        model = create_model(MyCustomClient(), ModelConfig(name="m", temperature=0.3,
+                                                           extra_kwargs={"seed": 1}))
+        self.assertEqual((model.name, model.temperature, model.extra_kwargs),
+                         ("m", 0.3, {"seed": 1}))
+
+    def test_bad_config(self):
+        """Config classes name the bad field."""
+        with self.assertRaisesRegex(ValidationError, "ClientConfig.timeout"):
+            ClientConfig(provider="openai", timeout="slow")
+        with self.assertRaisesRegex(ValidationError, "ModelConfig.name"):
+            ModelConfig(name=3)
+        with self.assertRaisesRegex(ValidationError, "create_client.config"):
+            create_client({"provider": "openai"})
+
+
+class TestFraming(unittest.TestCase):
+    """The SSE and NDJSON decoders, fed canned bytes."""
+
+    def feed_all(self, decoder, pieces):
+        out = []
+        for piece in pieces:
+            out += decoder.feed(piece)
+        return out + decoder.flush()
+
+    def test_sse_rules(self):
+        """LF and CRLF, comments, data with and without a space, joined data lines."""
+        raw = (b": comment\r\nevent: x\r\ndata: {\"a\":1}\r\n\r\n"
+               b"data:{\"b\":2}\n\n"
+               b"data: line1\ndata: line2\n\n"
+               b"id: 7\nretry: 10\ndata: last")
+        for size in (1, 2, 7, len(raw)):
+            pieces = [raw[i:i + size] for i in range(0, len(raw), size)]
+            with self.subTest(size=size):
+                self.assertEqual(self.feed_all(casual_llm._SSEDecoder(), pieces),
+                                 [b'{"a":1}', b'{"b":2}', b"line1\nline2", b"last"])
+
+    def test_ndjson_split_utf8(self):
+        """Values split anywhere, even inside a multi-byte character, come out whole."""
+        raw = '{"t":"héllo ✓"}\n\n{"t":"2"}\n{"t":"3"}'.encode()
+        for size in (1, 3, len(raw)):
+            pieces = [raw[i:i + size] for i in range(0, len(raw), size)]
+            with self.subTest(size=size):
+                values = [json.loads(v) for v in self.feed_all(casual_llm._NDJSONDecoder(),
+                                                               pieces)]
+                self.assertEqual(values, [{"t": "héllo ✓"}, {"t": "2"}, {"t": "3"}])
+
+
+def mock_env(**values):
+    """Set (value) or unset (None) environment variables for a block."""
+    saved = {k: os.environ.get(k) for k in values}
+
+    @contextlib.contextmanager
+    def scope():
+        for key, value in values.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+    return scope()
+
+
+def free_port():
+    """A loopback port nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerTest(unittest.TestCase):
+    """A fake provider per test; the connection pool emptied after it."""
+
+    def setUp(self):
+        self.fp = FakeProvider()
+        self.addCleanup(self.fp.close)
+        self.addCleanup(casual_llm._pool.clear)
+
+    def tearDown(self):
+        self.assertEqual(self.fp.errors, [])
+
+    def wait_workers_idle(self, timeout=5):
+        deadline = time.monotonic() + timeout
+        while casual_llm._workers.busy and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return casual_llm._workers.busy == 0
+
+
+class ProviderContract:
+    """Behaviour every client shares, bound to each provider below."""
+
+    key_header = "authorization"
+
+    # -- chat ----------------------------------------------------------------
+
+    def test_chat_text(self):
+        """A plain chat returns the text, the finish reason and the usage."""
+        self.fp.add(self.text_reply("Hello there", usage=(7, 3)))
+        model = self.model(temperature=0.3)
+        reply = run_async(model.chat([SystemMessage(content="Be nice."),
+                                      UserMessage(content="Hi")], max_tokens=20))
+        self.assertEqual((reply.content, reply.finish_reason), ("Hello there", "stop"))
+        self.assertEqual(model.get_usage(), Usage(prompt_tokens=7, completion_tokens=3))
+        request = self.fp.requests[0]
+        self.assertEqual(request.path, self.path)
+        self.assertEqual(request.headers["content-type"], "application/json")
+        self.check_options(request.json, temperature=0.3, max_tokens=20)
+
+    def test_json_mode(self):
+        """response_format="json" asks for the provider's JSON mode and parses the reply."""
+        self.fp.add(self.text_reply('{"a": 1}'))
+        reply = run_async(self.model().chat([UserMessage(content="json please")],
+                                            response_format="json"))
+        self.assertEqual(reply.parsed, {"a": 1})
+        self.check_json_mode(self.fp.requests[0].json)
+
+    def test_tools_round_trip(self):
+        """Tools go out in the provider's shape; calls come back; results go back."""
+        tool = Tool(name="get_w", description="Weather",
+                    parameters={"city": ToolParameter(type="string", minLength=1)},
+                    required=["city"])
+        self.fp.add(self.tool_reply([("call_1", "get_w", {"city": "Oslo"}),
+                                     ("call_2", "get_w", {"city": "Rome"})]),
+                    self.text_reply("Done"))
+        model = self.model()
+        messages = [UserMessage(content="Weather?")]
+        reply = run_async(model.chat(messages, tools=[tool]))
+        self.assertEqual(reply.finish_reason, "tool_calls")
+        self.assertEqual([(c.id, c.function.name, json.loads(c.function.arguments))
+                          for c in reply.tool_calls],
+                         [("call_1", "get_w", {"city": "Oslo"}),
+                          ("call_2", "get_w", {"city": "Rome"})])
+        self.assertEqual(self.fp.requests[0].json["tools"], self.wire_tools([tool]))
+        messages += [reply] + [ToolResultMessage(name=c.function.name, tool_call_id=c.id,
+                                                 content="sunny") for c in reply.tool_calls]
+        self.assertEqual(run_async(model.chat(messages, tools=[tool])).content, "Done")
+        self.assertEqual(self.fp.requests[1].json["messages"][-3:] if self.provider != "anthropic"
+                         else self.fp.requests[1].json["messages"][-2:],
+                         self.history_tail())
+
+    def test_images(self):
+        """A base64 image reaches the provider in its own shape."""
+        self.fp.add(self.text_reply("A cat"))
+        image = ImageContent(source={"type": "base64", "data": PNG_B64})
+        run_async(self.model().chat([UserMessage(content=[TextContent(text="What?"), image])]))
+        self.assertEqual(self.fp.requests[0].json["messages"][-1],
+                         self.wire_image_message())
+
+    def test_finish_reason_length(self):
+        """A reply cut by the token limit says "length", in chat and in stream."""
+        self.fp.add(self.text_reply("Par", reason="length"),
+                    self.stream_reply(["Par"], reason="length"))
+        model = self.model()
+        self.assertEqual(run_async(model.chat([UserMessage(content="x")])).finish_reason,
+                         "length")
+        chunks = self.collect(model)
+        self.assertEqual(chunks[-1].finish_reason, "length")
+
+    # -- streams -------------------------------------------------------------
+
+    def collect(self, model, messages=None, **kwargs):
+        async def go():
+            return [c async for c in model.stream(messages or [UserMessage(content="x")],
+                                                  **kwargs)]
+        return run_async(go())
+
+    def test_stream_text_and_usage(self):
+        """Text arrives in pieces, the final chunk has the finish reason and usage."""
+        self.fp.add(self.stream_reply(["Hel", "lo ✓", " wörld"], usage=(9, 3), split=True))
+        model = self.model()
+        chunks = self.collect(model)
+        self.assertEqual("".join(c.content for c in chunks), "Hello ✓ wörld")
+        self.assertEqual([c.content for c in chunks[:-1]], ["Hel", "lo ✓", " wörld"])
+        self.assertEqual((chunks[-1].content, chunks[-1].finish_reason), ("", "stop"))
+        self.assertEqual(chunks[-1].usage, Usage(prompt_tokens=9, completion_tokens=3))
+        self.assertEqual(model.get_usage(), chunks[-1].usage)
+        self.assertEqual(self.fp.requests[0].json["stream"], True)
+
+    def test_stream_tool_calls(self):
+        """Tool calls are assembled from their fragments and delivered on the final chunk."""
+        self.fp.add(self.tool_stream([("call_1", "get_w", ['{"city": "Os', 'lo"}']),
+                                      ("call_2", "get_w", ['{"city": ', '"Rome"}'])]))
+        chunks = self.collect(self.model())
+        final = chunks[-1]
+        self.assertEqual(final.finish_reason, "tool_calls")
+        self.assertEqual([(c.id, json.loads(c.function.arguments)) for c in final.tool_calls],
+                         [("call_1", {"city": "Oslo"}), ("call_2", {"city": "Rome"})])
+
+    def test_sync_faces(self):
+        """chat_sync and stream_sync talk to the same server, no event loop needed."""
+        self.fp.add(self.text_reply("sync"), self.stream_reply(["a", "b"], usage=(1, 2)))
+        model = self.model()
+        self.assertEqual(model.chat_sync([UserMessage(content="x")]).content, "sync")
+        chunks = list(model.stream_sync([UserMessage(content="x")]))
+        self.assertEqual("".join(c.content for c in chunks), "ab")
+        self.assertEqual(model.get_usage().total_tokens, 3)
+
+    # -- errors --------------------------------------------------------------
+
+    def test_status_codes_become_typed_errors(self):
+        """Every non-2xx status raises its class with status, message and request id."""
+        table = {400: BadRequestError, 401: AuthenticationError, 403: PermissionDeniedError,
+                 404: NotFoundError, 413: RequestTooLargeError, 422: UnprocessableEntityError,
+                 429: RateLimitError, 500: InternalServerError, 503: InternalServerError,
+                 529: OverloadedError}
+        model = self.model(max_retries=0)
+        for status, cls in table.items():
+            with self.subTest(status=status):
+                self.fp.add(self.error_reply(status, f"boom {status}"))
+                with self.assertRaises(cls) as ctx:
+                    run_async(model.chat([UserMessage(content="x")]))
+                err = ctx.exception
+                self.assertEqual(err.status_code, status)
+                self.assertEqual(err.provider_message, f"boom {status}")
+                self.assertIn(f"boom {status}", str(err))
+                if self.request_id:
+                    self.assertEqual(err.request_id, self.request_id)
+                    self.assertIn(self.request_id, str(err))
+                self.assertNotIn("sk-test", repr(err.__dict__))
+
+    def test_retry_after(self):
+        """A 429 with retry-after-ms is retried after that pause, then succeeds."""
+        self.fp.add(self.error_reply(429, "slow", headers={"retry-after-ms": "20"}),
+                    self.text_reply("finally"))
+        started = time.monotonic()
+        self.assertEqual(run_async(self.model().chat([UserMessage(content="x")])).content,
+                         "finally")
+        self.assertGreaterEqual(time.monotonic() - started, 0.02)
+        self.assertEqual(len(self.fp.requests), 2)
+
+    def test_retries_exhausted(self):
+        """After max_retries retries the last error is raised."""
+        for _ in range(3):
+            self.fp.add(self.error_reply(503, "down", headers={"retry-after": "0"}))
+        with self.assertRaises(InternalServerError):
+            run_async(self.model(max_retries=2).chat([UserMessage(content="x")]))
+        self.assertEqual(len(self.fp.requests), 3)
+
+    def test_no_retry_on_client_errors(self):
+        """A 400 is not retried."""
+        self.fp.add(self.error_reply(400, "bad"))
+        with self.assertRaises(BadRequestError):
+            run_async(self.model().chat([UserMessage(content="x")]))
+        self.assertEqual(len(self.fp.requests), 1)
+
+    def test_timeout(self):
+        """A server slower than ``timeout`` raises APITimeoutError."""
+        self.fp.add(replace(self.text_reply("late"), delay=2))
+        with self.assertRaises(APITimeoutError):
+            run_async(self.model(timeout=0.2, max_retries=0).chat([UserMessage(content="x")]))
+
+    def test_refused_connection(self):
+        """Nothing listening raises APIConnectionError (a ConnectionError)."""
+        model = Model(self.make_client(f"http://127.0.0.1:{free_port()}", max_retries=0), "m")
+        with self.assertRaises(APIConnectionError) as ctx:
+            run_async(model.chat([UserMessage(content="x")]))
+        self.assertIsInstance(ctx.exception, ConnectionError)
+
+    def test_stream_cut_midway(self):
+        """A stream whose connection drops raises StreamError, never ends quietly."""
+        self.fp.add(self.stream_reply(["a", "b", "c"], cut_after=2))
+        with self.assertRaises(StreamError):
+            self.collect(self.model())
+
+    def test_stream_ends_early(self):
+        """A stream that ends cleanly but without its final event raises StreamError."""
+        reply = self.stream_reply(["a", "b"])
+        reply.frames = reply.frames[:2]
+        self.fp.add(reply)
+        with self.assertRaisesRegex(StreamError, "before the reply was complete"):
+            self.collect(self.model())
+
+    def test_error_event_mid_stream(self):
+        """An error event inside a 200 stream raises with the provider's message."""
+        reply = self.stream_reply(["a", "b"])
+        reply.frames.insert(2, self.error_frame("runner failed"))
+        self.fp.add(reply)
+        with self.assertRaises(StreamError) as ctx:
+            self.collect(self.model())
+        self.assertEqual(ctx.exception.provider_message, "runner failed")
+
+    def test_frame_that_is_not_json(self):
+        """A garbled frame raises StreamError."""
+        reply = self.stream_reply(["a"])
+        reply.frames.insert(1, self.garbage_frame())
+        self.fp.add(reply)
+        with self.assertRaisesRegex(StreamError, "not JSON"):
+            self.collect(self.model())
+
+    # -- cancellation ----------------------------------------------------------
+
+    def test_cancel_mid_stream_frees_the_thread(self):
+        """Cancelling the consuming task closes the socket and frees the worker."""
+        reply = self.stream_reply(["first", "second"])
+        reply.hold_before = len(reply.frames) - 2
+        self.fp.add(reply)
+        model = self.model()
+        got_first = asyncio.Event
+
+        async def consume(seen):
+            async for chunk in model.stream([UserMessage(content="x")]):
+                seen.set()
+
+        async def go():
+            seen = asyncio.Event()
+            task = asyncio.ensure_future(consume(seen))
+            await asyncio.wait_for(seen.wait(), 5)
+            task.cancel()
+            with self.assertRaises(asyncio.CancelledError):
+                await task
+        del got_first
+        run_async(go())
+        self.assertTrue(self.fp.wait_client_gone(timeout=5))
+        self.assertTrue(self.wait_workers_idle())
+
+    def test_break_and_aclose_close_the_connection(self):
+        """Leaving ``async for`` early (break, aclose) closes the connection; workers are
+        reused, not leaked."""
+        model = self.model()
+
+        async def go():
+            async for _ in model.stream([UserMessage(content="x")]):
+                break
+            stream = model.stream([UserMessage(content="x")])
+            await stream.__anext__()
+            await stream.aclose()
+
+        def workers():
+            return sum(t.name == "casual_llm-worker" for t in threading.enumerate())
+        for round_ in range(3):
+            for _ in range(2):
+                reply = self.stream_reply(["a", "b"])
+                reply.hold_before = len(reply.frames) - 2
+                self.fp.add(reply)
+            run_async(go())
+            self.assertTrue(self.fp.wait_client_gone(timeout=5, count=2 * (round_ + 1)))
+            self.assertTrue(self.wait_workers_idle())
+            if round_ == 0:
+                after_first = workers()
+        self.assertLessEqual(workers(), after_first)
+
+    def test_cancel_chat_frees_the_thread(self):
+        """Cancelling a waiting chat closes its connection."""
+        self.fp.add(replace(self.text_reply("late"), delay=5))
+
+        async def go():
+            task = asyncio.ensure_future(self.model().chat([UserMessage(content="x")]))
+            await asyncio.sleep(0.1)
+            task.cancel()
+            with self.assertRaises(asyncio.CancelledError):
+                await task
+        run_async(go())
+        self.assertTrue(self.fp.wait_client_gone(timeout=5))
+        self.assertTrue(self.wait_workers_idle())
+
+    # -- security ----------------------------------------------------------------
+
+    def test_redirect_to_another_host_drops_the_key(self):
+        """A 307 to another origin is followed without the credentials."""
+        with FakeProvider() as other:
+            other.add(self.text_reply("moved"))
+            target = other.url.replace("127.0.0.1", "localhost") + self.path
+            self.fp.add(Reply(307, headers={"Location": target}))
+            reply = run_async(self.model(api_key="sk-test-secret").chat(
+                [UserMessage(content="x")]))
+            self.assertEqual(reply.content, "moved")
+            self.assertIn(self.key_header, self.fp.requests[0].headers)
+            self.assertNotIn(self.key_header, other.requests[0].headers)
+            self.assertNotIn("sk-test-secret", json.dumps(other.requests[0].headers))
+
+    def test_key_never_in_reprs_or_errors(self):
+        """The key is in no repr and no exception."""
+        self.fp.add(self.error_reply(401, "bad key"))
+        client = self.make_client(self.fp.url, api_key="sk-test-secret", max_retries=0)
+        self.assertNotIn("sk-test-secret", repr(client))
+        self.assertNotIn("sk-test-secret", repr(client.__dict__))
+        with self.assertRaises(AuthenticationError) as ctx:
+            run_async(Model(client, "m").chat([UserMessage(content="x")]))
+        err = ctx.exception
+        self.assertNotIn("sk-test-secret", str(err) + repr(err.__dict__))
+
+    def test_proxy_from_environment(self):
+        """HTTP_PROXY sends the request through the proxy (absolute URI); NO_PROXY skips it."""
+        self.fp.add(self.text_reply("via proxy"))
+        with mock_env(HTTP_PROXY=self.fp.url, http_proxy=self.fp.url, NO_PROXY="",
+                      no_proxy=""):
+            model = Model(self.make_client("http://llm.example.test"), "m")
+            self.assertEqual(run_async(model.chat([UserMessage(content="x")])).content,
+                             "via proxy")
+        self.assertEqual(self.fp.requests[0].path, "http://llm.example.test:80" + self.path)
+
+
+def replace(reply, **changes):
+    """A scripted reply with some fields changed."""
+    return dataclasses.replace(reply, **changes)
+
+
+class TestOpenAIContract(ProviderContract, ServerTest):
+    """The contract, spoken as OpenAI Chat Completions."""
+
+    provider = "openai"
+    path = "/v1/chat/completions"
+    request_id = "req_test123"
+
+    def make_client(self, url, **kwargs):
+        return OpenAIClient(base_url=url + "/v1", **kwargs)
+
+    def model(self, temperature=None, **kwargs):
+        return Model(self.make_client(self.fp.url, **kwargs), "gpt-test", temperature)
+
+    def text_reply(self, text, usage=(10, 5), reason=None):
+        return openai_reply(text, usage=usage, finish_reason=reason)
+
+    def stream_reply(self, pieces, usage=None, reason=None, **kwargs):
+        return openai_stream(pieces, usage=usage, finish_reason=reason, **kwargs)
+
+    def tool_reply(self, calls):
+        return openai_reply(None, tool_calls=calls)
+
+    def tool_stream(self, calls):
+        return openai_stream([], tool_calls=calls)
+
+    def error_reply(self, status, message, headers=None):
+        return openai_error(status, message, headers=headers)
+
+    def error_frame(self, message):
+        return openai_stream_error_event(message)
+
+    def garbage_frame(self):
+        return b"data: {not json\n\n"
+
+    def check_options(self, body, temperature, max_tokens):
+        self.assertEqual((body["temperature"], body["max_tokens"]), (temperature, max_tokens))
+        self.assertEqual(body["messages"][0], {"role": "system", "content": "Be nice."})
+
+    def check_json_mode(self, body):
+        self.assertEqual(body["response_format"], {"type": "json_object"})
+
+    def wire_tools(self, tools):
+        return tools_to_openai(tools)
+
+    def history_tail(self):
+        return [{"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_w", "arguments": '{"city":"Oslo"}'}},
+            {"id": "call_2", "type": "function",
+             "function": {"name": "get_w", "arguments": '{"city":"Rome"}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+            {"role": "tool", "tool_call_id": "call_2", "content": "sunny"}][-3:]
+
+    def wire_image_message(self):
+        return {"role": "user", "content": [
+            {"type": "text", "text": "What?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + PNG_B64}}]}
+
+    def test_keyless_local_server(self):
+        """A server that needs no key gets no Authorization header."""
+        self.fp.add(self.text_reply("ok"))
+        with mock_env(OPENAI_API_KEY=None):
+            run_async(self.model().chat([UserMessage(content="x")]))
+        self.assertNotIn("authorization", self.fp.requests[0].headers)
+
+    def test_official_endpoint_needs_a_key(self):
+        """api.openai.com without a key fails at construction, naming both remedies."""
+        with mock_env(OPENAI_API_KEY=None, OPENAI_BASE_URL=None):
+            with self.assertRaisesRegex(ConfigurationError, "api_key=.*OPENAI_API_KEY"):
+                OpenAIClient()
+            body = OpenAIClient(api_key="sk-x")._dry_run("m", [UserMessage(content="x")],
+                                                         max_tokens=5)["body"]
+        self.assertEqual(body["max_completion_tokens"], 5)
+
+    def test_environment_and_headers(self):
+        """OPENAI_BASE_URL, OPENAI_API_KEY, org/project and default headers are used."""
+        self.fp.add(self.text_reply("ok"))
+        with mock_env(OPENAI_BASE_URL=self.fp.url + "/v1/", OPENAI_API_KEY="sk-env",
+                      OPENAI_ORG_ID="org-1", OPENAI_PROJECT_ID="proj-1"):
+            client = OpenAIClient(default_headers={"X-Trace": "t1"})
+        run_async(Model(client, "m").chat([UserMessage(content="x")]))
+        headers = self.fp.requests[0].headers
+        self.assertEqual((headers["authorization"], headers["openai-organization"],
+                          headers["openai-project"], headers["x-trace"]),
+                         ("Bearer sk-env", "org-1", "proj-1", "t1"))
+
+    def test_sse_variants(self):
+        """CRLF endings, data: without a space and comment lines all parse."""
+        self.fp.add(self.stream_reply(["a", "b"], crlf=True, no_space=True, comments=True))
+        self.assertEqual("".join(c.content for c in self.collect(self.model())), "ab")
+
+    def test_stream_options_and_missing_usage(self):
+        """Streams ask for usage; a server that omits it gives usage None, not a crash."""
+        self.fp.add(self.stream_reply(["a"], usage=None))
+        model = self.model()
+        chunks = self.collect(model)
+        self.assertEqual(self.fp.requests[0].json["stream_options"], {"include_usage": True})
+        self.assertIsNone(chunks[-1].usage)
+        self.assertIsNone(model.get_usage())
+
+    def test_null_usage_counts_and_empty_choices(self):
+        """Null token counts become 0; a reply with no choices raises a clear APIError."""
+        body = {"choices": [{"message": {"content": "x"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": None, "completion_tokens": 2}}
+        self.fp.add(Reply(body=body), Reply(body={"choices": []}))
+        model = self.model()
+        run_async(model.chat([UserMessage(content="x")]))
+        self.assertEqual(model.get_usage(), Usage(prompt_tokens=0, completion_tokens=2))
+        with self.assertRaisesRegex(APIError, "no choices"):
+            run_async(model.chat([UserMessage(content="x")]))
+
+    def test_error_bodies_of_compatible_servers(self):
+        """String errors (LM Studio), flat errors (vLLM) and plain text all give a message."""
+        cases = [({"error": "'response_format.type' must be 'json_schema'"},
+                  "'response_format.type' must be 'json_schema'"),
+                 ({"object": "error", "message": "flat", "type": "BadRequestError",
+                   "code": 400}, "flat"),
+                 ("plain text failure", "plain text failure")]
+        model = self.model(max_retries=0)
+        for body, message in cases:
+            with self.subTest(message=message):
+                self.fp.add(Reply(400, body=body))
+                with self.assertRaises(BadRequestError) as ctx:
+                    run_async(model.chat([UserMessage(content="x")]))
+                self.assertEqual(ctx.exception.provider_message, message)
+
+    def test_extras_join_the_body_but_never_override(self):
+        """Client, model and call extras merge; they never replace a field the call set."""
+        self.fp.add(self.text_reply("ok"))
+        client = self.make_client(self.fp.url, extra_kwargs={"top_p": 0.5, "seed": 1,
+                                                             "temperature": 2})
+        model = Model(client, "m", temperature=0.1, extra_kwargs={"seed": 2})
+        with self.assertLogs("casual_llm", "WARNING"):
+            run_async(model.chat([UserMessage(content="x")], temperature=0.9, stop=["\n"]))
+        body = self.fp.requests[0].json
+        self.assertEqual((body["top_p"], body["seed"], body["stop"], body["temperature"]),
+                         (0.5, 2, ["\n"], 0.9))
+
+
+class TestAnthropicContract(ProviderContract, ServerTest):
+    """The contract, spoken as the Anthropic Messages API."""
+
+    provider = "anthropic"
+    path = "/v1/messages"
+    request_id = "req_test123"
+    key_header = "x-api-key"
+
+    def make_client(self, url, api_key="sk-test-key", **kwargs):
+        return AnthropicClient(api_key=api_key, base_url=url, **kwargs)
+
+    def model(self, temperature=None, **kwargs):
+        return Model(self.make_client(self.fp.url, **kwargs), "claude-test", temperature)
+
+    def text_reply(self, text, usage=(10, 5), reason=None):
+        return anthropic_reply(text, usage=usage,
+                               stop_reason={"length": "max_tokens"}.get(reason, reason))
+
+    def stream_reply(self, pieces, usage=(10, 5), reason=None, **kwargs):
+        return anthropic_stream(pieces, usage=usage,
+                                stop_reason={"length": "max_tokens"}.get(reason, reason),
+                                **kwargs)
+
+    def tool_reply(self, calls):
+        return anthropic_reply(None, tool_uses=calls)
+
+    def tool_stream(self, calls):
+        return anthropic_stream([], tool_uses=calls)
+
+    def error_reply(self, status, message, headers=None):
+        kind = {529: "overloaded_error", 429: "rate_limit_error"}.get(status, "api_error")
+        return anthropic_error(status, kind, message, headers=headers)
+
+    def error_frame(self, message):
+        return anthropic_stream_error_event("api_error", message)
+
+    def garbage_frame(self):
+        return b"event: content_block_delta\ndata: {not json\n\n"
+
+    def check_options(self, body, temperature, max_tokens):
+        self.assertEqual((body["temperature"], body["max_tokens"]), (temperature, max_tokens))
+        self.assertEqual(body["system"], "Be nice.")
+
+    def check_json_mode(self, body):
+        self.assertIn("valid JSON", body["system"])
+
+    def wire_tools(self, tools):
+        return tools_to_anthropic(tools)
+
+    def history_tail(self):
+        return [{"role": "assistant", "content": [
+            {"type": "tool_use", "id": "call_1", "name": "get_w", "input": {"city": "Oslo"}},
+            {"type": "tool_use", "id": "call_2", "name": "get_w", "input": {"city": "Rome"}}]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "call_1", "content": "sunny"},
+                {"type": "tool_result", "tool_use_id": "call_2", "content": "sunny"}]}]
+
+    def wire_image_message(self):
+        return {"role": "user", "content": [
+            {"type": "text", "text": "What?"},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                         "data": PNG_B64}}]}
+
+    def test_headers_and_defaults(self):
+        """x-api-key, anthropic-version and the default max_tokens are sent."""
+        self.fp.add(self.text_reply("ok"))
+        run_async(self.model().chat([UserMessage(content="x")]))
+        request = self.fp.requests[0]
+        self.assertEqual(request.headers["x-api-key"], "sk-test-key")
+        self.assertEqual(request.headers["anthropic-version"], "2023-06-01")
+        self.assertEqual(request.json["max_tokens"], 4096)
+
+    def test_missing_key(self):
+        """No key for the official API fails at construction, naming both remedies."""
+        with mock_env(ANTHROPIC_API_KEY=None, ANTHROPIC_AUTH_TOKEN=None,
+                      ANTHROPIC_BASE_URL=None):
+            with self.assertRaisesRegex(ConfigurationError, "api_key=.*ANTHROPIC_API_KEY"):
+                AnthropicClient()
+
+    def test_pings_and_unknown_events_are_skipped(self):
+        """ping and unknown event types do not disturb the stream."""
+        self.fp.add(self.stream_reply(["a", "b"], ping=True, unknown_event=True))
+        self.assertEqual("".join(c.content for c in self.collect(self.model())), "ab")
+
+    def test_silent_stream_with_pings_times_out(self):
+        """A stream that sends only pings for longer than ``timeout`` raises a timeout."""
+        reply = self.stream_reply(["a"])
+        ping = anthropic_stream_error_event().replace(b"error", b"ping")
+        pings = [sse_frame({"type": "ping"}, event="ping")] * 12
+        reply.frames[2:2] = pings
+        reply.frame_delay = 0.05
+        self.fp.add(reply)
+        del ping
+        with self.assertRaises(APITimeoutError):
+            self.collect(self.model(timeout=0.25))
+
+
+class TestOllamaContract(ProviderContract, ServerTest):
+    """The contract, spoken as Ollama's native /api/chat."""
+
+    provider = "ollama"
+    path = "/api/chat"
+    request_id = None
+
+    def make_client(self, url, api_key=None, **kwargs):
+        return OllamaClient(host=url, api_key=api_key, **kwargs)
+
+    def model(self, temperature=None, **kwargs):
+        return Model(self.make_client(self.fp.url, **kwargs), "llama-test", temperature)
+
+    def text_reply(self, text, usage=(10, 5), reason=None):
+        return ollama_reply(text, usage=usage, done_reason=reason or "stop")
+
+    def stream_reply(self, pieces, usage=(10, 5), reason=None, **kwargs):
+        return ollama_stream(pieces, usage=usage, done_reason=reason or "stop", **kwargs)
+
+    def tool_reply(self, calls):
+        return ollama_reply("", tool_calls=calls)
+
+    def tool_stream(self, calls):
+        return ollama_stream([], tool_calls=[(i, n, json.loads("".join(a)))
+                                             for i, n, a in calls])
+
+    def error_reply(self, status, message, headers=None):
+        return replace(ollama_error(status, message), headers=headers or {})
+
+    def error_frame(self, message):
+        return ollama_stream_error_line(message)
+
+    def garbage_frame(self):
+        return b"{not json\n"
+
+    def check_options(self, body, temperature, max_tokens):
+        self.assertEqual(body["options"], {"temperature": temperature, "num_predict": max_tokens})
+        self.assertIs(body["stream"], False)
+
+    def check_json_mode(self, body):
+        self.assertEqual(body["format"], "json")
+
+    def wire_tools(self, tools):
+        return tools_to_ollama(tools)
+
+    def history_tail(self):
+        return [{"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_1", "function": {"name": "get_w", "arguments": {"city": "Oslo"}}},
+            {"id": "call_2", "function": {"name": "get_w", "arguments": {"city": "Rome"}}}]},
+            {"role": "tool", "content": "sunny", "tool_name": "get_w", "tool_call_id": "call_1"},
+            {"role": "tool", "content": "sunny", "tool_name": "get_w", "tool_call_id": "call_2"}]
+
+    def wire_image_message(self):
+        return {"role": "user", "content": "What?", "images": [PNG_B64]}
+
+    def test_host_from_environment(self):
+        """OLLAMA_HOST is read; a bare host:port gets http://."""
+        self.fp.add(self.text_reply("ok"))
+        with mock_env(OLLAMA_HOST=self.fp.url.replace("http://", "")):
+            client = OllamaClient()
+        self.assertEqual(client.host, self.fp.url)
+        with mock_env(OLLAMA_HOST=None):
+            self.assertEqual(OllamaClient().host, "http://localhost:11434")
+            self.assertEqual(OllamaClient(host="gpu-box").host, "http://gpu-box:11434")
+
+    def test_omitted_counts(self):
+        """Counts Ollama leaves out (0) become 0 instead of crashing."""
+        self.fp.add(self.text_reply("cached", usage=(0, 4)))
+        model = self.model()
+        run_async(model.chat([UserMessage(content="x")]))
+        self.assertEqual(model.get_usage(), Usage(prompt_tokens=0, completion_tokens=4))
+
+    def test_options_extras(self):
+        """Model parameters among the extras go into ``options``; others stay top level."""
+        self.fp.add(self.text_reply("ok"))
+        run_async(self.model().chat([UserMessage(content="x")], top_k=3, keep_alive="1m"))
+        body = self.fp.requests[0].json
+        self.assertEqual((body["options"], body["keep_alive"]), ({"top_k": 3}, "1m"))
+
+    def test_url_images_are_fetched(self):
+        """Image URLs are downloaded in parallel and sent as base64 (private hosts allowed
+        only by the switch)."""
+        png = base64.b64decode(PNG_B64)
+        image = Reply(body=png, content_type="image/png")
+        self.fp.add(lambda r: image, lambda r: image, self.text_reply("two cats"))
+        client = OllamaClient(host=self.fp.url, allow_private_image_urls=True)
+        urls = [self.fp.url + "/a.png", self.fp.url + "/b.png"]
+        run_async(Model(client, "m").chat([UserMessage(content=[
+            TextContent(text="cats?"), *[ImageContent(source=u) for u in urls]])]))
+        self.assertEqual(self.fp.requests[-1].json["messages"][0]["images"], [PNG_B64] * 2)
+
+
+class TestImageFetch(ServerTest):
+    """Ollama image URLs are fetched safely."""
+
+    def fetch(self, url, **kwargs):
+        return run_async(fetch_image_as_base64(url, **kwargs))
+
+    def test_refuses_private_addresses(self):
+        """Loopback, private, link-local and DNS names resolving to them are refused."""
+        for url in ("http://127.0.0.1:9/a.png", "http://10.1.2.3/a.png",
+                    "http://169.254.169.254/latest", "http://[::1]/a.png",
+                    "http://localhost:9/a.png", "http://0.0.0.0/a.png"):
+            with self.subTest(url=url):
+                with self.assertRaisesRegex(ImageFetchError, "not a public address"):
+                    self.fetch(url)
+        self.assertEqual(self.fp.requests, [])
+
+    def test_refuses_other_schemes(self):
+        """Only http and https are fetched."""
+        for url in ("file:///etc/passwd", "ftp://example.com/a.png", "gopher://x"):
+            with self.subTest(url=url):
+                with self.assertRaisesRegex(ImageFetchError, "http"):
+                    self.fetch(url)
+
+    def test_fetch_with_switch_and_checks(self):
+        """With the switch: redirects followed, non-images and oversized bodies refused."""
+        png = base64.b64decode(PNG_B64)
+        self.fp.add(Reply(302, headers={"Location": "/real.png"}),
+                    Reply(body=png, content_type="image/png"),
+                    Reply(body="<html>", content_type="text/html"),
+                    Reply(body=png * 100, content_type="image/png"),
+                    Reply(404, body="missing"))
+        data, media = self.fetch(self.fp.url + "/a.png", allow_private=True)
+        self.assertEqual((data, media), (PNG_B64, "image/png"))
+        self.assertEqual(self.fp.requests[1].path, "/real.png")
+        with self.assertRaisesRegex(ImageFetchError, "did not return an image"):
+            self.fetch(self.fp.url + "/page", allow_private=True)
+        with self.assertRaisesRegex(ImageFetchError, "larger than 100 bytes"):
+            self.fetch(self.fp.url + "/big.png", allow_private=True, max_size=100)
+        with self.assertRaisesRegex(ImageFetchError, "404"):
+            self.fetch(self.fp.url + "/gone.png", allow_private=True)
+
+    def test_too_many_redirects(self):
+        """A redirect loop stops after five hops."""
+        self.fp.default = Reply(302, headers={"Location": "/again"})
+        with self.assertRaisesRegex(ImageFetchError, "too many redirects"):
+            self.fetch(self.fp.url + "/loop", allow_private=True)
+        self.assertEqual(len(self.fp.requests), 6)
+
+
+if __name__ == "__main__":
+    unittest.main()
