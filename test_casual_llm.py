@@ -3292,5 +3292,145 @@ class TestReadme(unittest.TestCase):
         self.assertEqual(seen, exported)
 
 
+@dataclass
+class ExampleRun:
+    """One run of an example: arguments, environment changes, replies, what it must print
+    and a check of the requests."""
+
+    replies: Callable[[], list]
+    prints: tuple = ()
+    args: tuple = ()
+    env: dict = field(default_factory=dict)
+    check: Callable | None = None
+
+
+def _check_compatible_example(test, fp):
+    request = fp.requests[0]
+    test.assertNotIn("authorization", request.headers)
+    test.assertEqual(request.json["max_tokens"], 100)  # not api.openai.com: max_tokens
+
+
+def _check_anthropic_example(test, fp):
+    test.assertEqual([b["text"] for b in fp.requests[0].json["system"]],
+                     ["You are a concise assistant.", "Use British spelling."])
+
+
+def _check_ollama_example(test, fp):
+    test.assertEqual(fp.requests[0].json["options"], {"temperature": 0, "num_ctx": 4096})
+
+
+def _check_tool_example(test, fp):
+    results = [m for m in fp.requests[1].json["messages"] if m["role"] == "tool"]
+    test.assertEqual([json.loads(m["content"])["temperature"] for m in results], [18, 24])
+
+
+def _check_config_example(test, fp):
+    test.assertEqual(fp.requests[1].headers["authorization"], "Bearer sk-or-test")
+    test.assertEqual(fp.requests[2].json["options"]["num_ctx"], 8192)
+
+
+_BOOK = {"title": "Nineteen Eighty-Four", "author": "George Orwell", "year": 1949,
+         "genre": "fiction", "themes": ["surveillance", "truth"]}
+_WEATHER_CALLS = [("call_1", "get_weather", {"city": "Paris"}),
+                  ("call_2", "get_weather", {"city": "Rome"})]
+
+EXAMPLE_RUNS = {
+    "basic_openai": [ExampleRun(lambda: [openai_reply("Tuples are immutable."),
+                                         openai_reply("Hei!")],
+                                ("Tuples are immutable.\n[stop; Usage(", "Hei!"))],
+    "basic_compatible": [ExampleRun(lambda: [openai_reply("2, 3, 5")], ("2, 3, 5",),
+                                    env={"OPENAI_API_KEY": None},
+                                    check=_check_compatible_example)],
+    "basic_anthropic": [ExampleRun(lambda: [anthropic_reply("Butterscotch by day.")],
+                                   ("Butterscotch by day.\n[stop;",),
+                                   check=_check_anthropic_example)],
+    "basic_ollama": [ExampleRun(lambda: [ollama_reply("Rivers carry minerals.")],
+                                ("Rivers carry minerals.",), check=_check_ollama_example)],
+    "streaming": [
+        ExampleRun(lambda: [openai_stream(("A cat", " slept."), usage=(5, 3)),
+                            openai_stream(("A dog",), finish_reason="length", usage=(6, 60))],
+                   ("A cat slept.\n[finish: stop; usage: Usage(prompt_tokens=5",
+                    "[finish: length; last usage: Usage(prompt_tokens=6, completion_tokens=60)")),
+        ExampleRun(lambda: [anthropic_stream(("Purr.",)), anthropic_stream(("Woof.",))],
+                   ("Purr.\n[finish: stop",), env={"PROVIDER": "anthropic"}),
+    ],
+    "tool_calling": [
+        ExampleRun(lambda: [openai_reply(None, tool_calls=_WEATHER_CALLS),
+                            openai_reply("Rome is warmer.")],
+                   ("-> get_weather({'city': 'Paris'})", "Rome is warmer.\n[30 tokens in 5"),
+                   check=_check_tool_example),
+        ExampleRun(lambda: [ollama_reply("", tool_calls=[(None, "get_weather", {"city": "Paris"}),
+                                                         (None, "get_weather", {"city": "Rome"})]),
+                            ollama_reply("Rome.")],
+                   ("Rome.",), env={"PROVIDER": "ollama"}, check=_check_tool_example),
+    ],
+    "vision": [ExampleRun(lambda: [openai_reply("A die; a red pixel; a red pixel.")],
+                          ("A die; a red pixel; a red pixel.",), args=("photo.png",))],
+    "structured_output": [ExampleRun(
+        lambda: [openai_reply(_dumps(_BOOK)),
+                 openai_reply(_dumps({"value": ["red", "yellow", "blue"]}))],
+        ("Nineteen Eighty-Four by George Orwell (1949), fiction\nthemes: surveillance, truth",
+         "['red', 'yellow', 'blue']"))],
+    "custom_client": [ExampleRun(
+        lambda: [openai_error(503, "down for maintenance", "server_error"),
+                 anthropic_reply("Hi"), openai_stream(("1, 2, 3",), usage=(4, 3))],
+        ("Hi\n1, 2, 3\n[fell back 1 time(s); Usage(prompt_tokens=14, completion_tokens=8)]",))],
+    "usage_tracking": [ExampleRun(
+        lambda: [openai_reply("Steam rises.", usage=(12, 8)),
+                 anthropic_reply("7", usage=(30, 1)),
+                 openai_stream(("Steam rises, slowly.",), usage=(20, 9))],
+        ("draft: Usage(prompt_tokens=12, completion_tokens=8)",
+         "draft again: Usage(prompt_tokens=20, completion_tokens=9)",
+         "gpt-4.1-mini: 49 tokens, $0.000040", "claude-sonnet-4-5: 31 tokens, $0.000105",
+         "all models: 80 tokens"))],
+    "config_classes": [ExampleRun(
+        lambda: [openai_reply("Ready."), openai_reply("Yes."), ollama_reply("Ready!")],
+        ("fast     Model(name='gpt-4.1-mini', temperature=0.2): Ready.", "private ",
+         "api_key='sk-...et'"), check=_check_config_example)],
+}
+
+
+class TestExamples(unittest.TestCase):
+    """Every script in examples/ runs as its docstring says (``python -m examples.NAME``),
+    against the fake provider."""
+
+    def test_every_example_is_run(self):
+        """The scripts in examples/ and the runs scripted here are the same set."""
+        self.assertEqual(sorted(p.stem for p in EXAMPLES.glob("*.py")), sorted(EXAMPLE_RUNS))
+
+    def test_examples(self):
+        """Each example exits 0, prints what it should and sends what it should."""
+        for name, runs in EXAMPLE_RUNS.items():
+            self.assertIn(f"python -m examples.{name}",
+                          (EXAMPLES / f"{name}.py").read_text(encoding="utf-8"))
+            for run in runs:
+                with self.subTest(example=name, env=run.env):
+                    self.run_example(name, run)
+
+    def run_example(self, name, run):
+        fp = FakeProvider()
+        self.addCleanup(fp.close)
+        fp.add(*run.replies())
+        cwd = user_dir(self)
+        env = dict(os.environ)
+        env.pop("PYTHONPATH", None)
+        for key, value in fake_env(fp, **run.env).items():
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = value
+        # As the docstrings say, from the checkout's root; the picture is in another folder.
+        args = [str(cwd / a) if (cwd / a).exists() else a for a in run.args]
+        out = subprocess.run([sys.executable, "-m", f"examples.{name}", *args], cwd=HERE,
+                             env=env, capture_output=True, text=True, timeout=30, check=False)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        for text in run.prints:
+            self.assertIn(text, out.stdout)
+        self.assertEqual(fp.errors, [])
+        self.assertEqual(fp.remaining, 0, "the example made fewer requests than scripted")
+        if run.check:
+            run.check(self, fp)
+
+
 if __name__ == "__main__":
     unittest.main()
