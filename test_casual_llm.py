@@ -3292,6 +3292,121 @@ class TestReadme(unittest.TestCase):
         self.assertEqual(seen, exported)
 
 
+class ConnectProxy:
+    """A loopback HTTP proxy that only tunnels (CONNECT), recording each request head."""
+
+    def __init__(self):
+        self.heads = []
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self._server.settimeout(0.05)
+        self._closing = threading.Event()
+        port = self._server.getsockname()[1]
+        self.url = f"http://user:p%40ss@127.0.0.1:{port}"
+        self._thread = threading.Thread(target=self._serve, daemon=True, name="connect-proxy")
+        self._thread.start()
+
+    def close(self):
+        self._closing.set()
+        self._thread.join(5)
+        self._server.close()
+
+    def _serve(self):
+        while not self._closing.is_set():
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._tunnel, args=(client,), daemon=True).start()
+
+    def _tunnel(self, client):
+        with client:
+            client.settimeout(10)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                data = client.recv(4096)
+                if not data:
+                    return
+                head += data
+            self.heads.append(head.decode("latin-1"))
+            method, target = head.split(b" ", 2)[:2]
+            if method != b"CONNECT":
+                client.sendall(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
+                return
+            host, _, port = target.decode().rpartition(":")
+            with socket.create_connection((host, int(port)), timeout=10) as upstream:
+                client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                self._pipe(client, upstream)
+
+    def _pipe(self, a, b):
+        with selectors.DefaultSelector() as sel:
+            sel.register(a, selectors.EVENT_READ, b)
+            sel.register(b, selectors.EVENT_READ, a)
+            deadline = time.monotonic() + _MAX_HOLD
+            while time.monotonic() < deadline and not self._closing.is_set():
+                for key, _ in sel.select(0.05):
+                    data = key.fileobj.recv(65536)
+                    if not data:
+                        return
+                    key.data.sendall(data)
+
+
+class TestReadmeClaims(ServerTest):
+    """What the README says about proxies and CA bundles, end to end over real TLS."""
+
+    def setUp(self):
+        super().setUp()
+        if TLSFixture.cert() is None:
+            self.skipTest("the openssl command is needed to make a test certificate")
+        self.url = TLSFixture.serve(self.fp)
+
+    def context(self):
+        import ssl
+        return ssl.create_default_context(cafile=TLSFixture.cert())
+
+    def chat(self, **client_options):
+        client = OpenAIClient(base_url=self.url + "/v1", api_key="sk-test", **client_options)
+        return Model(client, name="m").chat_sync([UserMessage(content="hi")]).content
+
+    def test_https_proxy_tunnel_with_credentials_and_ca_bundle(self):
+        """HTTPS_PROXY: a CONNECT tunnel with Proxy-Authorization from the URL's user:password;
+        the CA bundle's ssl_context verifies the server; NO_PROXY bypasses the proxy."""
+        proxy = ConnectProxy()
+        self.addCleanup(proxy.close)
+        port = self.url.rsplit(":", 1)[1]
+        self.fp.add(openai_reply("through the tunnel"), openai_reply("direct"))
+        with mock_env(HTTPS_PROXY=proxy.url, https_proxy=proxy.url, NO_PROXY="", no_proxy=""):
+            self.assertEqual(self.chat(ssl_context=self.context()), "through the tunnel")
+        self.assertEqual(len(proxy.heads), 1)
+        head = proxy.heads[0].lower()
+        self.assertTrue(head.startswith(f"connect 127.0.0.1:{port} http/1."), head)
+        token = base64.b64encode(b"user:p@ss").decode().lower()
+        self.assertIn(f"proxy-authorization: basic {token}\r\n", head)
+        self.assertNotIn("sk-test", head)  # the API key travels only inside the tunnel
+        casual_llm._pool.clear()
+        with mock_env(HTTPS_PROXY=proxy.url, https_proxy=proxy.url, NO_PROXY="127.0.0.1",
+                      no_proxy="127.0.0.1"):
+            self.assertEqual(self.chat(ssl_context=self.context()), "direct")
+        self.assertEqual(len(proxy.heads), 1)
+
+    def test_untrusted_certificate_is_refused(self):
+        """Without the CA bundle the server's certificate is refused, as it should be."""
+        with mock_env(SSL_CERT_FILE=None), self.assertRaisesRegex(APIConnectionError,
+                                                                  "CERTIFICATE_VERIFY_FAILED"):
+            self.chat(max_retries=0)
+
+    def test_ssl_cert_file_before_start(self):
+        """SSL_CERT_FILE set before the program starts is trusted, with no code change."""
+        code = ("from casual_llm import *\n"
+                "print(Model(OpenAIClient(), name='m').chat_sync("
+                "[UserMessage(content='hi')]).content)")
+        self.fp.add(openai_reply("trusted via SSL_CERT_FILE"))
+        env = dict(os.environ, SSL_CERT_FILE=TLSFixture.cert(), OPENAI_BASE_URL=self.url + "/v1",
+                   OPENAI_API_KEY="sk-test", NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
+        out = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, timeout=30,
+                             capture_output=True, text=True, check=False)
+        self.assertEqual(out.stdout.strip(), "trusted via SSL_CERT_FILE", out.stderr)
+
+
 @dataclass
 class ExampleRun:
     """One run of an example: arguments, environment changes, replies, what it must print
