@@ -3547,5 +3547,136 @@ class TestExamples(unittest.TestCase):
             run.check(self, fp)
 
 
+class TestPackaging(unittest.TestCase):
+    """`pip install .`, the wheel and the sdist, in throwaway venvs, with no network."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.root = Path(cls.tmp.name)
+        pip = subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True,
+                             text=True, timeout=60, check=False)
+        version = re.match(r"pip (\d+)\.(\d+)", pip.stdout)
+        if pip.returncode or not version or tuple(map(int, version.groups())) < (22, 3):
+            cls.tmp.cleanup()
+            raise unittest.SkipTest("needs pip >= 22.3 (for --python) in the running Python")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def venv(self, name):
+        """A fresh venv without pip (the running Python's pip installs into it)."""
+        path = self.root / name
+        out = subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)],
+                             capture_output=True, text=True, timeout=60, check=False)
+        if out.returncode:
+            self.skipTest(f"python -m venv is not available: {out.stderr.strip()}")
+        bindir = path / ("Scripts" if os.name == "nt" else "bin")
+        return bindir / ("python.exe" if os.name == "nt" else "python"), bindir
+
+    def pip(self, *args, python=None):
+        target = ["--python", str(python)] if python else []
+        env = dict(os.environ, PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1",
+                   PIP_NO_INPUT="1")
+        out = subprocess.run([sys.executable, "-m", "pip", *target, *args], cwd=self.root,
+                             env=env, capture_output=True, text=True, timeout=120, check=False)
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+        return out
+
+    def run_in(self, command, **kwargs):
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        return subprocess.run(command, cwd=self.root, env=env, capture_output=True, text=True,
+                              timeout=30, check=False, **kwargs)
+
+    def assert_installed(self, python, bindir):
+        """The module imports from the venv, and both the console script and -m reach main."""
+        code = ("import casual_llm, importlib.metadata as m; "
+                "print(casual_llm.__version__, m.version('casual-llm'), casual_llm.__file__)")
+        out = self.run_in([str(python), "-c", code])
+        version, dist_version, path = out.stdout.split()
+        self.assertEqual((version, dist_version), (casual_llm.__version__,) * 2, out.stderr)
+        self.assertTrue(Path(path).is_relative_to(python.parent.parent), path)
+        for command in ([str(bindir / "casual-llm"), "--version"],
+                        [str(python), "-m", "casual_llm", "--version"]):
+            with self.subTest(command=command[1:]):
+                out = self.run_in(command)
+                if cli_stub():
+                    self.assertIn("NotImplementedError", out.stderr)  # main() was reached
+                else:
+                    self.assertEqual(out.returncode, 0, out.stderr)
+                    self.assertIn(casual_llm.__version__, out.stdout)
+
+    def test_pip_install_from_checkout(self):
+        """`pip install .` (build isolation on, no index) installs the single module and
+        the `casual-llm` console script."""
+        python, bindir = self.venv("from-checkout")
+        self.pip("install", str(HERE), python=python)
+        self.assert_installed(python, bindir)
+        site = python.parent.parent
+        installed = {p.name for p in site.rglob("site-packages/*")}
+        self.assertIn("casual_llm.py", installed)
+        self.assertFalse({"test_casual_llm.py", "tools", "build_backend.py", "examples"}
+                         & installed)
+
+    def test_wheel(self):
+        """The wheel holds casual_llm.py and complete metadata, and installs."""
+        import zipfile
+        self.pip("wheel", "--no-deps", "-w", str(self.root / "dist"), str(HERE))
+        (wheel,) = (self.root / "dist").glob("*.whl")
+        self.assertEqual(wheel.name, f"casual_llm-{casual_llm.__version__}-py3-none-any.whl")
+        info = f"casual_llm-{casual_llm.__version__}.dist-info"
+        with zipfile.ZipFile(wheel) as zf:
+            names = set(zf.namelist())
+            self.assertEqual({n for n in names if not n.startswith(info + "/")},
+                             {"casual_llm.py"})
+            self.assertEqual(zf.read("casual_llm.py"), MODULE.read_bytes())
+            metadata = zf.read(f"{info}/METADATA").decode()
+            entry_points = zf.read(f"{info}/entry_points.txt").decode()
+            record = zf.read(f"{info}/RECORD").decode()
+        self.assertIn("Name: casual-llm\n", metadata)
+        self.assertIn(f"Version: {casual_llm.__version__}\n", metadata)
+        self.assertIn("Requires-Python: >=3.10\n", metadata)
+        self.assertNotIn("Requires-Dist", metadata)
+        for minor in range(10, 15):
+            self.assertIn(f"Classifier: Programming Language :: Python :: 3.{minor}\n", metadata)
+        self.assertIn("casual-llm = casual_llm:main", entry_points)
+        self.assertEqual({line.split(",")[0] for line in record.splitlines()}, names)
+        python, bindir = self.venv("from-wheel")
+        self.pip("install", str(wheel), python=python)
+        self.assert_installed(python, bindir)
+
+    def test_sdist_builds_and_installs(self):
+        """The sdist from the build backend carries what it needs to build again."""
+        dist = self.root / "sdist"
+        dist.mkdir()
+        code = ("import sys; sys.path.insert(0, 'tools'); import build_backend; "
+                f"print(build_backend.build_sdist({str(dist)!r}))")
+        out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True,
+                             text=True, timeout=30, check=False)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        sdist = dist / out.stdout.strip()
+        self.assertEqual(sdist.name, f"casual_llm-{casual_llm.__version__}.tar.gz")
+        python, bindir = self.venv("from-sdist")
+        self.pip("install", str(sdist), python=python)
+        self.assert_installed(python, bindir)
+
+    def test_toml_fallback_for_python_3_10(self):
+        """The backend's TOML reader for Python 3.10 (no tomllib) reads pyproject.toml
+        exactly as tomllib does."""
+        try:
+            import tomllib
+        except ImportError:
+            self.skipTest("tomllib (Python 3.11+) is needed to compare with")
+        sys.path.insert(0, str(HERE / "tools"))
+        try:
+            import build_backend
+        finally:
+            sys.path.remove(str(HERE / "tools"))
+        text = (HERE / "pyproject.toml").read_text(encoding="utf-8")
+        self.assertEqual(build_backend._parse_toml_subset(text), tomllib.loads(text))
+        self.assertEqual(build_backend._project()["version"], casual_llm.__version__)
+
+
 if __name__ == "__main__":
     unittest.main()
