@@ -3407,6 +3407,32 @@ class TestReadmeClaims(ServerTest):
         self.assertEqual(out.stdout.strip(), "trusted via SSL_CERT_FILE", out.stderr)
 
 
+class TestReadmeSmallClaims(ServerTest):
+    """README sentences that no other test pins down."""
+
+    def test_bearer_tokens_for_anthropic_and_ollama(self):
+        """ANTHROPIC_AUTH_TOKEN sends a bearer token instead of x-api-key; OLLAMA_API_KEY
+        sends a bearer token to Ollama."""
+        self.fp.add(anthropic_reply("a"), ollama_reply("o"))
+        with mock_env(ANTHROPIC_API_KEY=None, ANTHROPIC_AUTH_TOKEN="tok-1",
+                      OLLAMA_API_KEY="ollama-key"):
+            Model(AnthropicClient(base_url=self.fp.url), name="c").chat_sync(
+                [UserMessage(content="x")])
+            Model(OllamaClient(host=self.fp.url), name="l").chat_sync([UserMessage(content="x")])
+        anthropic, ollama = (r.headers for r in self.fp.requests)
+        self.assertEqual(anthropic["authorization"], "Bearer tok-1")
+        self.assertNotIn("x-api-key", anthropic)
+        self.assertEqual(ollama["authorization"], "Bearer ollama-key")
+
+    def test_retry_pause(self):
+        """The server's pause is used when it is at most 60 s; else backoff from 0.5 s to 8 s."""
+        self.assertEqual(casual_llm._backoff(0, 3.0), 3.0)
+        for attempt, ceiling in ((0, 0.5), (1, 1.0), (5, 8.0), (9, 8.0)):
+            with self.subTest(attempt=attempt):
+                self.assertLessEqual(casual_llm._backoff(attempt, 120.0), ceiling)
+                self.assertGreaterEqual(casual_llm._backoff(attempt, None), ceiling * 0.75)
+
+
 @dataclass
 class ExampleRun:
     """One run of an example: arguments, environment changes, replies, what it must print
