@@ -3084,7 +3084,7 @@ SNIPPETS = {
     "messages": Snippet(lambda: [openai_reply("A number with two divisors."),
                                  openai_reply("No.")],
                         prints=(("AssistantMessage(role='assistant', content='A number with two "
-                                 "divisors.'"),), check=_check_messages),
+                                 "divisors.'"), "True"), check=_check_messages),
     "tools-loop": Snippet(
         lambda: [openai_reply(None, tool_calls=[("call_1", "get_weather", {"city": "Paris"}),
                                                 ("call_2", "get_weather", {"city": "Rome"})]),
