@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 import typing
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Sequence
 from typing import Any, ClassVar, Literal, NoReturn, Protocol, TypeVar, Union
 
 if typing.TYPE_CHECKING:  # pragma: no cover - imported lazily at run time
@@ -633,7 +633,7 @@ def _arguments_object(function: AssistantToolCallFunction) -> dict[str, Any]:
         return {}
 
 
-ChatMessage = Union[AssistantMessage, SystemMessage, ToolResultMessage, UserMessage]
+ChatMessage = AssistantMessage | SystemMessage | ToolResultMessage | UserMessage
 
 _MESSAGE_CLASSES: dict[str, type[Any]] = {
     "assistant": AssistantMessage, "system": SystemMessage,
@@ -666,9 +666,8 @@ def _to_int(owner: str, field: str, value: Any) -> int:
     """Token counts: ``"3"`` and ``3.0`` become 3 (pydantic's lax mode); bad values fail."""
     if isinstance(value, bool):
         _fail(owner, field, "an integer >= 0", value)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    elif isinstance(value, str) and value.strip().isdigit():
+    if (isinstance(value, float) and value.is_integer()) or (
+            isinstance(value, str) and value.strip().isdigit()):
         value = int(value)
     if not isinstance(value, int) or value < 0:
         _fail(owner, field, "an integer >= 0", value)
@@ -826,7 +825,7 @@ def _type_hints(cls: type) -> "dict[str, Any]":
 
 def _json_default(value: Any) -> "tuple[bool, Any]":
     """``(True, json_value)`` when a field default can be written into a schema."""
-    if value is None or isinstance(value, (str, bool, int)) and not isinstance(value, enum.Enum):
+    if value is None or (isinstance(value, (str, bool, int)) and not isinstance(value, enum.Enum)):
         return True, value
     if isinstance(value, float):
         return math.isfinite(value), value
@@ -903,7 +902,7 @@ class _TypeSchemaBuilder:
 
     def container(self, tp: Any, origin: Any, args: tuple, where: str) -> dict:
         base = origin or tp
-        if base in (tuple, typing.Tuple):
+        if base in (tuple, tuple):
             if not args or (len(args) == 2 and args[1] is Ellipsis):
                 items = {"items": self.schema(args[0], where)} if args else {}
                 return {"type": "array", **items}
@@ -1529,7 +1528,7 @@ def _percent_decode(text: str) -> str:
 class _Checks:
     """Keyword checks of one schema node, sorted by the JSON class they apply to."""
 
-    __slots__ = ("common", "by_class")
+    __slots__ = ("by_class", "common")
 
     def __init__(self) -> None:
         self.common: list = []
@@ -1868,7 +1867,7 @@ def _is_multiple(value: "int | float", divisor: "int | float") -> bool:
         return value % divisor == 0
     if not math.isfinite(value):
         return False
-    import decimal      # only floats need it, and most schemas have no multipleOf
+    import decimal  # only floats need it, and most schemas have no multipleOf
     x, d = (decimal.Decimal(n if isinstance(n, int) else repr(float(n))) for n in (value, divisor))
     context = decimal.Context(prec=max(28, x.adjusted() - d.adjusted() + 30))
     return context.remainder(x, d) == 0
@@ -2233,7 +2232,7 @@ def _build_typed(value: Any, tp: Any) -> Any:
 
 def _build_container(value: Any, tp: Any, origin: Any, args: tuple) -> Any:
     base = origin or tp
-    if base in (tuple, typing.Tuple):
+    if base in (tuple, tuple):
         if not args:
             return tuple(value)
         if len(args) == 2 and args[1] is Ellipsis:
@@ -2627,6 +2626,7 @@ async def _run_blocking(fn: Callable[[_Abort], _T]) -> _T:
     abort = _Abort()
 
     def job() -> None:
+        value: Any
         try:
             ok, value = True, fn(abort)
         except BaseException as exc:  # handed to the awaiting task
@@ -2688,7 +2688,8 @@ class _Channel:
         return item
 
 
-async def _aiter_blocking(produce: Callable[[_Abort], Iterator[list[_T]]]) -> AsyncIterator[_T]:
+async def _aiter_blocking(produce: Callable[[_Abort], Generator[list[_T], None, None]]
+                          ) -> AsyncIterator[_T]:
     """Items of the batches ``produce(abort)`` yields on a worker, as an async iterator.
 
     ``break``, ``aclose()`` or cancelling the consumer aborts the worker, which
@@ -2740,7 +2741,7 @@ def _iter_blocking(agen: AsyncIterator[_T]) -> Iterator[_T]:
     try:
         while True:
             try:
-                yield asyncio.run_coroutine_threadsafe(agen.__anext__(), loop).result()
+                yield asyncio.run_coroutine_threadsafe(_next_item(agen), loop).result()
             except StopAsyncIteration:
                 return
     finally:
@@ -2750,6 +2751,10 @@ def _iter_blocking(agen: AsyncIterator[_T]) -> Iterator[_T]:
         loop.call_soon_threadsafe(loop.stop)
         runner.join(timeout=5)
         loop.close()
+
+
+async def _next_item(agen: AsyncIterator[_T]) -> _T:
+    return await agen.__anext__()
 
 
 def _run_coroutine(coro: Any) -> Any:
@@ -2861,7 +2866,7 @@ _pool = _Pool()
 class _Connection:
     """One exchange on a (maybe reused) connection; returns it to the pool when clean."""
 
-    __slots__ = ("key", "conn", "response", "reused")
+    __slots__ = ("conn", "key", "response", "reused")
 
     def __init__(self, req: _Request, abort: _Abort | None, fresh: bool = False) -> None:
         import http.client
@@ -3012,7 +3017,7 @@ def _backoff(attempt: int, retry_after: float | None) -> float:
     import random
     if retry_after is not None and 0 <= retry_after <= 60:
         return retry_after
-    return min(0.5 * 2 ** attempt, 8.0) * (1 - 0.25 * random.random())
+    return float(min(0.5 * 2 ** attempt, 8.0) * (1 - 0.25 * random.random()))
 
 
 def _redirected(req: _Request, status: int, location: str) -> _Request:
@@ -3235,13 +3240,12 @@ def _json_frame(frame: bytes) -> Any:
 
 
 def _stream_batches(req: _Request, decoder: _SSEDecoder | _NDJSONDecoder, state: _StreamState,
-                    abort: _Abort | None) -> Iterator[list[StreamChunk]]:
+                    abort: _Abort | None) -> Generator[list[StreamChunk], None, None]:
     """Read a streamed reply, yielding chunks as each read decodes them.
 
     ``timeout`` bounds every read, and also the time between meaningful events,
     so a server that sends only keep-alive pings still times out.
     """
-    import socket
     exchange = _open(req, abort)
     resp = exchange.response
     clean = False
@@ -3251,7 +3255,7 @@ def _stream_batches(req: _Request, decoder: _SSEDecoder | _NDJSONDecoder, state:
         while True:
             try:
                 data = resp.read1(65536)
-            except (socket.timeout, TimeoutError):
+            except TimeoutError:
                 raise APITimeoutError(f"no data for {req.timeout:g}s from "
                                       f"{_redact_url(req.url)}") from None
             except (OSError, _http_exception()) as exc:
@@ -3342,7 +3346,7 @@ def _check_address(host: str, port: int, allow_private: bool) -> list[str]:
         ip = ipaddress.ip_address(address)
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
             ip = ip.ipv4_mapped
-        if not allow_private and not ip.is_global or ip.is_multicast or ip.is_unspecified:
+        if (not allow_private and not ip.is_global) or ip.is_multicast or ip.is_unspecified:
             raise ImageFetchError(
                 f"refusing to fetch an image from {host!r}: it resolves to {ip}, which is "
                 "not a public address (pass allow_private_image_urls=True for images on "
@@ -3495,7 +3499,8 @@ def convert_tool_calls_from_openai(tool_calls: Iterable[Any]) -> list[AssistantT
             id=_get(call, "id") or _new_call_id(),
             function=AssistantToolCallFunction(
                 name=_get(function, "name") or "",
-                arguments=arguments if isinstance(arguments, str) else json.dumps(arguments or {}))))
+                arguments=arguments if isinstance(arguments, str)
+                else json.dumps(arguments or {}))))
     return out
 
 
@@ -3661,7 +3666,7 @@ def _messages_to_ollama(messages: list[ChatMessage], allow_private: bool = False
     urls = _image_urls(checked)
     fetched = _parallel([functools.partial(_fetch_image_blocking, url, timeout,
                                            MAX_IMAGE_SIZE, allow_private) for url in urls])
-    images = {url: data for url, (data, _) in zip(urls, fetched)}
+    images = {url: data for url, (data, _) in zip(urls, fetched, strict=True)}
     return [_message_to_ollama(m, images) for m in checked]
 
 
@@ -3913,7 +3918,9 @@ def _reply_from_anthropic(body: Any, fmt: _ResponseFormat
     blocks = body.get("content") or []
     text = "".join(b.get("text", "") for b in blocks if b.get("type") == "text")
     uses = [b for b in blocks if b.get("type") == "tool_use"]
-    reason = _STOP_REASONS_ANTHROPIC.get(body.get("stop_reason"), body.get("stop_reason"))
+    raw_reason = body.get("stop_reason")
+    reason = _STOP_REASONS_ANTHROPIC.get(raw_reason, raw_reason) if isinstance(
+        raw_reason, str) else None
     answer = [b for b in uses if b.get("name") == _ANSWER_TOOL] if fmt.kind == "schema" else []
     if answer:
         unwrap = _wrap_root(fmt.schema or {})[1]
@@ -4048,7 +4055,7 @@ class _HTTPClient:
     parser; the request is built once and used by ``_chat`` and ``_stream`` alike.
     """
 
-    _decoder: ClassVar[Callable[[], _SSEDecoder | _NDJSONDecoder]] = _SSEDecoder
+    _decoder: ClassVar[type[_SSEDecoder | _NDJSONDecoder]] = _SSEDecoder
     _endpoint: str
 
     def __init__(self, *, timeout: float, max_retries: int, extra_kwargs: dict[str, Any] | None,
@@ -4074,7 +4081,8 @@ class _HTTPClient:
             **(default_headers or {})}
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(url={_redact_url(self._endpoint)!r}, timeout={self.timeout:g})"
+        return (f"{type(self).__name__}(url={_redact_url(self._endpoint)!r}, "
+                f"timeout={self.timeout:g})")
 
     def _body(self, model: str, messages: list[ChatMessage], fmt: _ResponseFormat,
               max_tokens: int | None, tools: list[Tool] | None, temperature: float | None,
@@ -4117,7 +4125,7 @@ class _HTTPClient:
         return self._parse(body, fmt)
 
     def _stream_blocking(self, abort: _Abort | None, args: _CallArgs,
-                         extra: dict[str, Any]) -> Iterator[list[StreamChunk]]:
+                         extra: dict[str, Any]) -> Generator[list[StreamChunk], None, None]:
         req, fmt = self._build_request(args, extra, stream=True)
         return _stream_batches(req, self._decoder(), self._stream_state(fmt), abort)
 
@@ -4326,7 +4334,8 @@ class OllamaClient(_HTTPClient):
         return _OllamaStream()
 
 
-_Reply = Union[str, AssistantMessage, tuple, list, BaseException, type]
+_Reply = Union[str, AssistantMessage, "tuple[Any, ...]", "list[StreamChunk]", BaseException,
+               "type[BaseException]"]
 
 
 class ScriptedClient:
@@ -4373,7 +4382,7 @@ class ScriptedClient:
         else:
             raise CasualLLMError(f"ScriptedClient has no reply left for call #{len(self.calls)}; "
                                  "queue more with .add(...)")
-        if isinstance(reply, BaseException) or isinstance(reply, type):
+        if isinstance(reply, (BaseException, type)):
             raise reply
         if isinstance(reply, list):
             final = reply[-1] if reply else _chunk("")

@@ -11,7 +11,6 @@ import collections
 import contextlib
 import dataclasses
 import enum
-import io
 import json
 import os
 import pathlib
@@ -32,10 +31,10 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, TypedDict, Union
+from typing import Any, Literal, Optional, TypedDict, Union
 
 import casual_llm
-from casual_llm import *  # noqa: F401,F403 - on purpose: a name missing from __all__ fails
+from casual_llm import *
 
 # Loopback servers only: never send test traffic through a proxy.
 os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
@@ -143,7 +142,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # each frame leaves as its own segment, no 40 ms stalls
 
-    def log_message(self, format, *args):  # noqa: A002 - the base class's name
+    def log_message(self, format, *args):
         pass
 
     def _serve(self):
@@ -784,15 +783,7 @@ class TestLayout(unittest.TestCase):
 
     def test_upstream_names_exported(self):
         """Every name of upstream's __all__ (37) is exported, plus the image helpers."""
-        upstream = """__version__ ClientConfig ModelConfig Provider LLMClient OpenAIClient
-            AnthropicClient OllamaClient create_client create_model Model ChatMessage UserMessage
-            AssistantMessage SystemMessage ToolResultMessage AssistantToolCall
-            AssistantToolCallFunction StreamChunk TextContent ImageContent Tool ToolParameter
-            Usage tool_to_openai tools_to_openai tool_to_anthropic tools_to_anthropic
-            tool_to_ollama tools_to_ollama convert_messages_to_openai
-            convert_messages_to_anthropic convert_messages_to_ollama
-            convert_tool_calls_from_openai convert_tool_calls_from_anthropic
-            convert_tool_calls_from_ollama extract_system_message""".split()
+        upstream = ["__version__", "ClientConfig", "ModelConfig", "Provider", "LLMClient", "OpenAIClient", "AnthropicClient", "OllamaClient", "create_client", "create_model", "Model", "ChatMessage", "UserMessage", "AssistantMessage", "SystemMessage", "ToolResultMessage", "AssistantToolCall", "AssistantToolCallFunction", "StreamChunk", "TextContent", "ImageContent", "Tool", "ToolParameter", "Usage", "tool_to_openai", "tools_to_openai", "tool_to_anthropic", "tools_to_anthropic", "tool_to_ollama", "tools_to_ollama", "convert_messages_to_openai", "convert_messages_to_anthropic", "convert_messages_to_ollama", "convert_tool_calls_from_openai", "convert_tool_calls_from_anthropic", "convert_tool_calls_from_ollama", "extract_system_message"]
         self.assertEqual(len(upstream), 37)
         extras = ["fetch_image_as_base64", "strip_base64_prefix", "add_base64_prefix",
                   "ImageFetchError", "CasualLLMError"]
@@ -869,7 +860,7 @@ class TestMessages(unittest.TestCase):
         self.assertEqual(ImageContent(source=url).model_dump(),
                          {"type": "image", "source": url, "media_type": "image/jpeg"})
         with self.assertRaises(TypeError):
-            UserMessage("hi")  # noqa - positional, as pydantic refuses
+            UserMessage("hi")
         with self.assertRaises(TypeError):
             UserMessage()
         self.assertIsNone(UserMessage(content=None).content)
@@ -1120,7 +1111,7 @@ _openai_strict_ok = casual_llm._openai_strict_ok
 _resolve_response_format = casual_llm._resolve_response_format
 _schema_from_type = casual_llm._schema_from_type
 _wrap_root = casual_llm._wrap_root
-Annotated, Dict, List = typing.Annotated, typing.Dict, typing.List
+Annotated, Dict, List = typing.Annotated, dict, list
 
 SUITE_DIR = Path(__file__).parent.parent / "shared" / "jsonschema-test-suite"
 SUITE_IN_SCOPE = 945
@@ -1354,9 +1345,8 @@ class ValidatorTest(unittest.TestCase):
             validate_json_schema([], schema)
         for loop in ({"$ref": "#"}, {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}},
                                      "$ref": "#/$defs/a"}):
-            with self.subTest(loop=loop):
-                with self.assertRaises(SchemaValidationError):
-                    validate_json_schema(1, loop)
+            with self.subTest(loop=loop), self.assertRaises(SchemaValidationError):
+                validate_json_schema(1, loop)
 
     def test_compiled_once(self) -> None:
         """One schema object compiles once; a new object with another shape is not confused."""
@@ -1695,7 +1685,7 @@ PNG_B64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEh
 
 def _conversations():
     """The golden conversations: name -> messages."""
-    call = lambda cid, name, args: AssistantToolCall(  # noqa: E731
+    call = lambda cid, name, args: AssistantToolCall(
         id=cid, function=AssistantToolCallFunction(name=name, arguments=args))
     return {
         "system_and_user": [SystemMessage(content="Be brief."), UserMessage(content="Hi")],
@@ -2806,9 +2796,8 @@ class TestImageFetch(ServerTest):
     def test_refuses_other_schemes(self):
         """Only http and https are fetched."""
         for url in ("file:///etc/passwd", "ftp://example.com/a.png", "gopher://x"):
-            with self.subTest(url=url):
-                with self.assertRaisesRegex(ImageFetchError, "http"):
-                    self.fetch(url)
+            with self.subTest(url=url), self.assertRaisesRegex(ImageFetchError, "http"):
+                self.fetch(url)
 
     def test_fetch_with_switch_and_checks(self):
         """With the switch: redirects followed, non-images and oversized bodies refused."""
