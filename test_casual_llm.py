@@ -2444,15 +2444,115 @@ class ProviderContract:
         self.assertEqual(self.fp.requests[0].path, "http://llm.example.test:80" + self.path)
 
 
+class StructuredContract:
+    """Structured output through each provider's real wire: request shape, typed result,
+    invalid replies, re-asks. Bound to each provider below."""
+
+    def structured_cases(self):
+        """(response_format, the JSON value the model answers, the expected ``parsed``)."""
+        schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+        return [
+            (Point, {"x": 1, "y": 2}, Point(1, 2)),
+            (Task, {"title": "t", "priority": 2, "where": {"x": 0, "y": 1}, "color": "green"},
+             Task("t", Priority.HIGH, where=Point(0, 1), color=Color.GREEN)),
+            (Movie, {"title": "Alien", "year": 1979}, {"title": "Alien", "year": 1979}),
+            (Color, "red", Color.RED),
+            (list[int], [1, 2], [1, 2]),
+            (dict[str, float], {"a": 1.5}, {"a": 1.5}),
+            (Literal["yes", "no"], "no", "no"),
+            (Optional[int], None, None),
+            (Union[Cat, Dog], {"bark": 3}, Dog(3)),
+            (schema, {"n": 5}, {"n": 5}),
+            (FakeModel, {"items": [1]}, None),
+        ]
+
+    def answer(self, response_format, value):
+        """The scripted reply carrying ``value`` the way this provider returns it."""
+        fmt = casual_llm._resolve_response_format(response_format)
+        wrapped = casual_llm._wrap_root(fmt.schema)[0] != fmt.schema
+        return self.structured_reply({"value": value} if wrapped and self.wraps else value)
+
+    def test_structured_round_trips(self):
+        """Every accepted response_format kind: the provider gets its schema, ``parsed``
+        is built as the requested type and ``content`` stays the JSON text."""
+        model = self.model()
+        for response_format, value, expected in self.structured_cases():
+            with self.subTest(response_format=response_format):
+                self.fp.add(self.answer(response_format, value))
+                reply = run_async(model.chat([UserMessage(content="go")],
+                                             response_format=response_format))
+                self.assertEqual(json.loads(reply.content), value)
+                if response_format is FakeModel:
+                    self.assertIsInstance(reply.parsed, FakeModel)
+                else:
+                    self.assertEqual(reply.parsed, expected)
+                    self.assertIs(type(reply.parsed), type(expected))
+                fmt = casual_llm._resolve_response_format(response_format)
+                self.check_schema_request(self.fp.requests[-1].json, fmt)
+
+    def test_exact_schema_request(self):
+        """The request for a dataclass carries its exact schema."""
+        self.fp.add(self.answer(Point, {"x": 1, "y": 2}))
+        run_async(self.model().chat([UserMessage(content="go")], response_format=Point))
+        point = {"type": "object", "title": "Point",
+                 "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}},
+                 "required": ["x", "y"], "additionalProperties": False}
+        self.assertEqual(self.sent_schema(self.fp.requests[0].json), point)
+
+    def test_invalid_reply_raises_with_paths(self):
+        """A reply that does not match raises SchemaValidationError with paths and the text."""
+        self.fp.add(self.answer(Point, {"x": "one", "z": 0}))
+        with self.assertRaises(SchemaValidationError) as ctx:
+            run_async(self.model().chat([UserMessage(content="go")], response_format=Point))
+        paths = [path for path, _ in ctx.exception.errors]
+        self.assertIn("$.x", paths)
+        self.assertIn('"one"', ctx.exception.raw_text)
+
+    def test_reask_counts_every_attempt(self):
+        """validation_retries re-asks with the errors; usage counts every attempt."""
+        self.fp.add(self.answer(Point, {"x": "one", "y": 2}), self.answer(Point, {"x": 1, "y": 2}))
+        model = self.model()
+        reply = run_async(model.chat([UserMessage(content="go")], response_format=Point,
+                                     validation_retries=1))
+        self.assertEqual(reply.parsed, Point(1, 2))
+        self.assertEqual(model.total_usage.total_tokens, 2 * 15)
+        self.assertIn("$.x", json.dumps(self.fp.requests[1].json["messages"]))
+
+
 def replace(reply, **changes):
     """A scripted reply with some fields changed."""
     return dataclasses.replace(reply, **changes)
 
 
-class TestOpenAIContract(ProviderContract, ServerTest):
+class TestOpenAIContract(ProviderContract, StructuredContract, ServerTest):
     """The contract, spoken as OpenAI Chat Completions."""
 
     provider = "openai"
+    wraps = True
+
+    def structured_reply(self, value):
+        return openai_reply(json.dumps(value))
+
+    def sent_schema(self, body):
+        return body["response_format"]["json_schema"]["schema"]
+
+    def check_schema_request(self, body, fmt):
+        spec = body["response_format"]["json_schema"]
+        self.assertEqual(spec["schema"], casual_llm._wrap_root(fmt.schema)[0])
+        self.assertRegex(spec["name"], r"^[a-zA-Z0-9_-]{1,64}$")
+        self.assertEqual(spec.get("strict", False), casual_llm._openai_strict_ok(spec["schema"]))
+
+    def test_strict_when_the_schema_qualifies(self):
+        """A closed schema with every property required is sent with strict: true."""
+        self.fp.add(self.answer(Point, {"x": 1, "y": 2}))
+        run_async(self.model().chat([UserMessage(content="go")], response_format=Point))
+        self.assertIs(self.fp.requests[0].json["response_format"]["json_schema"]["strict"], True)
+
+    def test_wrapped_schema_streams_unwrapped(self):
+        """A non-object root is wrapped on the wire but streamed back unwrapped."""
+        self.fp.add(openai_stream(['{"value": ', "[1, 2]}"]))
+        chunks = self.collect(self.model(), response_format=list[int])
+        self.assertEqual(json.loads("".join(c.content for c in chunks)), [1, 2])
     path = "/v1/chat/completions"
     request_id = "req_test123"
 
@@ -2588,8 +2688,28 @@ class TestOpenAIContract(ProviderContract, ServerTest):
                          (0.5, 2, ["\n"], 0.9))
 
 
-class TestAnthropicContract(ProviderContract, ServerTest):
+class TestAnthropicContract(ProviderContract, StructuredContract, ServerTest):
     """The contract, spoken as the Anthropic Messages API."""
+
+    wraps = True
+
+    def structured_reply(self, value):
+        return anthropic_reply(None, tool_uses=[("toolu_1", "structured_answer", value)])
+
+    def sent_schema(self, body):
+        return body["tools"][-1]["input_schema"]
+
+    def check_schema_request(self, body, fmt):
+        self.assertEqual(body["tool_choice"], {"type": "tool", "name": "structured_answer"})
+        self.assertEqual(body["tools"][-1]["input_schema"], casual_llm._wrap_root(fmt.schema)[0])
+
+    def test_structured_stream_streams_the_answer(self):
+        """The forced tool's JSON streams as text and ends with finish reason "stop"."""
+        self.fp.add(anthropic_stream([], tool_uses=[("toolu_1", "structured_answer",
+                                                     ['{"x": 1,', ' "y": 2}'])]))
+        chunks = self.collect(self.model(), response_format=Point)
+        self.assertEqual(json.loads("".join(c.content for c in chunks)), {"x": 1, "y": 2})
+        self.assertEqual((chunks[-1].finish_reason, chunks[-1].tool_calls), ("stop", None))
 
     provider = "anthropic"
     path = "/v1/messages"
@@ -2685,8 +2805,19 @@ class TestAnthropicContract(ProviderContract, ServerTest):
             self.collect(self.model(timeout=0.25))
 
 
-class TestOllamaContract(ProviderContract, ServerTest):
+class TestOllamaContract(ProviderContract, StructuredContract, ServerTest):
     """The contract, spoken as Ollama's native /api/chat."""
+
+    wraps = False
+
+    def structured_reply(self, value):
+        return ollama_reply(json.dumps(value))
+
+    def sent_schema(self, body):
+        return body["format"]
+
+    def check_schema_request(self, body, fmt):
+        self.assertEqual(body["format"], fmt.schema)
 
     provider = "ollama"
     path = "/api/chat"
