@@ -2676,11 +2676,12 @@ class _Channel:
                 raise _Aborted()
 
     async def get(self) -> Any:
+        waiter = None
         with self._lock:
             if not self._items:
-                self._waiter = self._loop.create_future()
-        if self._waiter is not None:
-            await self._waiter
+                waiter = self._waiter = self._loop.create_future()
+        if waiter is not None:
+            await waiter
         with self._lock:
             item = self._items.popleft()
             if len(self._items) < self._LIMIT // 2:
@@ -2702,21 +2703,21 @@ async def _aiter_blocking(produce: Callable[[_Abort], Generator[list[_T], None, 
 
     def job() -> None:
         batches = produce(abort)
+        last: Any = end
         try:
             for batch in batches:
                 channel.put(batch, abort)
-            batches.close()
-            abort.detach()
-            channel.put(end, abort)
         except _Aborted:
             return
-        except BaseException as exc:
-            try:
-                channel.put(exc, abort)
-            except _Aborted:
-                pass
+        except BaseException as exc:  # handed to the consumer
+            last = exc
         finally:
             batches.close()
+        abort.detach()  # the connection may be back in the pool: out of the abort's reach
+        try:
+            channel.put(last, abort)
+        except _Aborted:
+            pass
 
     _workers.submit(job)
     try:
@@ -2806,11 +2807,21 @@ def _redact_url(url: str) -> str:
     return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
-@functools.lru_cache(maxsize=4)
 def _ssl_context(cafile: str | None = None) -> ssl.SSLContext:
-    """The default TLS context (honours SSL_CERT_FILE / SSL_CERT_DIR), built once."""
+    """The default TLS context, honouring SSL_CERT_FILE / SSL_CERT_DIR; built once per setting."""
+    return _ssl_context_cached(cafile, _env("SSL_CERT_FILE"), _env("SSL_CERT_DIR"))
+
+
+@functools.lru_cache(maxsize=8)
+def _ssl_context_cached(cafile: str | None, env_file: str | None,
+                        env_dir: str | None) -> ssl.SSLContext:
     import ssl
-    return ssl.create_default_context(cafile=cafile)
+    context = ssl.create_default_context(cafile=cafile)
+    if env_file or env_dir:
+        # OpenSSL reads these when the defaults load; load them again explicitly so they
+        # work on every platform's Python (some builds load a bundled store instead).
+        context.load_verify_locations(cafile=env_file, capath=env_dir)
+    return context
 
 
 def _proxy_for(scheme: str, host: str) -> str | None:

@@ -339,7 +339,7 @@ class FakeProvider:
     problems (handler tracebacks, holds never released).
     """
 
-    def __init__(self, record=True):
+    def __init__(self, record=True, tls=None):
         self.requests = []
         self.errors = []
         self.default = None
@@ -354,7 +354,11 @@ class FakeProvider:
         self._closed = False
         self._server = _Server(self)
         self._server.timeout = 0.05
-        self.url = "http://127.0.0.1:%d" % self._server.server_address[1]
+        scheme = "http"
+        if tls is not None:  # an ssl.SSLContext: serve HTTPS
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
+            scheme = "https"
+        self.url = "%s://127.0.0.1:%d" % (scheme, self._server.server_address[1])
         self._thread = threading.Thread(target=self._serve_loop, daemon=True,
                                         name="fakeprovider-serve")
         self._thread.start()
@@ -2906,6 +2910,73 @@ class TestOllamaContract(ProviderContract, StructuredContract, ServerTest):
         run_async(Model(client, "m").chat([UserMessage(content=[
             TextContent(text="cats?"), *[ImageContent(source=u) for u in urls]])]))
         self.assertEqual(self.fp.requests[-1].json["messages"][0]["images"], [PNG_B64] * 2)
+
+
+def self_signed_certificate(folder):
+    """A throwaway certificate for 127.0.0.1 made with the openssl tool, or None."""
+    cert, key = pathlib.Path(folder, "cert.pem"), pathlib.Path(folder, "key.pem")
+    try:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                        "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                        "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                       capture_output=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return cert, key
+
+
+class TestClientSetup(unittest.TestCase):
+    """Client constructors check their arguments; TLS trusts what the user says."""
+
+    def test_bad_constructor_arguments(self):
+        """Every client names the bad argument."""
+        cases = [
+            (lambda: OpenAIClient(api_key=3), "OpenAIClient.api_key", ValidationError),
+            (lambda: OpenAIClient(api_key="k", timeout="slow"), "OpenAIClient.timeout",
+             ValidationError),
+            (lambda: OpenAIClient(api_key="k", max_retries=-1), "OpenAIClient.max_retries",
+             ValidationError),
+            (lambda: OpenAIClient(api_key="k", default_headers={"X": 1}),
+             "OpenAIClient.default_headers", ValidationError),
+            (lambda: OpenAIClient(api_key="k", ssl_context="yes"), "OpenAIClient.ssl_context",
+             ValidationError),
+            (lambda: OpenAIClient(api_key="k", extra_kwargs=[1]), "OpenAIClient.extra_kwargs",
+             ValidationError),
+            (lambda: OpenAIClient(base_url="ftp://x"), "http:// or https://",
+             ConfigurationError),
+            (lambda: AnthropicClient(api_key=b"k"), "AnthropicClient.api_key", ValidationError),
+            (lambda: AnthropicClient(api_key="k", timeout=0), "AnthropicClient.timeout",
+             ValidationError),
+            (lambda: OllamaClient(host=11434), "OllamaClient.host", ValidationError),
+            (lambda: OllamaClient(timeout=None), "OllamaClient.timeout", ValidationError),
+        ]
+        for build, where, cls in cases:
+            with self.subTest(where=where), self.assertRaisesRegex(cls, re.escape(where)):
+                build()
+
+    def test_tls_with_a_custom_ca(self):
+        """An ssl_context (or SSL_CERT_FILE) with the server's CA works; without it, the
+        certificate is refused."""
+        import ssl
+        with tempfile.TemporaryDirectory() as folder:
+            pair = self_signed_certificate(folder)
+            if pair is None:
+                self.skipTest("the openssl tool is not available")
+            server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            server_side.load_cert_chain(*map(str, pair))
+            with FakeProvider(tls=server_side) as fp:
+                self.addCleanup(casual_llm._pool.clear)
+                fp.add(openai_reply("secure"), openai_reply("env"))
+                trusted = ssl.create_default_context(cafile=str(pair[0]))
+                client = OpenAIClient(base_url=fp.url + "/v1", ssl_context=trusted)
+                self.assertEqual(Model(client, "m").chat_sync(
+                    [UserMessage(content="x")]).content, "secure")
+                with mock_env(SSL_CERT_FILE=str(pair[0])):
+                    self.assertEqual(Model(OpenAIClient(base_url=fp.url + "/v1"), "m").chat_sync(
+                        [UserMessage(content="x")]).content, "env")
+                plain = OpenAIClient(base_url=fp.url + "/v1", max_retries=0)
+                with self.assertRaisesRegex(APIConnectionError, "CERTIFICATE_VERIFY_FAILED"):
+                    Model(plain, "m").chat_sync([UserMessage(content="x")])
 
 
 class TestImageFetch(ServerTest):
