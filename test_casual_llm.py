@@ -133,7 +133,7 @@ def _pieces(frame, reply):
                 break
         cuts = sorted(c for c in cuts if 0 < c < size)
     bounds = [0, *cuts, size]
-    return [frame[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [frame[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
 # === Server ===================================================================================
@@ -325,9 +325,9 @@ class _Server(ThreadingHTTPServer):
             self.provider._untrack(threading.current_thread())
 
     def handle_error(self, request, client_address):
-        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
-            if not self.provider._closing.is_set():
-                self.provider.errors.append(traceback.format_exc())
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)) and \
+                not self.provider._closing.is_set():
+            self.provider.errors.append(traceback.format_exc())
 
 
 class FakeProvider:
@@ -358,7 +358,7 @@ class FakeProvider:
         if tls is not None:  # an ssl.SSLContext: serve HTTPS
             self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
             scheme = "https"
-        self.url = "%s://127.0.0.1:%d" % (scheme, self._server.server_address[1])
+        self.url = f"{scheme}://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._serve_loop, daemon=True,
                                         name="fakeprovider-serve")
         self._thread.start()
@@ -1030,15 +1030,15 @@ class TestTools(unittest.TestCase):
 
     def test_bad_tools(self):
         """Tool checks its fields."""
-        for kwargs, field in (({"name": "", "description": "d"}, "Tool.name"),
+        for kwargs, where in (({"name": "", "description": "d"}, "Tool.name"),
                               ({"name": "t", "description": None}, "Tool.description"),
                               ({"name": "t", "description": "d", "parameters": []},
                                "Tool.parameters"),
                               ({"name": "t", "description": "d", "required": "x"},
                                "Tool.required")):
-            with self.subTest(field=field):
-                with self.assertRaisesRegex(ValidationError, re.escape(field)):
-                    Tool(**kwargs)
+            with self.subTest(where=where), \
+                    self.assertRaisesRegex(ValidationError, re.escape(where)):
+                Tool(**kwargs)
 
     def test_from_function_google(self):
         """A Google-style docstring gives the description and parameter texts."""
@@ -1160,7 +1160,7 @@ class Task:
 
     Keep it short.
     """
-    title: Annotated[str, "what to do"]
+    title: typing.Annotated[str, "what to do"]
     priority: Priority
     done: bool = False
     where: Optional[Point] = None
@@ -2356,7 +2356,7 @@ class ProviderContract:
         got_first = asyncio.Event
 
         async def consume(seen):
-            async for chunk in model.stream([UserMessage(content="x")]):
+            async for _ in model.stream([UserMessage(content="x")]):
                 seen.set()
 
         async def go():
