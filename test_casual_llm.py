@@ -2319,6 +2319,7 @@ class ProviderContract:
         self.fp.add(self.stream_reply(["a", "b", "c"], cut_after=2))
         with self.assertRaises(StreamError):
             self.collect(self.model())
+        self.assertEqual(len(self.fp.requests), 1)  # never retried once a chunk was yielded
 
     def test_stream_ends_early(self):
         """A stream that ends cleanly but without its final event raises StreamError."""
@@ -2446,6 +2447,12 @@ class ProviderContract:
             self.assertEqual(run_async(model.chat([UserMessage(content="x")])).content,
                              "via proxy")
         self.assertEqual(self.fp.requests[0].path, "http://llm.example.test:80" + self.path)
+        self.fp.add(self.text_reply("direct"))
+        dead_proxy = f"http://127.0.0.1:{free_port()}"
+        with mock_env(HTTP_PROXY=dead_proxy, http_proxy=dead_proxy, NO_PROXY="127.0.0.1",
+                      no_proxy="127.0.0.1"):
+            model = Model(self.make_client(self.fp.url, max_retries=0), "m")
+            self.assertEqual(run_async(model.chat([UserMessage(content="x")])).content, "direct")
 
 
 class StructuredContract:
