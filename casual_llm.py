@@ -753,7 +753,7 @@ def _chunk(content: str, finish_reason: str | None = None,
 _NoneType = type(None)
 
 
-def _json_class(value: Any) -> "type | None":
+def _json_class(value: Any) -> type | None:
     """The JSON class of a value whose class is a subclass (bool before int: True is no number)."""
     for cls in (bool, int, float, str, dict, list):
         if isinstance(value, cls):
@@ -761,7 +761,7 @@ def _json_class(value: Any) -> "type | None":
     return _NoneType if value is None else None
 
 
-def _json_type_name(values: "typing.Sequence[Any]") -> "str | None":
+def _json_type_name(values: Sequence[Any]) -> str | None:
     """The one JSON type shared by all values, or None when they are mixed."""
     classes = {_json_class(v) for v in values}
     if classes == {bool}:
@@ -786,7 +786,7 @@ _TYPEDDICT_QUALIFIERS = tuple(q for q in (getattr(typing, "Required", None),
                                           getattr(typing, "NotRequired", None)) if q is not None)
 
 
-def _is_class(tp: Any) -> bool:
+def _is_class(tp: Any) -> typing.TypeGuard[type]:
     # On 3.9-3.10 isinstance(list[int], type) is True, yet issubclass() rejects it.
     return isinstance(tp, type) and typing.get_origin(tp) is None
 
@@ -801,7 +801,7 @@ def _is_named_type(tp: Any) -> bool:
                               or issubclass(tp, enum.Enum))
 
 
-def _user_doc(cls: type) -> "str | None":
+def _user_doc(cls: type) -> str | None:
     """The docstring the user wrote, skipping ones dataclasses and Enum generate."""
     doc = cls.__dict__.get("__doc__")
     if not isinstance(doc, str) or not doc.strip():
@@ -814,7 +814,7 @@ def _user_doc(cls: type) -> "str | None":
 
 
 @functools.lru_cache(maxsize=256)
-def _type_hints(cls: type) -> "dict[str, Any]":
+def _type_hints(cls: type) -> dict[str, Any]:
     """Resolved annotations of a class, ``Annotated`` kept (string annotations evaluated)."""
     try:
         return typing.get_type_hints(cls, include_extras=True)
@@ -823,7 +823,7 @@ def _type_hints(cls: type) -> "dict[str, Any]":
                         "types referenced by string must be importable from its module") from exc
 
 
-def _json_default(value: Any) -> "tuple[bool, Any]":
+def _json_default(value: Any) -> tuple[bool, Any]:
     """``(True, json_value)`` when a field default can be written into a schema."""
     if value is None or (isinstance(value, (str, bool, int)) and not isinstance(value, enum.Enum)):
         return True, value
@@ -835,8 +835,8 @@ def _json_default(value: Any) -> "tuple[bool, Any]":
         pairs = [_json_default(v) for v in value]
         return all(ok for ok, _ in pairs), [v for _, v in pairs]
     if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-        pairs = {k: _json_default(v) for k, v in value.items()}
-        return all(ok for ok, _ in pairs.values()), {k: v for k, (_, v) in pairs.items()}
+        entries = {k: _json_default(v) for k, v in value.items()}
+        return all(ok for ok, _ in entries.values()), {k: v for k, (_, v) in entries.items()}
     return False, None
 
 
@@ -854,11 +854,11 @@ class _TypeSchemaBuilder:
 
     def __init__(self, root: Any, inline: bool) -> None:
         self.root, self.inline = root, inline
-        self.defs: "dict[str, dict]" = {}
-        self.names: "dict[Any, str]" = {}
-        self.building: "list[Any]" = []
+        self.defs: dict[str, dict[str, Any]] = {}
+        self.names: dict[Any, str] = {}
+        self.building: list[Any] = []
 
-    def build(self) -> dict:
+    def build(self) -> dict[str, Any]:
         where = f"type {getattr(self.root, '__qualname__', self.root)!r}"
         if _is_named_type(self.root):
             self.building.append(self.root)
@@ -869,9 +869,9 @@ class _TypeSchemaBuilder:
             schema["$defs"] = self.defs
         return schema
 
-    def schema(self, tp: Any, where: str) -> dict:
+    def schema(self, tp: Any, where: str) -> dict[str, Any]:
         """The schema of ``tp``; ``where`` names the field for error messages."""
-        if isinstance(tp, str) or isinstance(tp, typing.ForwardRef):
+        if isinstance(tp, (str, typing.ForwardRef)):
             raise TypeError(f"cannot build a JSON Schema for {where}: unresolved forward "
                             f"reference {tp!r}")
         origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -900,9 +900,9 @@ class _TypeSchemaBuilder:
             return {"anyOf": [self.schema(a, where) for a in args]}
         return self.container(tp, origin, args, where)
 
-    def container(self, tp: Any, origin: Any, args: tuple, where: str) -> dict:
+    def container(self, tp: Any, origin: Any, args: tuple[Any, ...], where: str) -> dict[str, Any]:
         base = origin or tp
-        if base in (tuple, tuple):
+        if base is tuple:      # typing.Tuple, bare or subscripted, has the origin tuple
             if not args or (len(args) == 2 and args[1] is Ellipsis):
                 items = {"items": self.schema(args[0], where)} if args else {}
                 return {"type": "array", **items}
@@ -925,7 +925,7 @@ class _TypeSchemaBuilder:
                         "(supported: str, int, float, bool, None, Any, list, tuple, set, dict, "
                         "Literal, Optional/Union, Annotated, Enum, dataclass, TypedDict)")
 
-    def named_ref(self, tp: type, where: str) -> dict:
+    def named_ref(self, tp: type, where: str) -> dict[str, Any]:
         if self.inline:
             if tp in self.building:
                 raise TypeError(f"cannot inline the JSON Schema of {tp.__qualname__} ({where}): "
@@ -947,7 +947,7 @@ class _TypeSchemaBuilder:
             self.defs[name] = self.named_body(tp)
         return {"$ref": f"#/$defs/{name}"}
 
-    def named_body(self, tp: type) -> dict:
+    def named_body(self, tp: type) -> dict[str, Any]:
         if issubclass(tp, enum.Enum):
             schema = self.enum_body(tp)
         elif typing.is_typeddict(tp):
@@ -960,12 +960,12 @@ class _TypeSchemaBuilder:
             head = {"type": schema.pop("type"), **head}
         return {**head, **schema}
 
-    def enum_body(self, tp: "type[enum.Enum]") -> dict:
+    def enum_body(self, tp: type[enum.Enum]) -> dict[str, Any]:
         values = [_literal_value(m, f"enum {tp.__qualname__}") for m in tp]
         kind = _json_type_name(values)
         return {"type": kind, "enum": values} if kind else {"enum": values}
 
-    def dataclass_body(self, tp: type) -> dict:
+    def dataclass_body(self, tp: type) -> dict[str, Any]:
         hints = _type_hints(tp)
         properties, required = {}, []
         for field in dataclasses.fields(tp):
@@ -976,7 +976,8 @@ class _TypeSchemaBuilder:
             description = field.metadata.get("description") if field.metadata else None
             if isinstance(description, str):
                 schema["description"] = description
-            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            if (field.default is dataclasses.MISSING
+                    and field.default_factory is dataclasses.MISSING):
                 required.append(field.name)
             elif field.default is not dataclasses.MISSING:
                 ok, value = _json_default(field.default)
@@ -986,7 +987,7 @@ class _TypeSchemaBuilder:
         return {"type": "object", "properties": properties, "required": required,
                 "additionalProperties": False}
 
-    def typeddict_body(self, tp: type) -> dict:
+    def typeddict_body(self, tp: Any) -> dict[str, Any]:
         properties, required = {}, []
         for name, hint in _type_hints(tp).items():
             # __required_keys__ misses Required/NotRequired written as strings (PEP 563), so the
@@ -996,7 +997,8 @@ class _TypeSchemaBuilder:
                 is_required = qualifier is getattr(typing, "Required", None)
             else:
                 is_required = name in tp.__required_keys__
-            properties[name] = self.schema(_strip_qualifiers(hint), f"key {name!r} of {tp.__qualname__}")
+            properties[name] = self.schema(_strip_qualifiers(hint),
+                                           f"key {name!r} of {tp.__qualname__}")
             if is_required:
                 required.append(name)
         return {"type": "object", "properties": properties, "required": required,
@@ -1020,15 +1022,16 @@ def _hashable(value: Any) -> bool:
 
 
 @functools.lru_cache(maxsize=256)
-def _cached_type_schema(tp: Any, inline: bool) -> dict:
+def _cached_type_schema(tp: Any, inline: bool) -> dict[str, Any]:
     return _TypeSchemaBuilder(tp, inline).build()
 
 
-def _schema_from_type(tp: Any, inline: bool = False) -> dict:
+def _schema_from_type(tp: Any, inline: bool = False) -> dict[str, Any]:
     """A fresh JSON Schema (draft 2020-12) for a Python type; ``inline`` inlines nested types
     instead of using ``$defs`` (for tool parameters) and rejects recursive types."""
     if _hashable(tp):
-        return _copy_json(_cached_type_schema(tp, inline))
+        schema: dict[str, Any] = _copy_json(_cached_type_schema(tp, inline))
+        return schema
     return _TypeSchemaBuilder(tp, inline).build()
 
 
@@ -1281,8 +1284,12 @@ def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
 _MAX_DEPTH = 256
 _JSON_CLASSES = (bool, int, float, str, dict, list, _NoneType)
 
+# Where a value sits, as a linked list built from the root down: None at the root, then
+# (parent path, key) pairs; rendered as text only when an error surfaces.
+_Path = tuple["_Path", str | int] | None
 
-def _render_keys(keys: "typing.Iterable[Any]") -> str:
+
+def _render_keys(keys: Iterable[Any]) -> str:
     """Keys from the root down to a value, as ``$.a.b[3]["odd key"]``."""
     out = ["$"]
     for key in keys:
@@ -1295,7 +1302,7 @@ def _render_keys(keys: "typing.Iterable[Any]") -> str:
     return "".join(out)
 
 
-def _render_path(path: "tuple | None") -> str:
+def _render_path(path: _Path) -> str:
     """Render a validator path: nested ``(parent, key)`` pairs, built only as cheap tuples."""
     keys = []
     while path is not None:
@@ -1348,7 +1355,8 @@ def _schema_error(where: str, message: str) -> SchemaValidationError:
 # \s (ECMA: Unicode spaces), "." and "$" (ECMA: no newline leniency), \p{...} property escapes,
 # named groups, \u{...}, \cX, and the empty classes [] and [^].
 
-_ECMA_SPACE = "\\t\\n\\x0b\\x0c\\r \\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000\\ufeff"
+_ECMA_SPACE = ("\\t\\n\\x0b\\x0c\\r \\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029"
+               "\\u202f\\u205f\\u3000\\ufeff")
 _GENERAL_CATEGORY_ALIASES = {
     "letter": "L", "cased_letter": "LC", "uppercase_letter": "Lu", "lowercase_letter": "Ll",
     "titlecase_letter": "Lt", "modifier_letter": "Lm", "other_letter": "Lo", "mark": "M",
@@ -1365,11 +1373,11 @@ _GENERAL_CATEGORY_ALIASES = {
 
 
 @functools.lru_cache(maxsize=1)
-def _unicode_category_ranges() -> "dict[str, list[tuple[int, int]]]":
+def _unicode_category_ranges() -> dict[str, list[tuple[int, int]]]:
     """Code point ranges per general category, built once on first use of \\p{...} (~0.1 s)."""
     import unicodedata
     category = unicodedata.category
-    ranges: "dict[str, list[tuple[int, int]]]" = {}
+    ranges: dict[str, list[tuple[int, int]]] = {}
     previous, start = None, 0
     for code in range(sys.maxunicode + 1):
         current = category(chr(code))
@@ -1377,6 +1385,7 @@ def _unicode_category_ranges() -> "dict[str, list[tuple[int, int]]]":
             if previous is not None:
                 ranges.setdefault(previous, []).append((start, code - 1))
             previous, start = current, code
+    assert previous is not None     # the loop above saw at least one code point
     ranges.setdefault(previous, []).append((start, sys.maxunicode))
     return ranges
 
@@ -1400,7 +1409,7 @@ def _unicode_property_class(name: str) -> str:
     return "".join(f"\\U{a:08x}-\\U{b:08x}" for c in wanted for a, b in table[c])
 
 
-def _ecma_escape(pattern: str, i: int, in_class: bool) -> "tuple[str, int]":
+def _ecma_escape(pattern: str, i: int, in_class: bool) -> tuple[str, int]:
     """Translate the escape starting at pattern[i] (a backslash); returns (python, next index)."""
     if i + 1 >= len(pattern):
         raise ValueError("pattern ends with a lone backslash")
@@ -1457,7 +1466,8 @@ def _ecma_to_python(pattern: str) -> str:
             out.append("[^\\n\\r\\u2028\\u2029]")
         elif c == "$":
             out.append("\\Z")
-        elif c == "(" and pattern.startswith("(?<", i) and not pattern.startswith(("(?<=", "(?<!"), i):
+        elif (c == "(" and pattern.startswith("(?<", i)
+              and not pattern.startswith(("(?<=", "(?<!"), i)):
             out.append("(?P<")
             i += 3
             continue
@@ -1468,7 +1478,7 @@ def _ecma_to_python(pattern: str) -> str:
 
 
 @functools.lru_cache(maxsize=512)
-def _ecma_regex(pattern: str) -> "re.Pattern[str]":
+def _ecma_regex(pattern: str) -> re.Pattern[str]:
     """Compile an ECMA-262 pattern; raises ValueError naming the pattern when unsupported."""
     try:
         return re.compile(_ecma_to_python(pattern), re.ASCII)
@@ -1488,26 +1498,28 @@ _TYPE_CLASSES = {
     "string": (str,), "array": (list,), "object": (dict,),
 }
 _KIND_CLASSES = {"number": (int, float), "string": (str,), "array": (list,), "object": (dict,)}
+_Errors = list[tuple[_Path, str]]
+_Node = Callable[[Any, _Path, _Errors, int], None]
 
 
-def _accept(inst: Any, path: Any, errs: list, depth: int) -> None:
+def _accept(inst: Any, path: _Path, errs: _Errors, depth: int) -> None:
     """The ``true`` schema."""
 
 
-def _reject(inst: Any, path: Any, errs: list, depth: int) -> None:
+def _reject(inst: Any, path: _Path, errs: _Errors, depth: int) -> None:
     """The ``false`` schema."""
     errs.append((path, "no value is allowed here (the schema is false)"))
 
 
-def _too_deep(path: Any) -> "typing.NoReturn":
+def _too_deep(path: _Path) -> NoReturn:
     raise SchemaValidationError(
         f"validation nests deeper than {_MAX_DEPTH} levels at {_shorten(_render_path(path))}: "
         "the value is too deeply nested or the schema recurses without consuming the value",
         [(_shorten(_render_path(path)), "nesting too deep")])
 
 
-def _is_valid(node: "typing.Callable", inst: Any, depth: int) -> bool:
-    errs: list = []
+def _is_valid(node: _Node, inst: Any, depth: int) -> bool:
+    errs: _Errors = []
     node(inst, None, errs, depth)
     return not errs
 
@@ -1531,10 +1543,11 @@ class _Checks:
     __slots__ = ("by_class", "common")
 
     def __init__(self) -> None:
-        self.common: list = []
-        self.by_class: dict = {cls: [] for cls in _JSON_CLASSES}
+        self.common: list[_Node] = []
+        # Keyed by class; looked up with None too (a value that is no JSON value at all).
+        self.by_class: dict[type | None, list[_Node]] = {cls: [] for cls in _JSON_CLASSES}
 
-    def add(self, kind: "str | None", check: "typing.Callable") -> None:
+    def add(self, kind: str | None, check: _Node) -> None:
         if kind is None:
             self.common.append(check)
         else:
@@ -1547,32 +1560,33 @@ class _SchemaCompiler:
 
     def __init__(self, root: Any) -> None:
         self.root = root
-        self._nodes: "dict[int, typing.Callable]" = {}
-        self._refs: "dict[str, Any]" = {}
+        self._nodes: dict[int, _Node] = {}
+        self._refs: dict[str, Any] = {}
         self._level = 0
 
-    def compile(self, schema: Any, where: str = "#") -> "typing.Callable":
+    def compile(self, schema: Any, where: str = "#") -> _Node:
         """The node for ``schema``; memoised by identity so recursive ``$ref`` cycles terminate."""
         if schema is True:
             return _accept
         if schema is False:
             return _reject
         if not isinstance(schema, dict):
-            raise _schema_error(where, f"a schema must be an object or a boolean, not {_show(schema)}")
-        node = self._nodes.get(id(schema))
-        if node is not None:
-            return node
+            raise _schema_error(where,
+                                f"a schema must be an object or a boolean, not {_show(schema)}")
+        cached = self._nodes.get(id(schema))
+        if cached is not None:
+            return cached
         if self._level >= _MAX_DEPTH:
             raise _schema_error(where, f"schema nests deeper than {_MAX_DEPTH} levels")
         checks = _Checks()
         common, by_class = checks.common, checks.by_class
 
-        def node(inst: Any, path: Any, errs: list, depth: int) -> None:
+        def node(inst: Any, path: _Path, errs: _Errors, depth: int) -> None:
             if depth > _MAX_DEPTH:
                 _too_deep(path)
             for check in common:
                 check(inst, path, errs, depth)
-            group = by_class.get(inst.__class__)
+            group: Sequence[_Node] | None = by_class.get(inst.__class__)
             if group is None:
                 group = by_class.get(_json_class(inst), ())
             for check in group:
@@ -1612,8 +1626,9 @@ class _SchemaCompiler:
         self._refs[ref] = target
         return target
 
-    def evaluated(self, schema: Any, inst: Any, depth: int, own: "typing.Callable",
-                  own_key: str, nested: bool) -> set:
+    def evaluated(self, schema: Any, inst: Any, depth: int,
+                  own: Callable[[_SchemaCompiler, dict[str, Any], Any], set[Any]],
+                  own_key: str, nested: bool) -> set[Any]:
         """Property names or item indices that ``schema`` and its passing in-place subschemas
         evaluated: the annotations that unevaluatedProperties / unevaluatedItems consult."""
         if depth > _MAX_DEPTH:
@@ -1639,7 +1654,8 @@ class _SchemaCompiler:
         return seen
 
 
-def _own_evaluated_properties(compiler: _SchemaCompiler, schema: dict, inst: dict) -> set:
+def _own_evaluated_properties(compiler: _SchemaCompiler, schema: dict[str, Any],
+                              inst: dict[str, Any]) -> set[str]:
     if "additionalProperties" in schema:
         return set(inst)    # additionalProperties evaluates every name the others left over
     properties = schema.get("properties", {})
@@ -1650,7 +1666,8 @@ def _own_evaluated_properties(compiler: _SchemaCompiler, schema: dict, inst: dic
     return seen
 
 
-def _own_evaluated_items(compiler: _SchemaCompiler, schema: dict, inst: list) -> set:
+def _own_evaluated_items(compiler: _SchemaCompiler, schema: dict[str, Any],
+                         inst: list[Any]) -> set[int]:
     if "items" in schema:
         return set(range(len(inst)))
     seen = set(range(min(len(schema.get("prefixItems", ())), len(inst))))
@@ -1662,37 +1679,38 @@ def _own_evaluated_items(compiler: _SchemaCompiler, schema: dict, inst: list) ->
 
 # Keyword builders: each reads the keywords it owns from a schema and adds checks.
 
-def _number_keyword(schema: dict, key: str, where: str) -> "int | float":
+def _number_keyword(schema: dict[str, Any], key: str, where: str) -> int | float:
     value = schema[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _schema_error(_ptr(where, key), f"{key} must be a number, not {_show(value)}")
     return value
 
 
-def _count_keyword(schema: dict, key: str, where: str) -> int:
+def _count_keyword(schema: dict[str, Any], key: str, where: str) -> int:
     value = schema[key]
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise _schema_error(_ptr(where, key), f"{key} must be a non-negative integer, not {_show(value)}")
+        raise _schema_error(_ptr(where, key),
+                            f"{key} must be a non-negative integer, not {_show(value)}")
     return value
 
 
-def _schema_list(schema: dict, key: str, where: str) -> list:
+def _schema_list(schema: dict[str, Any], key: str, where: str) -> list[Any]:
     value = schema[key]
     if not isinstance(value, list) or not value:
         raise _schema_error(_ptr(where, key), f"{key} must be a non-empty array of schemas")
     return value
 
 
-def _schema_map(schema: dict, key: str, where: str) -> dict:
+def _schema_map(schema: dict[str, Any], key: str, where: str) -> dict[str, Any]:
     value = schema[key]
     if not isinstance(value, dict):
         raise _schema_error(_ptr(where, key), f"{key} must be an object, not {_show(value)}")
     return value
 
 
-def _build_type(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> None:
+def _build_type(c: _SchemaCompiler, schema: dict[str, Any], where: str, out: _Checks) -> None:
     if "type" not in schema:
         return
     names = schema["type"]
@@ -1704,7 +1722,7 @@ def _build_type(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> N
     integral_floats = "integer" in names and "number" not in names
     expected = " or ".join(repr(n) for n in names)
 
-    def check_type(inst: Any, path: Any, errs: list, depth: int) -> None:
+    def check_type(inst: Any, path: _Path, errs: _Errors, depth: int) -> None:
         cls = inst.__class__
         if cls in allowed:
             return
@@ -1719,7 +1737,7 @@ def _build_type(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> N
     out.add(None, check_type)
 
 
-def _build_enum_const(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> None:
+def _build_enum_const(c: _SchemaCompiler, schema: dict[str, Any], where: str, out: _Checks) -> None:
     for key in ("enum", "const"):
         if key not in schema:
             continue
@@ -1728,10 +1746,11 @@ def _build_enum_const(c: _SchemaCompiler, schema: dict, where: str, out: _Checks
             raise _schema_error(_ptr(where, key), f"enum must be an array, not {_show(values)}")
         strings = frozenset(v for v in values if v.__class__ is str)
         others = frozenset(_json_key(v) for v in values if v.__class__ is not str)
-        message = (f"is not one of {_show(values)}" if key == "enum" else f"is not {_show(values[0])}")
+        message = (f"is not one of {_show(values)}" if key == "enum"
+                   else f"is not {_show(values[0])}")
 
-        def check_enum(inst: Any, path: Any, errs: list, depth: int,
-                       strings: frozenset = strings, others: frozenset = others,
+        def check_enum(inst: Any, path: _Path, errs: _Errors, depth: int,
+                       strings: frozenset[Any] = strings, others: frozenset[Any] = others,
                        message: str = message) -> None:
             key = inst if inst.__class__ is str else _json_key(inst)
             if key in (strings if key.__class__ is str else others):
@@ -1741,12 +1760,12 @@ def _build_enum_const(c: _SchemaCompiler, schema: dict, where: str, out: _Checks
         out.add(None, check_enum)
 
 
-def _build_in_place(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> None:
+def _build_in_place(c: _SchemaCompiler, schema: dict[str, Any], where: str, out: _Checks) -> None:
     """allOf, anyOf, oneOf, not, if/then/else and $ref: subschemas applied to the same value."""
     if "$ref" in schema:
         target = c.compile(c.resolve(schema["$ref"], _ptr(where, "$ref")), schema["$ref"])
 
-        def check_ref(inst: Any, path: Any, errs: list, depth: int) -> None:
+        def check_ref(inst: Any, path: _Path, errs: _Errors, depth: int) -> None:
             target(inst, path, errs, depth + 1)
 
         out.add(None, check_ref)
@@ -1757,7 +1776,7 @@ def _build_in_place(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) 
     if "not" in schema:
         negated = c.compile(schema["not"], _ptr(where, "not"))
 
-        def check_not(inst: Any, path: Any, errs: list, depth: int) -> None:
+        def check_not(inst: Any, path: _Path, errs: _Errors, depth: int) -> None:
             if _is_valid(negated, inst, depth + 1):
                 errs.append((path, f"{_show(inst)} must not match the 'not' schema"))
 
@@ -1767,63 +1786,66 @@ def _build_in_place(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) 
         then = c.compile(schema.get("then", True), _ptr(where, "then"))
         other = c.compile(schema.get("else", True), _ptr(where, "else"))
 
-        def check_if(inst: Any, path: Any, errs: list, depth: int) -> None:
+        def check_if(inst: Any, path: _Path, errs: _Errors, depth: int) -> None:
             branch = then if _is_valid(test, inst, depth + 1) else other
             branch(inst, path, errs, depth + 1)
 
         out.add(None, check_if)
 
 
-def _path_length(path: Any) -> int:
+def _path_length(path: _Path) -> int:
     length = 0
     while path is not None:
         path, length = path[0], length + 1
     return length
 
 
-def _closest_failure(failures: "list[list]") -> list:
+def _closest_failure(failures: list[_Errors]) -> _Errors:
     """The alternative that got furthest into the value: its errors explain the mismatch best."""
     return max(failures, key=lambda errs: max(_path_length(p) for p, _ in errs))
 
 
-def _all_of(subs: list) -> "typing.Callable":
-    def check_all_of(inst: Any, path: Any, errs: list, depth: int) -> None:
+def _all_of(subs: list[_Node]) -> _Node:
+    def check_all_of(inst: Any, path: _Path, errs: _Errors, depth: int) -> None:
         for sub in subs:
             sub(inst, path, errs, depth + 1)
 
     return check_all_of
 
 
-def _any_of(subs: list) -> "typing.Callable":
-    def check_any_of(inst: Any, path: Any, errs: list, depth: int) -> None:
+def _any_of(subs: list[_Node]) -> _Node:
+    def check_any_of(inst: Any, path: _Path, errs: _Errors, depth: int) -> None:
         failures = []
         for sub in subs:
-            branch: list = []
+            branch: _Errors = []
             sub(inst, path, branch, depth + 1)
             if not branch:
                 return
             failures.append(branch)
-        errs.append((path, f"{_show(inst)} does not match any of the {len(subs)} alternatives (anyOf)"))
+        errs.append((path, (f"{_show(inst)} does not match any of the {len(subs)} "
+                            "alternatives (anyOf)")))
         errs.extend(_closest_failure(failures))
 
     return check_any_of
 
 
-def _one_of(subs: list) -> "typing.Callable":
-    def check_one_of(inst: Any, path: Any, errs: list, depth: int) -> None:
+def _one_of(subs: list[_Node]) -> _Node:
+    def check_one_of(inst: Any, path: _Path, errs: _Errors, depth: int) -> None:
         failures, passed = [], []
         for index, sub in enumerate(subs):
-            branch: list = []
+            branch: _Errors = []
             sub(inst, path, branch, depth + 1)
             if branch:
                 failures.append(branch)
             else:
                 passed.append(index)
         if not passed:
-            errs.append((path, f"{_show(inst)} does not match any of the {len(subs)} alternatives (oneOf)"))
+            errs.append((path, (f"{_show(inst)} does not match any of the {len(subs)} "
+                                "alternatives (oneOf)")))
             errs.extend(_closest_failure(failures))
         elif len(passed) > 1:
-            errs.append((path, f"{_show(inst)} matches more than one alternative (oneOf: {passed})"))
+            errs.append((path,
+                         f"{_show(inst)} matches more than one alternative (oneOf: {passed})"))
 
     return check_one_of
 
@@ -1836,13 +1858,13 @@ _BOUNDS = (
 )
 
 
-def _build_number(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> None:
+def _build_number(c: _SchemaCompiler, schema: dict[str, Any], where: str, out: _Checks) -> None:
     for key, complaint, fails in _BOUNDS:
         if key not in schema:
             continue
         limit = _number_keyword(schema, key, where)
 
-        def check_bound(inst: Any, path: Any, errs: list, depth: int, limit: Any = limit,
+        def check_bound(inst: Any, path: _Path, errs: _Errors, depth: int, limit: Any = limit,
                         fails: Any = fails, complaint: str = complaint) -> None:
             if fails(inst, limit):
                 errs.append((path, f"{_show(inst)} {complaint} {_show(limit)}"))
@@ -1851,16 +1873,17 @@ def _build_number(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) ->
     if "multipleOf" in schema:
         divisor = _number_keyword(schema, "multipleOf", where)
         if divisor <= 0:
-            raise _schema_error(_ptr(where, "multipleOf"), f"multipleOf must be > 0, not {divisor!r}")
+            raise _schema_error(_ptr(where, "multipleOf"),
+                                f"multipleOf must be > 0, not {divisor!r}")
 
-        def check_multiple(inst: Any, path: Any, errs: list, depth: int) -> None:
+        def check_multiple(inst: Any, path: _Path, errs: _Errors, depth: int) -> None:
             if not _is_multiple(inst, divisor):
                 errs.append((path, f"{_show(inst)} is not a multiple of {_show(divisor)}"))
 
         out.add("number", check_multiple)
 
 
-def _is_multiple(value: "int | float", divisor: "int | float") -> bool:
+def _is_multiple(value: float, divisor: float) -> bool:
     """Exact test on the numbers as written in JSON (0.0075 is a multiple of 0.0001, although
     the binary floats are not); huge quotients neither overflow nor lose precision."""
     if isinstance(value, int) and isinstance(divisor, int):
@@ -1873,11 +1896,11 @@ def _is_multiple(value: "int | float", divisor: "int | float") -> bool:
     return context.remainder(x, d) == 0
 
 
-def _build_string(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> None:
+def _build_string(c: _SchemaCompiler, schema: dict[str, Any], where: str, out: _Checks) -> None:
     if "minLength" in schema:
         low = _count_keyword(schema, "minLength", where)
 
-        def check_min_length(inst: str, path: Any, errs: list, depth: int) -> None:
+        def check_min_length(inst: str, path: _Path, errs: _Errors, depth: int) -> None:
             if len(inst) < low:
                 errs.append((path, f"{_show(inst)} is shorter than {low} characters"))
 
@@ -1885,7 +1908,7 @@ def _build_string(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) ->
     if "maxLength" in schema:
         high = _count_keyword(schema, "maxLength", where)
 
-        def check_max_length(inst: str, path: Any, errs: list, depth: int) -> None:
+        def check_max_length(inst: str, path: _Path, errs: _Errors, depth: int) -> None:
             if len(inst) > high:
                 errs.append((path, f"{_show(inst)} is longer than {high} characters"))
 
@@ -1897,16 +1920,17 @@ def _build_string(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) ->
         except ValueError as exc:
             raise _schema_error(_ptr(where, "pattern"), str(exc)) from exc
         if search is None:
-            raise _schema_error(_ptr(where, "pattern"), f"pattern must be a string, not {_show(pattern)}")
+            raise _schema_error(_ptr(where, "pattern"),
+                                f"pattern must be a string, not {_show(pattern)}")
 
-        def check_pattern(inst: str, path: Any, errs: list, depth: int) -> None:
+        def check_pattern(inst: str, path: _Path, errs: _Errors, depth: int) -> None:
             if search(inst) is None:
                 errs.append((path, f"{_show(inst)} does not match pattern {pattern!r}"))
 
         out.add("string", check_pattern)
 
 
-def _build_items(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> None:
+def _build_items(c: _SchemaCompiler, schema: dict[str, Any], where: str, out: _Checks) -> None:
     prefix_key, rest_key = "prefixItems", "items"
     if isinstance(schema.get("items"), list) and "prefixItems" not in schema:
         prefix_key, rest_key = "items", "additionalItems"     # draft 2019 and older tuple form
@@ -1917,7 +1941,7 @@ def _build_items(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> 
         return
     start = len(prefix)
 
-    def check_items(inst: list, path: Any, errs: list, depth: int) -> None:
+    def check_items(inst: list[Any], path: _Path, errs: _Errors, depth: int) -> None:
         depth += 1
         for index, (sub, item) in enumerate(zip(prefix, inst)):
             sub(item, (path, index), errs, depth)
@@ -1930,13 +1954,13 @@ def _build_items(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> 
     out.add("array", check_items)
 
 
-def _build_array(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> None:
+def _build_array(c: _SchemaCompiler, schema: dict[str, Any], where: str, out: _Checks) -> None:
     for key, too, compare in (("minItems", "fewer", int.__lt__), ("maxItems", "more", int.__gt__)):
         if key in schema:
             limit = _count_keyword(schema, key, where)
 
-            def check_count(inst: list, path: Any, errs: list, depth: int, limit: int = limit,
-                            too: str = too, compare: Any = compare) -> None:
+            def check_count(inst: list[Any], path: _Path, errs: _Errors, depth: int,
+                            limit: int = limit, too: str = too, compare: Any = compare) -> None:
                 if compare(len(inst), limit):
                     errs.append((path, f"array has {len(inst)} items, {too} than {limit}"))
 
@@ -1948,33 +1972,34 @@ def _build_array(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> 
         low = _count_keyword(schema, "minContains", where) if "minContains" in schema else 1
         high = _count_keyword(schema, "maxContains", where) if "maxContains" in schema else None
 
-        def check_contains(inst: list, path: Any, errs: list, depth: int) -> None:
+        def check_contains(inst: list[Any], path: _Path, errs: _Errors, depth: int) -> None:
             found = sum(1 for item in inst if _is_valid(wanted, item, depth + 1))
             if found < low:
-                errs.append((path, f"array has {found} items matching 'contains', "
-                                   f"at least {low} are required"))
+                errs.append((path, (f"array has {found} items matching 'contains', "
+                                    f"at least {low} are required")))
             if high is not None and found > high:
-                errs.append((path, f"array has {found} items matching 'contains', "
-                                   f"at most {high} are allowed"))
+                errs.append((path, (f"array has {found} items matching 'contains', "
+                                    f"at most {high} are allowed")))
 
         out.add("array", check_contains)
 
 
-def _check_unique(inst: list, path: Any, errs: list, depth: int) -> None:
-    seen: dict = {}
+def _check_unique(inst: list[Any], path: _Path, errs: _Errors, depth: int) -> None:
+    seen: dict[Any, int] = {}
     for index, item in enumerate(inst):
         first = seen.setdefault(_json_key(item), index)
         if first != index:
-            errs.append((path, f"array items {first} and {index} are equal ({_show(item)}); "
-                               "items must be unique"))
+            errs.append((path, (f"array items {first} and {index} are equal ({_show(item)}); "
+                                "items must be unique")))
             return
 
 
-def _build_properties(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> None:
+def _build_properties(c: _SchemaCompiler, schema: dict[str, Any], where: str, out: _Checks) -> None:
     """properties, patternProperties and additionalProperties, checked in one pass."""
     props = {k: c.compile(s, _ptr(where, "properties", k))
-             for k, s in _schema_map(schema, "properties", where).items()} if "properties" in schema else {}
-    patterns = []
+             for k, s in _schema_map(schema, "properties", where).items()
+             } if "properties" in schema else {}
+    patterns: list[tuple[Callable[[str], Any], _Node]] = []
     for pattern, sub in (_schema_map(schema, "patternProperties", where).items()
                          if "patternProperties" in schema else ()):
         try:
@@ -1991,7 +2016,7 @@ def _build_properties(c: _SchemaCompiler, schema: dict, where: str, out: _Checks
     elif props:
         items = tuple(props.items())
 
-        def check_properties(inst: dict, path: Any, errs: list, depth: int) -> None:
+        def check_properties(inst: dict[str, Any], path: _Path, errs: _Errors, depth: int) -> None:
             depth += 1
             for name, sub in items:
                 if name in inst:
@@ -2000,8 +2025,8 @@ def _build_properties(c: _SchemaCompiler, schema: dict, where: str, out: _Checks
         out.add("object", check_properties)
 
 
-def _closed_properties(props: dict) -> "typing.Callable":
-    def check_closed(inst: dict, path: Any, errs: list, depth: int) -> None:
+def _closed_properties(props: dict[str, _Node]) -> _Node:
+    def check_closed(inst: dict[str, Any], path: _Path, errs: _Errors, depth: int) -> None:
         depth += 1
         for name, value in inst.items():
             sub = props.get(name)
@@ -2013,13 +2038,15 @@ def _closed_properties(props: dict) -> "typing.Callable":
     return check_closed
 
 
-def _general_properties(props: dict, patterns: list, extra: Any) -> "typing.Callable":
-    def check_general(inst: dict, path: Any, errs: list, depth: int) -> None:
+def _general_properties(props: dict[str, _Node],
+                        patterns: list[tuple[Callable[[str], Any], _Node]],
+                        extra: _Node | None) -> _Node:
+    def check_general(inst: dict[str, Any], path: _Path, errs: _Errors, depth: int) -> None:
         depth += 1
         for name, value in inst.items():
             sub = props.get(name)
             matched = sub is not None
-            if matched:
+            if sub is not None:
                 sub(value, (path, name), errs, depth)
             for search, pattern_sub in patterns:
                 if search(name):
@@ -2034,14 +2061,15 @@ def _general_properties(props: dict, patterns: list, extra: Any) -> "typing.Call
     return check_general
 
 
-def _build_object(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> None:
+def _build_object(c: _SchemaCompiler, schema: dict[str, Any], where: str, out: _Checks) -> None:
     if "required" in schema:
         required = schema["required"]
         if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
             raise _schema_error(_ptr(where, "required"),
                                 f"required must be an array of strings, not {_show(required)}")
         if required:
-            def check_required(inst: dict, path: Any, errs: list, depth: int) -> None:
+            def check_required(inst: dict[str, Any], path: _Path, errs: _Errors,
+                               depth: int) -> None:
                 for name in required:
                     if name not in inst:
                         errs.append((path, f"missing required property {name!r}"))
@@ -2049,22 +2077,26 @@ def _build_object(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) ->
             out.add("object", check_required)
     if "dependentRequired" in schema:
         dependent = _schema_map(schema, "dependentRequired", where)
-        if not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in dependent.values()):
-            raise _schema_error(_ptr(where, "dependentRequired"), "each value must be an array of strings")
+        if not all(isinstance(v, list) and all(isinstance(n, str) for n in v)
+                   for v in dependent.values()):
+            raise _schema_error(_ptr(where, "dependentRequired"),
+                                "each value must be an array of strings")
 
-        def check_dependent(inst: dict, path: Any, errs: list, depth: int) -> None:
+        def check_dependent(inst: dict[str, Any], path: _Path, errs: _Errors, depth: int) -> None:
             for trigger, names in dependent.items():
                 if trigger in inst:
                     for name in names:
                         if name not in inst:
-                            errs.append((path, f"property {name!r} is required when {trigger!r} is present"))
+                            errs.append((path, (f"property {name!r} is required when "
+                                                f"{trigger!r} is present")))
 
         out.add("object", check_dependent)
     if "dependentSchemas" in schema:
         dependent_subs = [(k, c.compile(s, _ptr(where, "dependentSchemas", k)))
                           for k, s in _schema_map(schema, "dependentSchemas", where).items()]
 
-        def check_dependent_schemas(inst: dict, path: Any, errs: list, depth: int) -> None:
+        def check_dependent_schemas(inst: dict[str, Any], path: _Path, errs: _Errors,
+                                    depth: int) -> None:
             for trigger, sub in dependent_subs:
                 if trigger in inst:
                     sub(inst, path, errs, depth + 1)
@@ -2073,27 +2105,29 @@ def _build_object(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) ->
     if "propertyNames" in schema:
         names_node = c.compile(schema["propertyNames"], _ptr(where, "propertyNames"))
 
-        def check_names(inst: dict, path: Any, errs: list, depth: int) -> None:
+        def check_names(inst: dict[str, Any], path: _Path, errs: _Errors, depth: int) -> None:
             for name in inst:
-                problems: list = []
+                problems: _Errors = []
                 names_node(name, None, problems, depth + 1)
                 if problems:
                     errs.append((path, f"property name {name!r} is invalid: {problems[0][1]}"))
 
         out.add("object", check_names)
-    for key, too, compare in (("minProperties", "fewer", int.__lt__), ("maxProperties", "more", int.__gt__)):
+    for key, too, compare in (("minProperties", "fewer", int.__lt__),
+                              ("maxProperties", "more", int.__gt__)):
         if key in schema:
             limit = _count_keyword(schema, key, where)
 
-            def check_size(inst: dict, path: Any, errs: list, depth: int, limit: int = limit,
-                           too: str = too, compare: Any = compare) -> None:
+            def check_size(inst: dict[str, Any], path: _Path, errs: _Errors, depth: int,
+                           limit: int = limit, too: str = too, compare: Any = compare) -> None:
                 if compare(len(inst), limit):
                     errs.append((path, f"object has {len(inst)} properties, {too} than {limit}"))
 
             out.add("object", check_size)
 
 
-def _build_unevaluated(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> None:
+def _build_unevaluated(c: _SchemaCompiler, schema: dict[str, Any], where: str,
+                       out: _Checks) -> None:
     for key, kind, own in (("unevaluatedProperties", "object", _own_evaluated_properties),
                            ("unevaluatedItems", "array", _own_evaluated_items)):
         if key not in schema:
@@ -2102,7 +2136,7 @@ def _build_unevaluated(c: _SchemaCompiler, schema: dict, where: str, out: _Check
         if sub is _accept:
             continue
 
-        def check_unevaluated(inst: Any, path: Any, errs: list, depth: int, key: str = key,
+        def check_unevaluated(inst: Any, path: _Path, errs: _Errors, depth: int, key: str = key,
                               own: Any = own, sub: Any = sub) -> None:
             seen = c.evaluated(schema, inst, depth, own, key, False)
             pairs = inst.items() if isinstance(inst, dict) else enumerate(inst)
@@ -2110,8 +2144,8 @@ def _build_unevaluated(c: _SchemaCompiler, schema: dict, where: str, out: _Check
                 if name in seen:
                     continue
                 if sub is _reject:
-                    errs.append((path, f"{'property' if isinstance(inst, dict) else 'item'} "
-                                       f"{name!r} is not allowed ({key} is false)"))
+                    errs.append((path, (f"{'property' if isinstance(inst, dict) else 'item'} "
+                                        f"{name!r} is not allowed ({key} is false)")))
                 else:
                     sub(value, (path, name), errs, depth + 1)
 
@@ -2125,11 +2159,11 @@ _KEYWORD_BUILDERS = (
 
 # Compiled validators by id(schema); each entry keeps its schema alive, and a hit is checked by
 # identity, so a recycled id can never return another schema's validator.
-_VALIDATOR_CACHE: "dict[int, tuple[Any, typing.Callable]]" = {}
+_VALIDATOR_CACHE: dict[int, tuple[Any, _Node]] = {}
 _VALIDATOR_CACHE_SIZE = 128
 
 
-def _compiled_validator(schema: Any) -> "typing.Callable":
+def _compiled_validator(schema: Any) -> _Node:
     """The cached root node for ``schema`` (a schema must not be mutated once it is validated)."""
     key = id(schema)
     entry = _VALIDATOR_CACHE.pop(key, None)
@@ -2144,26 +2178,28 @@ def _compiled_validator(schema: Any) -> "typing.Callable":
     return entry[1]
 
 
-def _run_validator(node: "typing.Callable", instance: Any) -> "list[tuple[str, str]]":
+def _run_validator(node: _Node, instance: Any) -> list[tuple[str, str]]:
     """Every failure of ``instance`` against a compiled node, paths rendered."""
-    errs: list = []
+    errs: _Errors = []
     try:
         node(instance, None, errs, 0)
     except RecursionError as exc:
         raise SchemaValidationError(
-            "validation exceeded Python's recursion limit: the value or the schema nests too deeply",
+            "validation exceeded Python's recursion limit: the value or the schema nests too "
+            "deeply",
             [("$", "nesting too deep")]) from exc
     return [(_render_path(path), message) for path, message in errs]
 
 
-def _failure(errors: "list[tuple[str, str]]", raw_text: "str | None" = None) -> SchemaValidationError:
+def _failure(errors: list[tuple[str, str]], raw_text: str | None = None) -> SchemaValidationError:
     path, message = errors[0]
-    more = f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    more = (f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
+            if len(errors) > 1 else "")
     return SchemaValidationError(f"value does not match the schema: {path}: {message}{more}",
                                  errors, raw_text)
 
 
-def validate_json_schema(instance: Any, schema: "dict | bool") -> None:
+def validate_json_schema(instance: Any, schema: dict[str, Any] | bool) -> None:
     """Validate a JSON value against a JSON Schema (draft 2020-12); return None when it conforms.
 
     Raises SchemaValidationError listing every failure in ``.errors`` as ``(json_path, message)``
@@ -2181,7 +2217,7 @@ def validate_json_schema(instance: Any, schema: "dict | bool") -> None:
 # --- 5d. A validated value into a Python type ---------------------------------
 
 @functools.lru_cache(maxsize=256)
-def _cached_type_validator(tp: Any) -> "typing.Callable":
+def _cached_type_validator(tp: Any) -> _Node:
     schema = _cached_type_schema(tp, False)
     return _SchemaCompiler(schema).compile(schema)
 
@@ -2230,9 +2266,9 @@ def _build_typed(value: Any, tp: Any) -> Any:
     return _build_container(value, tp, origin, args)
 
 
-def _build_container(value: Any, tp: Any, origin: Any, args: tuple) -> Any:
+def _build_container(value: Any, tp: Any, origin: Any, args: tuple[Any, ...]) -> Any:
     base = origin or tp
-    if base in (tuple, tuple):
+    if base is tuple:      # typing.Tuple, bare or subscripted, has the origin tuple
         if not args:
             return tuple(value)
         if len(args) == 2 and args[1] is Ellipsis:
@@ -2260,9 +2296,9 @@ class _ResponseFormat:
     """
 
     kind: str
-    schema: "dict | None" = None
+    schema: dict[str, Any] | None = None
     name: str = "response"
-    parse: "typing.Callable[[str], Any] | None" = None
+    parse: Callable[[str], Any] | None = None
 
 
 _ACCEPTED_FORMATS = ("'text', 'json', a JSON Schema dict, a dataclass, a TypedDict, an Enum, a "
@@ -2295,14 +2331,14 @@ def _load_reply_json(text: Any) -> Any:
     try:
         return json.loads(_strip_fences(text), parse_constant=_reject_constant)
     except ValueError as exc:       # json.JSONDecodeError is a ValueError
-        raise SchemaValidationError(f"reply is not valid JSON: {exc}", [("$", f"invalid JSON: {exc}")],
-                                    raw_text=text) from exc
+        raise SchemaValidationError(f"reply is not valid JSON: {exc}",
+                                    [("$", f"invalid JSON: {exc}")], raw_text=text) from exc
     except RecursionError as exc:
         raise SchemaValidationError("reply nests too deeply to parse", [("$", "nesting too deep")],
                                     raw_text=text) from exc
 
 
-def _check_reply(node: "typing.Callable", value: Any, text: str) -> None:
+def _check_reply(node: _Node, value: Any, text: str) -> None:
     errors = _run_validator(node, value)
     if errors:
         raise _failure(errors, raw_text=text)
@@ -2317,7 +2353,7 @@ _TEXT_FORMAT = _ResponseFormat("text")
 _JSON_FORMAT = _ResponseFormat("json", None, "response", _load_reply_json)
 
 
-def _format_from_schema(schema: dict) -> _ResponseFormat:
+def _format_from_schema(schema: dict[str, Any]) -> _ResponseFormat:
     node = _compiled_validator(schema)      # compiles now: a malformed schema fails early
 
     def parse(text: str) -> Any:
@@ -2354,7 +2390,7 @@ def _pydantic_failure(exc: Exception, text: str) -> SchemaValidationError:
     try:
         for item in details() if callable(details) else ():
             errors.append((_render_keys(item.get("loc", ())), str(item.get("msg", ""))))
-    except Exception:       # an exotic errors() shape: fall back to the exception text
+    except Exception:  # noqa: BLE001 - any exotic errors() shape: fall back to str(exc)
         errors = []
     if not errors:
         errors = [("$", str(exc))]
@@ -2362,7 +2398,9 @@ def _pydantic_failure(exc: Exception, text: str) -> SchemaValidationError:
 
 
 @functools.lru_cache(maxsize=64)
-def _format_from_pydantic(model: type) -> _ResponseFormat:
+def _format_from_pydantic(model: Any) -> _ResponseFormat:
+    """``model`` is a pydantic model class, duck-typed (see _is_pydantic_model): pydantic is
+    never imported here."""
     schema = model.model_json_schema()
 
     def parse(text: str) -> Any:
@@ -2388,7 +2426,8 @@ def _resolve_response_format(response_format: Any) -> _ResponseFormat:
     if _is_pydantic_model(response_format):
         return _format_from_pydantic(response_format)
     if isinstance(response_format, str) or not _hashable(response_format):
-        raise TypeError(f"unsupported response_format {response_format!r}: expected {_ACCEPTED_FORMATS}")
+        raise TypeError(f"unsupported response_format {response_format!r}: "
+                        f"expected {_ACCEPTED_FORMATS}")
     try:
         return _format_from_type(response_format)
     except TypeError as exc:
@@ -2439,13 +2478,14 @@ def _unwrap_value(text: str) -> str:
     return text
 
 
-def _wrap_root(schema: Any) -> "tuple[dict, typing.Callable[[str], str]]":
+def _wrap_root(schema: Any) -> tuple[dict[str, Any], Callable[[str], str]]:
     """``(schema_to_send, unwrap)``: an object-root schema is returned as is with an identity
     ``unwrap``; any other root is wrapped as the ``value`` property of an object, and ``unwrap``
     turns the reply text back into the text of the inner value, ready for ``parse``."""
     if _is_object_schema(schema):
         return schema, _unwrap_identity
-    inner = {k: v for k, v in schema.items() if k != "$defs"} if isinstance(schema, dict) else schema
+    inner = ({k: v for k, v in schema.items() if k != "$defs"} if isinstance(schema, dict)
+             else schema)
     wrapped = {"type": "object", "properties": {"value": _rebase_refs(inner)},
                "required": ["value"], "additionalProperties": False}
     if isinstance(schema, dict) and "$defs" in schema:
@@ -2482,7 +2522,8 @@ def _openai_strict_ok(schema: Any) -> bool:
             and totals["enum"] <= _OPENAI_MAX_ENUM_VALUES)
 
 
-def _strict_node_ok(schema: Any, nesting: int, totals: dict, is_root: bool = False) -> bool:
+def _strict_node_ok(schema: Any, nesting: int, totals: dict[str, int],
+                    is_root: bool = False) -> bool:
     if not isinstance(schema, dict) or nesting > _OPENAI_MAX_NESTING:
         return False
     if not set(schema) <= _OPENAI_STRICT_KEYWORDS or ("$defs" in schema and not is_root):
