@@ -1333,7 +1333,7 @@ def _json_key(value: Any) -> Any:
     if cls is bool:
         return (bool, value)
     if cls is list:
-        return ("l",) + tuple(map(_json_key, value))
+        return ("l", *map(_json_key, value))
     if cls is dict:
         return ("d", frozenset((k, _json_key(v)) for k, v in value.items()))
     cls = _json_class(value)
@@ -1943,7 +1943,7 @@ def _build_items(c: _SchemaCompiler, schema: dict[str, Any], where: str, out: _C
 
     def check_items(inst: list[Any], path: _Path, errs: _Errors, depth: int) -> None:
         depth += 1
-        for index, (sub, item) in enumerate(zip(prefix, inst)):
+        for index, (sub, item) in enumerate(zip(prefix, inst, strict=False)):
             sub(item, (path, index), errs, depth)
         if rest is _reject and len(inst) > start:
             errs.append((path, f"array has {len(inst)} items, at most {start} are allowed"))
@@ -2273,7 +2273,7 @@ def _build_container(value: Any, tp: Any, origin: Any, args: tuple[Any, ...]) ->
             return tuple(value)
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_build_typed(v, args[0]) for v in value)
-        return tuple(_build_typed(v, a) for v, a in zip(value, args))
+        return tuple(_build_typed(v, a) for v, a in zip(value, args, strict=False))
     if base in (set, frozenset, collections.abc.Set, collections.abc.MutableSet):
         items = (_build_typed(v, args[0]) if args else v for v in value)
         return frozenset(items) if base is frozenset else set(items)
@@ -2390,7 +2390,7 @@ def _pydantic_failure(exc: Exception, text: str) -> SchemaValidationError:
     try:
         for item in details() if callable(details) else ():
             errors.append((_render_keys(item.get("loc", ())), str(item.get("msg", ""))))
-    except Exception:  # noqa: BLE001 - any exotic errors() shape: fall back to str(exc)
+    except Exception:  # any exotic errors() shape: fall back to str(exc)
         errors = []
     if not errors:
         errors = [("$", str(exc))]
