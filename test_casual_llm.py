@@ -3222,5 +3222,167 @@ class TestChatCommands(CommandLineTest):
         self.assertRegex(err, r"error: 500 .*boom")
         self.assertEqual([m["content"] for m in self.sent()["messages"]], ["q2"])
 
+
+class _Terminal:
+    """A process on a pseudo-terminal, driven as a person would: keys in, screen out."""
+
+    # The child must own the terminal for Ctrl-C to become SIGINT: a tiny launcher makes
+    # it the controlling tty, then becomes ``python -m casual_llm`` (no fork in the tests).
+    _LAUNCHER = ("import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+                 "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+
+    def __init__(self, args, env):
+        import fcntl
+        import pty
+        import struct
+        import termios
+        self.master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", self._LAUNCHER, "-m", "casual_llm", *args], cwd=HERE,
+            env=env, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+        os.close(slave)
+        self.screen, self.seen = b"", 0
+
+    def send(self, keys):
+        os.write(self.master, keys.encode())
+
+    def expect(self, pattern, timeout=10):
+        """Wait for ``pattern`` (a regex) in the output after the last match."""
+        match = self.wait_for(pattern, timeout)
+        if match is None:
+            raise AssertionError(f"no {pattern!r} in {self.screen[self.seen:]!r}")
+        return match
+
+    def wait_for(self, pattern, timeout):
+        """The match of ``pattern`` after the last one, or None after ``timeout`` s."""
+        regex = re.compile(pattern.encode())
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.master, selectors.EVENT_READ)
+            while True:
+                match = regex.search(self.screen, self.seen)
+                if match:
+                    self.seen = match.end()
+                    return match
+                left = deadline - time.monotonic()
+                if left <= 0 or (sel.select(left) and not self._read()):
+                    return None
+
+    def interrupt(self, done, attempts=3):
+        """Press Ctrl-C until ``done(timeout)`` says it worked, as a person would.
+
+        CPython looks at a SIGINT only when it interrupts the blocking call (readline's
+        select(), a socket read): one that lands between the prompt being drawn and select()
+        being entered waits for the next press. There is no event for "now in select()",
+        so the press is repeated, each wait bounded.
+        """
+        for _ in range(attempts):
+            self.send("\x03")
+            if done(2.0):
+                return True
+        return False
+
+    def _read(self):
+        try:
+            data = os.read(self.master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            data = b""
+        self.screen += data
+        return data
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        os.close(self.master)
+
+
+@unittest.skipUnless(hasattr(os, "openpty"), "needs a pseudo-terminal")
+class TestCommandLineProcess(ServerTest):
+    """``python -m casual_llm`` as a real process: on a terminal, and in pipes."""
+
+    def env(self, **values):
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("CASUAL_LLM_", "OPENAI_", "ANTHROPIC_", "OLLAMA_"))}
+        fd, history = tempfile.mkstemp()
+        os.close(fd)
+        self.addCleanup(os.unlink, history)
+        env.update(CASUAL_LLM_MODEL="openai:m", OPENAI_BASE_URL=self.fp.url + "/v1",
+                   NO_PROXY="*", no_proxy="*", TERM="xterm", NO_COLOR="1",
+                   CASUAL_LLM_HISTORY=history)
+        env.update(values)
+        return {k: v for k, v in env.items() if v is not None}
+
+    def terminal(self, *args, **env):
+        term = _Terminal(args, self.env(**env))
+        self.addCleanup(term.close)
+        return term
+
+    def test_chat_on_a_terminal(self):
+        """Two turns, Ctrl-C mid-stream (the server sees the close, the prompt comes back),
+        /usage, Ctrl-C at the prompt (a hint), then Ctrl-D: exit 0."""
+        held = openai_stream(["Partial", " never shown"])
+        held.hold_before = 2
+        self.fp.add(openai_stream(["Hi", " there"], usage=(3, 2)),
+                    openai_stream(["Second", " answer"], usage=(4, 3)), held)
+        term = self.terminal()
+        term.expect(r"chatting with openai:m")
+        term.expect(r">>> ")
+        term.send("hello\r")
+        term.expect(r"Hi there\r\n")
+        term.expect(r">>> ")
+        term.send("and again\r")
+        term.expect(r"Second answer\r\n")
+        term.expect(r">>> ")
+        term.send("tell me more\r")
+        self.assertTrue(held.reached.wait(5))
+        term.expect(r"Partial")
+        self.assertTrue(term.interrupt(lambda timeout: self.fp.wait_client_gone(timeout)))
+        term.expect(r"\(interrupted\)")
+        term.expect(r">>> ")
+        term.send("/usage\r")
+        term.expect(r"session: +7 in \+ 5 out = 12 tokens")
+        term.expect(r">>> ")
+        self.assertTrue(term.interrupt(
+            lambda timeout: term.wait_for(r"Ctrl-D or /exit to leave", timeout)))
+        term.expect(r">>> ")
+        term.send("\x04")
+        self.assertEqual(term.proc.wait(10), 0)
+        self.assertEqual([m["content"] for m in self.fp.requests[2].json["messages"]],
+                         ["hello", "Hi there", "and again", "Second answer", "tell me more"])
+        self.assertNotIn(b"Traceback", term.screen)
+
+    def test_colour_only_without_no_color(self):
+        """At a terminal the prompt is coloured, unless NO_COLOR is set."""
+        for no_color, prompt in ((None, r"\x1b\[1;32m>>> \x1b\[0m"), ("1", r"(?<!m)>>> ")):
+            with self.subTest(NO_COLOR=no_color):
+                term = self.terminal(NO_COLOR=no_color)
+                term.expect(prompt)
+                term.send("\x04")
+                self.assertEqual(term.proc.wait(10), 0)
+
+    def test_pipes(self):
+        """In a pipe: plain reply on stdout, exit 0; a reader that leaves early ends it
+        quietly with 141."""
+        self.fp.add(openai_stream(["Hello", "!"]))
+        run = subprocess.run([sys.executable, "-m", "casual_llm", "hi"], cwd=HERE,
+                             env=self.env(), input=b"", capture_output=True, timeout=30,
+                             check=False)
+        self.assertEqual((run.returncode, run.stdout, run.stderr), (0, b"Hello!\n", b""))
+        reply = openai_stream(["first", "second"])
+        reply.hold_before = 2
+        self.fp.add(reply)
+        proc = subprocess.Popen([sys.executable, "-m", "casual_llm", "hi"], cwd=HERE,
+                                env=self.env(), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.assertEqual(proc.stdout.read(5), b"first")
+        proc.stdout.close()
+        reply.release.set()
+        self.assertEqual(proc.wait(10), 141)
+        self.assertEqual(proc.stderr.read(), b"")
+        proc.stderr.close()
+
+
 if __name__ == "__main__":
     unittest.main()
