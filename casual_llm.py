@@ -4785,7 +4785,6 @@ _NO_OLLAMA = """\
 no Ollama at {url} ({reason}); it is the provider when none is configured.
 Start Ollama (https://ollama.com, then: ollama pull {model}), or choose a provider:
 {choices}
-  --base-url URL                   an OpenAI-compatible server
 Set CASUAL_LLM_MODEL (e.g. openai:{openai}) to make a choice the default."""
 _PROMPT, _MORE = ">>> ", "... "
 _FENCE = '"""'  # multi-line chat input starts and ends with it, as in ``ollama run``
@@ -5000,10 +4999,12 @@ def _check_ollama(timeout: float, model: str) -> None:
         socket.create_connection((parts.hostname or "localhost", parts.port or 80),
                                  timeout=min(timeout, 3.0)).close()
     except OSError as exc:
-        choices = "\n".join(f"  -m {p.value}:{_DEFAULT_MODELS[p]:<30} with {_KEY_VARIABLES[p]} set"
-                            for p in (Provider.OPENAI, Provider.ANTHROPIC))
+        choices = [(f"-m {p.value}:{_DEFAULT_MODELS[p]}", f"with {_KEY_VARIABLES[p]} set")
+                   for p in (Provider.OPENAI, Provider.ANTHROPIC)]
+        choices.append(("--base-url URL", "an OpenAI-compatible server"))
         raise ConfigurationError(_NO_OLLAMA.format(
-            url=url, reason=exc.strerror or exc, model=model, choices=choices,
+            url=url, reason=exc.strerror or exc, model=model,
+            choices="\n".join(f"  {flag:<32} {text}" for flag, text in choices),
             openai=_DEFAULT_MODELS[Provider.OPENAI])) from None
 
 
