@@ -41,6 +41,10 @@ import typing
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Sequence
 from typing import Any, ClassVar, Literal, NoReturn, Protocol, TypeVar, Union
 
+if __name__ == "__main__" and getattr(sys.modules["__main__"], "__dict__", None) is globals():
+    # ``python -m casual_llm``: a later ``import casual_llm`` gets this module, not a copy.
+    sys.modules.setdefault("casual_llm", sys.modules["__main__"])
+
 if typing.TYPE_CHECKING:  # pragma: no cover - imported lazily at run time
     import asyncio
     import http.client
@@ -4782,11 +4786,770 @@ def create_model(client: LLMClient, config: ModelConfig) -> Model:
 
 
 # === 14. Command line ========================================================
+# ``python -m casual_llm``: a prompt in, one answer out; at a terminal, a chat.
+# stdout carries the replies and nothing else (prompts, notes, usage and errors
+# go to stderr), so output pipes cleanly. argparse, readline and socket load
+# inside the functions that need them: ``--help`` and ``--version`` stay fast.
+
+if typing.TYPE_CHECKING:  # pragma: no cover
+    import argparse
+
+_DEFAULT_MODELS: dict[Provider, str] = {
+    Provider.OLLAMA: "llama3.2",
+    Provider.OPENAI: "gpt-4o-mini",
+    Provider.ANTHROPIC: "claude-haiku-4-5",
+}
+_KEY_VARIABLES: dict[Provider, str] = {
+    Provider.OPENAI: "OPENAI_API_KEY",
+    Provider.ANTHROPIC: "ANTHROPIC_API_KEY",
+    Provider.OLLAMA: "OLLAMA_API_KEY",
+}
+_ENVIRONMENT: dict[str, str] = {
+    "CASUAL_LLM_MODEL": "the model when -m is not given: PROVIDER:MODEL or a bare name",
+    "CASUAL_LLM_PROVIDER": "the provider of bare model names (default: CASUAL_LLM_MODEL's)",
+    "CASUAL_LLM_BASE_URL": "the server of that provider (openai when none is named)",
+    "OPENAI_API_KEY, OPENAI_BASE_URL": "OpenAI, or any OpenAI-compatible server",
+    "ANTHROPIC_API_KEY, ANTHROPIC_BASE_URL": "Anthropic",
+    "OLLAMA_HOST, OLLAMA_API_KEY": f"Ollama (default {OLLAMA_HOST})",
+    "HTTPS_PROXY, HTTP_PROXY, NO_PROXY": "proxies",
+    "NO_COLOR": "no colour in the chat",
+    "CASUAL_LLM_HISTORY": "the chat's line history file (default ~/.casual_llm_history)",
+}
+_EXIT_STATUSES: dict[int, str] = {
+    0: "success",
+    1: "provider or network error, or a reply that breaks --schema",
+    2: "usage or configuration error",
+    130: "interrupted (Ctrl-C)",
+    141: "stdout was closed early (broken pipe)",
+}
+# First match wins: configuration errors are also CasualLLMErrors.
+_EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (ConfigurationError, 2), (ValidationError, 2), (CasualLLMError, 1), (OSError, 1))
+_EXAMPLES = """\
+examples:
+  # one answer, streamed (a local Ollama unless CASUAL_LLM_MODEL says otherwise)
+  %(prog)s "Why is the sky blue?"
+  # a chat: no prompt, at a terminal (/help lists its commands)
+  %(prog)s -m openai:gpt-4o-mini
+  # piped stdin is the prompt, before any words
+  git diff | %(prog)s -s "You review code." "Any bugs?"
+  # an image, to Anthropic
+  %(prog)s -m anthropic:claude-haiku-4-5 -a cat.jpg "What is this?"
+  # any OpenAI-compatible server (llama.cpp, vLLM, LM Studio...)
+  %(prog)s --base-url http://localhost:8080/v1 "Hi"
+  # JSON checked against a schema; exit 1 when it does not match
+  %(prog)s --schema '{"type": "object", "required": ["name"]}' "Name a cat, as JSON"
+  # the request, printed and not sent
+  %(prog)s --dry-run -o seed=1 "Hi"
+"""
+_NO_OLLAMA = """\
+no Ollama at {url} ({reason}); it is the provider when none is configured.
+Start Ollama (https://ollama.com, then: ollama pull {model}), or choose a provider:
+{choices}
+Set CASUAL_LLM_MODEL (e.g. openai:{openai}) to make a choice the default."""
+_PROMPT, _MORE = ">>> ", "... "
+_FENCE = '"""'  # multi-line chat input starts and ends with it, as in ``ollama run``
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The ``python -m casual_llm`` command line; returns the exit code."""
-    raise NotImplementedError
+    """The ``python -m casual_llm`` command line; returns the exit code.
+
+    ``argv`` defaults to ``sys.argv[1:]``; ``--help`` lists the options and the
+    exit codes: 0 success, 1 provider or network error, 2 usage or configuration
+    error, 130 interrupted.
+    """
+    prog = _prog()
+    try:
+        opts = _parser(prog).parse_intermixed_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors: argparse printed them
+        return exc.code if isinstance(exc.code, int) else 2
+    level = logger.level
+    handler = _debug_logging(sys.stderr) if opts.debug else None
+    session = None
+    try:
+        session = _Session(opts, prog)
+        return session.run()
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        _silence(sys.stdout)
+        return 141
+    except Exception as exc:  # noqa: BLE001 - any failure becomes one line and an exit code
+        return _report(exc, opts, prog, session)
+    finally:
+        if handler is not None:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+
+
+def _prog() -> str:
+    """The name in messages: the installed ``casual-llm`` script, else ``python -m casual_llm``."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name.startswith("casual") and not name.endswith(".py") else (
+        "python -m casual_llm")
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    import argparse
+    env = "\n".join(f"  {name:<38} {text}" for name, text in _ENVIRONMENT.items())
+    codes = "\n".join(f"  {code:<4} {text}" for code, text in _EXIT_STATUSES.items())
+    parser = argparse.ArgumentParser(
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Ask OpenAI, Anthropic or Ollama: one answer for a prompt, or a chat "
+                    "when run at a terminal without one. API keys come from the environment.",
+        epilog=f"{_EXAMPLES}\n\nenvironment:\n{env}\n\nexit status:\n{codes}")
+    parser.add_argument("prompt", nargs="*", help="the prompt (after piped stdin, if any)")
+    group = parser.add_argument_group("model")
+    group.add_argument("-m", "--model", metavar="[PROVIDER:]MODEL",
+                       help="openai:gpt-4o-mini, anthropic:..., ollama:llama3.2, or a bare name "
+                            "for the default provider (CASUAL_LLM_MODEL; else a local Ollama)")
+    group.add_argument("--base-url", metavar="URL",
+                       help="the server: an OpenAI-compatible one (the provider then defaults "
+                            "to openai) or an Ollama host")
+    group.add_argument("--api-key-env", metavar="NAME",
+                       help="read the API key from this environment variable (keys are never "
+                            "flags)")
+    group = parser.add_argument_group("prompt")
+    group.add_argument("-s", "--system", metavar="TEXT", help="a system prompt")
+    group.add_argument("-a", "--attach", action="append", default=[], metavar="PATH|URL|-",
+                       help="attach an image (repeatable; - reads it from stdin)")
+    group.add_argument("-f", "--file", dest="files", action="append", default=[],
+                       metavar="FILE", help="inline a text file into the prompt (repeatable)")
+    group.add_argument("-t", "--temperature", type=_at_least(float, 0), metavar="T",
+                       help="sampling temperature (the provider's default otherwise)")
+    group.add_argument("--max-tokens", type=_at_least(int, 1), metavar="N",
+                       help="the longest reply, in tokens")
+    group.add_argument("-o", "--option", dest="options", action="append", default=[],
+                       type=_option, metavar="KEY=VALUE",
+                       help="a provider extra such as seed=1 or top_p=0.9 (VALUE is JSON "
+                            "when it parses as JSON; repeatable)")
+    formats = group.add_mutually_exclusive_group()
+    formats.add_argument("--json", action="store_true", help="ask for JSON and check it")
+    formats.add_argument("--schema", metavar="FILE|JSON",
+                         help="ask for JSON matching this JSON Schema; exit 1 when it does not")
+    _output_options(parser.add_argument_group("output"))
+    _network_options(parser.add_argument_group("network"))
+    parser.add_argument("--debug", action="store_true",
+                        help="log requests and show tracebacks (keys stay redacted)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def _output_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--no-stream", dest="stream", action="store_false",
+                       help="print the reply when it is complete")
+    group.add_argument("-u", "--usage", action="store_true",
+                       help="print token usage (this reply and the session) to stderr")
+    group.add_argument("--output-json", action="store_true",
+                       help="print one JSON record: model, content, finish_reason, usage")
+    group.add_argument("-i", "--interactive", action="store_true",
+                       help="continue as a chat after the first answer; turns come from stdin")
+
+
+def _network_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--timeout", type=_at_least(float, 0.001), default=60.0,
+                       metavar="SECONDS", help="per connect and per read (default: 60)")
+    group.add_argument("--retries", type=_at_least(int, 0), default=2, metavar="N",
+                       help="retries of failed connections and 429/5xx replies (default: 2)")
+    group.add_argument("--ca-bundle", metavar="FILE", help="trust these CA certificates")
+    group.add_argument("--dry-run", action="store_true",
+                       help="print the request (URL, headers with keys redacted, JSON body) "
+                            "and send nothing")
+
+
+def _at_least(kind: type[int | float], minimum: float) -> Callable[[str], float]:
+    """An argparse type: a number of ``kind`` no smaller than ``minimum``."""
+    def parse(text: str) -> float:
+        import argparse
+        value = kind(text)  # ValueError: argparse says "invalid float value"
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE read as JSON when it is JSON (``seed=1``), else as text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        import argparse
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except ValueError:
+        return key.strip(), value
+
+
+@dataclasses.dataclass(frozen=True)
+class _Target:
+    """A provider, a model and where to reach it."""
+
+    provider: Provider
+    model: str
+    base_url: str | None = None
+    key_env: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.provider.value}:{self.model}"
+
+    @property
+    def default_ollama(self) -> bool:
+        """The local Ollama that answers when nothing names a server."""
+        return (self.provider is Provider.OLLAMA and self.base_url is None
+                and _env("OLLAMA_HOST") is None)
+
+
+def _split_model(spec: str) -> tuple[Provider | None, str]:
+    """``PROVIDER:MODEL`` -> (provider, model); a bare provider name -> (provider, "").
+
+    Anything else is a bare model name, so Ollama tags (``llama3.2:3b``) keep their colon.
+    """
+    head, sep, tail = spec.partition(":")
+    try:
+        provider = Provider(head)
+    except ValueError:
+        return None, spec
+    return provider, tail.strip() if sep else ""
+
+
+def _initial_target(opts: argparse.Namespace) -> _Target:
+    """The provider: -m's prefix, else CASUAL_LLM_PROVIDER, else CASUAL_LLM_MODEL's prefix,
+    else openai for a --base-url, else Ollama. CASUAL_LLM_BASE_URL goes with the provider
+    the environment configures; --base-url with whichever is chosen."""
+    env_provider, env_model = _split_model(_env("CASUAL_LLM_MODEL") or "")
+    named = _env("CASUAL_LLM_PROVIDER")
+    configured = _provider(named) if named else env_provider
+    env_url = _env("CASUAL_LLM_BASE_URL")
+    default = configured or (Provider.OPENAI if env_url or opts.base_url else Provider.OLLAMA)
+    provider, model = _split_model(opts.model) if opts.model else (env_provider, env_model)
+    provider = provider or default
+    base_url = opts.base_url or (env_url if provider is default else None)
+    return _Target(provider, model or _DEFAULT_MODELS[provider], base_url, opts.api_key_env)
+
+
+def _connect(target: _Target, opts: argparse.Namespace) -> tuple[_HTTPClient, Model]:
+    """The client and model for ``target``, through the same registry as ``create_client``."""
+    key = None
+    if target.key_env:
+        key = _env(target.key_env)
+        if key is None:
+            raise ConfigurationError(f"--api-key-env {target.key_env}: that environment "
+                                     "variable is not set")
+    config = ClientConfig(provider=target.provider, base_url=target.base_url, api_key=key,
+                          timeout=opts.timeout, max_retries=opts.retries)
+    client = _CLIENT_BUILDERS[target.provider](config)
+    if opts.ca_bundle:
+        try:
+            # ClientConfig mirrors upstream's and has no TLS field: set it on the client.
+            client._ssl_context = _ssl_context(opts.ca_bundle)
+        except OSError as exc:
+            raise ConfigurationError(f"--ca-bundle {opts.ca_bundle!r}: {exc}") from exc
+    model = Model(client, target.model, temperature=opts.temperature,
+                  extra_kwargs=dict(opts.options))
+    return client, model
+
+
+def _check_ollama(timeout: float, model: str) -> None:
+    """Fail fast, with how to configure a provider, when the default Ollama is not there."""
+    import socket
+    from urllib.parse import urlsplit
+    url = _ollama_host(None)
+    parts = urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname or "localhost", parts.port or 80),
+                                 timeout=min(timeout, 3.0)).close()
+    except OSError as exc:
+        choices = [(f"-m {p.value}:{_DEFAULT_MODELS[p]}", f"with {_KEY_VARIABLES[p]} set")
+                   for p in (Provider.OPENAI, Provider.ANTHROPIC)]
+        choices.append(("--base-url URL", "an OpenAI-compatible server"))
+        raise ConfigurationError(_NO_OLLAMA.format(
+            url=url, reason=exc.strerror or exc, model=model,
+            choices="\n".join(f"  {flag:<32} {text}" for flag, text in choices),
+            openai=_DEFAULT_MODELS[Provider.OPENAI])) from None
+
+
+def _response_format(opts: argparse.Namespace) -> Any:
+    """``"text"``, ``"json"`` or the --schema dict (compiled now, so a bad one is a usage error)."""
+    if opts.json:
+        return "json"
+    if opts.schema is None:
+        return "text"
+    text = opts.schema
+    try:
+        if not text.lstrip().startswith("{"):
+            with open(text, encoding="utf-8") as f:
+                text = f.read()
+        schema = json.loads(text)
+        if isinstance(schema, dict):
+            _resolve_response_format(schema)
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(f"--schema: {exc}") from exc
+    if not isinstance(schema, dict):
+        raise ConfigurationError(f"--schema: a JSON Schema is an object, got {_short(schema)}")
+    return schema
+
+
+def _image(arg: str, stdin: typing.TextIO) -> ImageContent:
+    """An image from a path, a URL or ``-`` (stdin's bytes)."""
+    try:
+        if arg == "-":
+            data = stdin.buffer.read()
+            if _sniff_media_type_bytes(data) is None:
+                raise ValueError("stdin is not a PNG, JPEG, GIF or WebP image")
+            return ImageContent.from_bytes(data)
+        if arg.startswith(("http://", "https://", "data:")):
+            return ImageContent(source=arg)
+        return ImageContent.from_path(arg)
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(f"--attach {arg!r}: {exc}") from exc
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(f"--file {path!r}: {exc}") from exc
+
+
+def _user_message(text: str, images: list[ImageContent]) -> UserMessage:
+    if not images:
+        return UserMessage(content=text)
+    parts: list[TextContent | ImageContent] = [TextContent(text=text)] if text else []
+    return UserMessage(content=[*parts, *images])
+
+
+def _usage_text(usage: Usage | None) -> str:
+    if usage is None:
+        return "not reported"
+    return (f"{usage.prompt_tokens} in + {usage.completion_tokens} out = "
+            f"{usage.total_tokens} tokens")
+
+
+class _Session:
+    """One run: the model, the conversation, and where text goes."""
+
+    def __init__(self, opts: argparse.Namespace, prog: str) -> None:
+        self.opts, self.prog = opts, prog
+        self.stdin, self.out, self.err = sys.stdin, sys.stdout, sys.stderr
+        self.initial = self.target = _initial_target(opts)
+        self.format = _response_format(opts)
+        self.client, self.model = _connect(self.target, opts)
+        self.streaming = opts.stream and self.format == "text" and not opts.output_json
+        self.system: str | None = opts.system
+        self.history: list[ChatMessage] = []
+        self.pending: list[ImageContent] = []  # /attach: images for the next message
+        self.last_user: UserMessage | None = None
+        self.last_usage: Usage | None = None
+        self.total = Usage(prompt_tokens=0, completion_tokens=0)
+        self.done = False
+        self.interactive = self.stdin.isatty()
+        self.color = _env("NO_COLOR") is None and os.environ.get("TERM") != "dumb"
+        self.readline = False
+
+    def run(self) -> int:
+        images = [_image(arg, self.stdin) for arg in self.opts.attach]
+        text = self._prompt_text()
+        chat = self.opts.interactive or (text is None and self.interactive)
+        if text is None and (not chat or self.opts.dry_run):
+            raise ConfigurationError("no prompt: give it as arguments or on stdin, or run at "
+                                     "a terminal for a chat (--help shows how)")
+        if chat and self.opts.output_json:
+            raise ConfigurationError("--output-json prints one answer: give a prompt, not -i")
+        first = None if text is None else _user_message(text, images)
+        if first is not None and self.opts.dry_run:
+            return self._dry_run(first)
+        if self.target.default_ollama:
+            _check_ollama(self.opts.timeout, self.target.model)
+        if not chat:
+            assert first is not None
+            self._one_shot(first)
+            return 0
+        self.pending = [] if first is not None else images
+        return self._chat(first)
+
+    def _prompt_text(self) -> str | None:
+        """Piped stdin first, then -f files, then the prompt words; ``None`` when empty."""
+        parts = []
+        reads_stdin = not (self.opts.interactive or self.interactive or "-" in self.opts.attach)
+        if reads_stdin:
+            try:
+                parts.append(self.stdin.read().rstrip())
+            except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+                raise ConfigurationError(f"could not read stdin: {exc}") from exc
+        parts += [_read_text(path).rstrip() for path in self.opts.files]
+        parts.append(" ".join(self.opts.prompt))
+        text = "\n\n".join(part for part in parts if part.strip())
+        return text or None
+
+    def _messages(self) -> list[ChatMessage]:
+        system: list[ChatMessage] = [SystemMessage(content=self.system)] if self.system else []
+        return system + self.history
+
+    # -- one answer ------------------------------------------------------------
+
+    def _one_shot(self, user: UserMessage) -> None:
+        reply = self._answer(user)
+        if self.opts.output_json:
+            record: dict[str, Any] = {"model": str(self.target), "content": reply.content}
+            if self.format != "text":
+                record["parsed"] = reply.parsed
+            record["finish_reason"] = reply.finish_reason
+            record["usage"] = self.last_usage.to_dict() if self.last_usage else None
+            self._write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def _answer(self, user: UserMessage) -> AssistantMessage:
+        """Send the conversation plus ``user``, show the reply, keep both in the history."""
+        self.last_user = user
+        pieces: list[str] = []
+        try:
+            reply = self._reply([*self._messages(), user], pieces)
+        except KeyboardInterrupt:
+            if pieces:  # the history keeps what the screen shows
+                self.history += [user, AssistantMessage(content="".join(pieces))]
+            raise
+        self.history += [user, reply]
+        self.last_usage = self.model.get_usage()
+        if self.last_usage is not None:
+            self.total = self.total + self.last_usage
+        if reply.finish_reason == "length":
+            self._note("(the reply stopped at the token limit; see --max-tokens)")
+        if self.opts.usage:
+            self._note(f"usage: {_usage_text(self.last_usage)}; "
+                       f"session: {_usage_text(self.total)}")
+        return reply
+
+    def _reply(self, messages: list[ChatMessage], pieces: list[str]) -> AssistantMessage:
+        max_tokens = self.opts.max_tokens
+        if not self.streaming:
+            reply = self.model.chat_sync(messages, response_format=self.format,
+                                         max_tokens=max_tokens)
+            if not self.opts.output_json:
+                text = ((reply.content or "") if self.format == "text" else
+                        json.dumps(reply.parsed, ensure_ascii=False, indent=2))
+                self._write(text if text.endswith("\n") else text + "\n")
+            return reply
+        chunks = self.model.stream_sync(messages, max_tokens=max_tokens)
+        reason = None
+        try:
+            for chunk in chunks:
+                if chunk.content:
+                    pieces.append(chunk.content)
+                    self._write(chunk.content)
+                reason = chunk.finish_reason or reason
+        except BaseException:
+            if pieces and not pieces[-1].endswith("\n"):
+                self._write("\n")
+            raise
+        finally:
+            close = getattr(chunks, "close", None)  # a Ctrl-C between chunks: close the socket
+            if close is not None:
+                close()
+        if not pieces or not pieces[-1].endswith("\n"):
+            self._write("\n")
+        return AssistantMessage(content="".join(pieces), finish_reason=reason)
+
+    def _dry_run(self, user: UserMessage) -> int:
+        # Model._call is what chat and stream hand the client, extras merged and checked.
+        call = self.model._call([*self._messages(), user], self.format, self.opts.max_tokens,
+                                None, None, {})
+        call.pop("stream", None)  # an -o stream=... extra is ignored when sending too
+        request = self.client._dry_run(**call, stream=self.streaming)
+        if self.opts.output_json:
+            self._write(json.dumps(request, ensure_ascii=False, indent=2) + "\n")
+            return 0
+        lines = [f"{request['method']} {request['url']}",
+                 *(f"{name}: {value}" for name, value in request["headers"].items()), "",
+                 json.dumps(request["body"], ensure_ascii=False, indent=2)]
+        self._write("\n".join(lines) + "\n")
+        return 0
+
+    # -- output ----------------------------------------------------------------
+
+    def _write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+    def _paint(self, code: str, text: str, stream: typing.TextIO) -> str:
+        if not (self.color and stream.isatty()):
+            return text
+        if self.readline and stream is self.out:  # readline must not count escapes as width
+            return f"\001\x1b[{code}m\002{text}\001\x1b[0m\002"
+        return f"\x1b[{code}m{text}\x1b[0m"
+
+    def _note(self, text: str) -> None:
+        self.err.write(self._paint("2", text, self.err) + "\n")
+        self.err.flush()
+
+    def _error(self, exc: BaseException) -> None:
+        """An error inside a chat: one line, and the chat goes on."""
+        line = "error: " + _one_line(exc, self.opts.api_key_env)
+        self.err.write(self._paint("31", line, self.err) + "\n")
+        self.err.flush()
+
+    # -- chat --------------------------------------------------------------------
+
+    def _chat(self, first: UserMessage | None) -> int:
+        history_file = self._line_editing()
+        if self.interactive:
+            self._note(f"casual_llm {__version__}, chatting with {self.target}. /help for "
+                       f"commands, {_FENCE} for several lines, Ctrl-D to leave.")
+        try:
+            if first is not None:
+                self._chat_turn(first)
+            while not self.done:
+                try:
+                    text, block = self._read()
+                except EOFError:  # Ctrl-D
+                    if self.interactive:
+                        self.err.write("\n")
+                    break
+                except KeyboardInterrupt:
+                    self.err.write("\n")
+                    self._note("(Ctrl-D or /exit to leave)")
+                    continue
+                if not block and text.strip().startswith("/"):
+                    self._command(text.strip())
+                elif text.strip():
+                    images, self.pending = self.pending, []
+                    self._chat_turn(_user_message(text, images))
+        finally:
+            if history_file:
+                import readline
+                try:
+                    readline.write_history_file(history_file)
+                except OSError:
+                    pass
+        return 0
+
+    def _chat_turn(self, user: UserMessage) -> None:
+        try:
+            self._answer(user)
+        except KeyboardInterrupt:
+            self._note("(interrupted)")
+        except CasualLLMError as exc:
+            self._error(exc)
+
+    def _line_editing(self) -> str | None:
+        """readline editing and history at a terminal; returns the history file."""
+        if not (self.interactive and self.out.isatty()):
+            return None
+        try:
+            import readline
+        except ImportError:  # Windows without pyreadline: plain input()
+            return None
+        self.readline = True
+        path = _env("CASUAL_LLM_HISTORY") or os.path.expanduser("~/.casual_llm_history")
+        readline.set_history_length(1000)
+        try:
+            readline.read_history_file(path)
+        except OSError:
+            pass
+        return path
+
+    def _input(self, prompt: str) -> str:
+        if not self.interactive:
+            return input()
+        if self.out.isatty():
+            return input(self._paint("1;32", prompt, self.out))
+        self.err.write(prompt)  # stdout is redirected: it keeps only the replies
+        self.err.flush()
+        return input()
+
+    def _read(self) -> tuple[str, bool]:
+        """One message: a line, or the lines between two ``\"\"\"`` (whether it was a block)."""
+        line = self._input(_PROMPT)
+        if not line.lstrip().startswith(_FENCE):
+            return line, False
+        text, lines = line.lstrip()[len(_FENCE):], []
+        while not text.rstrip().endswith(_FENCE):
+            lines.append(text)
+            text = self._input(_MORE)
+        lines.append(text.rstrip()[:-len(_FENCE)])
+        return "\n".join(lines).strip("\n"), True
+
+    def _command(self, line: str) -> None:
+        name, _, arg = line.partition(" ")
+        entry = _CHAT_COMMANDS.get(name.lower())
+        if entry is None:
+            self._note(f"unknown command {name}; /help lists them (a message that starts "
+                       f"with / goes between {_FENCE} lines)")
+            return
+        try:
+            entry[0](self, arg.strip())
+        except (CasualLLMError, OSError, ValueError) as exc:
+            self._error(exc)
+
+    def _cmd_help(self, arg: str) -> None:
+        """list these commands"""
+        names: dict[Callable[[_Session, str], None], list[str]] = {}
+        for name, (handler, _) in _CHAT_COMMANDS.items():
+            names.setdefault(handler, []).append(name)
+        for handler, aliases in names.items():
+            usage = f"{', '.join(aliases)} {_CHAT_COMMANDS[aliases[0]][1]}".rstrip()
+            self._note(f"  {usage:<26} {handler.__doc__}")
+        self._note(f"  {_FENCE} ... {_FENCE:<18} a message of several lines\n"
+                   "  Ctrl-C stops a reply; Ctrl-D leaves.")
+
+    def _cmd_exit(self, arg: str) -> None:
+        """leave the chat (Ctrl-D too)"""
+        self.done = True
+
+    def _cmd_system(self, arg: str) -> None:
+        """show the system prompt, set it, or remove it (-)"""
+        if arg:
+            self.system = None if arg == "-" else arg
+        self._note(f"system: {self.system}" if self.system else "no system prompt")
+
+    def _cmd_model(self, arg: str) -> None:
+        """show the model, or switch to another"""
+        if arg:
+            provider, name = _split_model(arg)
+            provider = provider or self.target.provider
+            same = provider is self.initial.provider  # --base-url and --api-key-env go with it
+            target = _Target(provider, name or _DEFAULT_MODELS[provider],
+                             self.initial.base_url if same else None,
+                             self.initial.key_env if same else None)
+            self.client, self.model = _connect(target, self.opts)
+            self.target = target
+        self._note(f"model: {self.target}")
+
+    def _cmd_clear(self, arg: str) -> None:
+        """forget the conversation (the system prompt stays)"""
+        self.history, self.pending, self.last_user = [], [], None
+        self._note("(conversation cleared)")
+
+    def _cmd_attach(self, arg: str) -> None:
+        """attach an image to the next message"""
+        if arg:
+            self.pending.append(_image(arg, self.stdin))
+        self._note(f"{len(self.pending)} image(s) attached to the next message")
+
+    def _cmd_retry(self, arg: str) -> None:
+        """ask the last message again, for a new reply"""
+        user = self.last_user
+        if user is None:
+            self._note("nothing to retry")
+            return
+        for index in range(len(self.history) - 1, -1, -1):
+            if self.history[index] is user:
+                del self.history[index:]
+                break
+        self._chat_turn(user)
+
+    def _cmd_usage(self, arg: str) -> None:
+        """tokens of the last reply and of the session"""
+        self._note(f"last reply: {_usage_text(self.last_usage)}\n"
+                   f"session:    {_usage_text(self.total)}")
+
+    def _cmd_save(self, arg: str) -> None:
+        """save the conversation as JSON"""
+        if not arg:
+            raise ValueError("/save needs a file name")
+        data = {"model": str(self.target),
+                "messages": [m.to_dict(exclude_none=True) for m in self._messages()]}
+        with open(arg, "w", encoding="utf-8") as f:
+            json.dump(data, f, ensure_ascii=False, indent=2)
+        self._note(f"saved {len(self.history)} messages to {arg}")
+
+    def _cmd_load(self, arg: str) -> None:
+        """continue a conversation saved with /save"""
+        if not arg:
+            raise ValueError("/load needs a file name")
+        with open(arg, encoding="utf-8") as f:
+            data = json.load(f)
+        raw = data.get("messages") if isinstance(data, dict) else data
+        messages = _check_messages(raw if isinstance(raw, list) else None)
+        head = messages[0] if messages else None
+        system = head.content if isinstance(head, SystemMessage) else None
+        if system is not None:
+            messages = messages[1:]
+        self.system, self.history, self.last_user = system, messages, None
+        self._note(f"loaded {len(messages)} messages from {arg}")
+
+
+# Name -> (handler, its arguments); /help is built from this and the docstrings.
+_CHAT_COMMANDS: dict[str, tuple[Callable[[_Session, str], None], str]] = {
+    "/help": (_Session._cmd_help, ""),
+    "/exit": (_Session._cmd_exit, ""),
+    "/quit": (_Session._cmd_exit, ""),
+    "/bye": (_Session._cmd_exit, ""),
+    "/system": (_Session._cmd_system, "[TEXT|-]"),
+    "/model": (_Session._cmd_model, "[[PROVIDER:]MODEL]"),
+    "/clear": (_Session._cmd_clear, ""),
+    "/attach": (_Session._cmd_attach, "PATH|URL"),
+    "/retry": (_Session._cmd_retry, ""),
+    "/usage": (_Session._cmd_usage, ""),
+    "/save": (_Session._cmd_save, "FILE"),
+    "/load": (_Session._cmd_load, "FILE"),
+}
+
+
+def _one_line(exc: BaseException, key_env: str | None) -> str:
+    """An error as one line, with the provider's message and request id when it sent them."""
+    if isinstance(exc, SchemaValidationError) and exc.errors:
+        text = "the reply does not match the schema: " + "; ".join(
+            f"{path}: {message}" for path, message in exc.errors[:5])
+    else:
+        text = str(exc) or type(exc).__name__
+    if isinstance(exc, APIError):
+        if exc.provider_message and exc.provider_message not in text:
+            text += f": {exc.provider_message}"
+        if exc.request_id and exc.request_id not in text:
+            text += f" (request id {exc.request_id})"
+    return _scrub(" ".join(text.split()), key_env)
+
+
+def _scrub(text: str, key_env: str | None) -> str:
+    """``text`` without any key or token of the environment, should a server echo one."""
+    for name, value in os.environ.items():
+        if (name == key_env or name.endswith(("_KEY", "_TOKEN"))) and len(value) >= 6:
+            text = text.replace(value, "<redacted>")
+    return text
+
+
+def _report(exc: Exception, opts: argparse.Namespace, prog: str,
+            session: _Session | None) -> int:
+    """Print what failed (one line; a traceback with --debug) and return the exit code."""
+    code = next((c for cls, c in _EXIT_CODES if isinstance(exc, cls)), 1)
+    if opts.debug:
+        import traceback
+        sys.stderr.write(_scrub("".join(traceback.format_exception(exc)), opts.api_key_env))
+    if isinstance(exc, ConfigurationError):  # may span lines: it says how to fix things
+        message = _scrub(str(exc), opts.api_key_env)
+    else:
+        message = _one_line(exc, opts.api_key_env)
+        if not isinstance(exc, (CasualLLMError, OSError)):
+            message = f"{type(exc).__name__}: {message} (--debug shows the traceback)"
+    sys.stderr.write(f"{prog}: error: {message}\n")
+    if opts.output_json and session is not None:
+        record = {"type": type(exc).__name__, "message": message,
+                  "status_code": getattr(exc, "status_code", None),
+                  "request_id": getattr(exc, "request_id", None),
+                  "raw_text": getattr(exc, "raw_text", None)}
+        session._write(json.dumps({"model": str(session.target), "error": record},
+                                  ensure_ascii=False) + "\n")
+    return code
+
+
+def _debug_logging(stream: typing.TextIO) -> logging.Handler:
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("casual_llm: debug: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    return handler
+
+
+def _silence(stream: typing.TextIO) -> None:
+    """After a broken pipe, point stdout at /dev/null so the final flush stays quiet."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file: nothing to flush later
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 if __name__ == "__main__":
