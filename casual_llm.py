@@ -4874,7 +4874,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         _silence(sys.stdout)
         return 141
-    except Exception as exc:  # noqa: BLE001 - any failure becomes one line and an exit code
+    except Exception as exc:
         return _report(exc, opts, prog, session)
     finally:
         if handler is not None:

@@ -11,6 +11,7 @@ import collections
 import contextlib
 import dataclasses
 import enum
+import io
 import json
 import os
 import pathlib
