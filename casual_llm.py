@@ -4691,7 +4691,8 @@ def _provider(value: Any) -> Provider:
 class ClientConfig:
     """How to build a client: provider, URL, key, timeout, extras.
 
-    ``provider`` may be a ``Provider`` or its name in any case. Without ``api_key``,
+    ``provider`` may be a ``Provider`` or its name in any case; ``ca_bundle`` is a
+    file of CA certificates to trust (a corporate proxy's). Without ``api_key``,
     ``name="open-router"`` reads ``OPEN_ROUTER_API_KEY``, else the provider's own
     variable (``OPENAI_API_KEY``...). The repr never shows the key.
     """
@@ -4703,10 +4704,11 @@ class ClientConfig:
     extra_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     name: str | None = None
     max_retries: int = 2
+    ca_bundle: str | None = None
 
     def __post_init__(self) -> None:
         self.provider = _provider(self.provider)
-        for field in ("base_url", "api_key", "name"):
+        for field in ("base_url", "api_key", "name", "ca_bundle"):
             _check_str("ClientConfig", field, getattr(self, field), optional=True)
         _check_number("ClientConfig", "timeout", self.timeout, optional=False, minimum=0.001)
         _check_int("ClientConfig", "max_retries", self.max_retries, optional=False)
@@ -4716,7 +4718,8 @@ class ClientConfig:
     def __repr__(self) -> str:
         return (f"ClientConfig(provider={self.provider}, base_url={self.base_url!r}, "
                 f"api_key={_mask(self.api_key)}, timeout={self.timeout}, "
-                f"extra_kwargs={self.extra_kwargs!r}, name={self.name!r})")
+                f"extra_kwargs={self.extra_kwargs!r}, name={self.name!r}, "
+                f"max_retries={self.max_retries}, ca_bundle={self.ca_bundle!r})")
 
     def resolved_api_key(self) -> str | None:
         """``api_key``, else ``<NAME>_API_KEY`` when ``name`` is set, else ``None``."""
@@ -4742,22 +4745,29 @@ class ModelConfig:
             _fail("ModelConfig", "extra_kwargs", "a dict", self.extra_kwargs)
 
 
+def _client_options(config: ClientConfig) -> dict[str, Any]:
+    """The constructor arguments every client takes, from a config."""
+    context = None
+    if config.ca_bundle:
+        try:
+            context = _ssl_context(config.ca_bundle)
+        except OSError as exc:  # ssl.SSLError is an OSError too
+            raise ConfigurationError(f"ca_bundle {config.ca_bundle!r}: {exc}") from exc
+    return {"api_key": config.resolved_api_key(), "timeout": config.timeout,
+            "extra_kwargs": config.extra_kwargs or None, "max_retries": config.max_retries,
+            "ssl_context": context}
+
+
 def _build_openai(config: ClientConfig) -> OpenAIClient:
-    return OpenAIClient(api_key=config.resolved_api_key(), base_url=config.base_url,
-                        timeout=config.timeout, extra_kwargs=config.extra_kwargs or None,
-                        max_retries=config.max_retries)
+    return OpenAIClient(base_url=config.base_url, **_client_options(config))
 
 
 def _build_anthropic(config: ClientConfig) -> AnthropicClient:
-    return AnthropicClient(api_key=config.resolved_api_key(), base_url=config.base_url,
-                           timeout=config.timeout, extra_kwargs=config.extra_kwargs or None,
-                           max_retries=config.max_retries)
+    return AnthropicClient(base_url=config.base_url, **_client_options(config))
 
 
 def _build_ollama(config: ClientConfig) -> OllamaClient:
-    return OllamaClient(host=config.base_url, timeout=config.timeout,
-                        api_key=config.resolved_api_key(),
-                        extra_kwargs=config.extra_kwargs or None, max_retries=config.max_retries)
+    return OllamaClient(host=config.base_url, **_client_options(config))
 
 
 _CLIENT_BUILDERS: dict[Provider, Callable[[ClientConfig], _HTTPClient]] = {
@@ -5036,15 +5046,12 @@ def _connect(target: _Target, opts: argparse.Namespace) -> tuple[_HTTPClient, Mo
         if key is None:
             raise ConfigurationError(f"--api-key-env {target.key_env}: that environment "
                                      "variable is not set")
+    if opts.ca_bundle and not os.path.isfile(opts.ca_bundle):
+        raise ConfigurationError(f"--ca-bundle {opts.ca_bundle!r}: no such file")
     config = ClientConfig(provider=target.provider, base_url=target.base_url, api_key=key,
-                          timeout=opts.timeout, max_retries=opts.retries)
+                          timeout=opts.timeout, max_retries=opts.retries,
+                          ca_bundle=opts.ca_bundle)
     client = _CLIENT_BUILDERS[target.provider](config)
-    if opts.ca_bundle:
-        try:
-            # ClientConfig mirrors upstream's and has no TLS field: set it on the client.
-            client._ssl_context = _ssl_context(opts.ca_bundle)
-        except OSError as exc:
-            raise ConfigurationError(f"--ca-bundle {opts.ca_bundle!r}: {exc}") from exc
     model = Model(client, target.model, temperature=opts.temperature,
                   extra_kwargs=dict(opts.options))
     return client, model

@@ -2044,6 +2044,8 @@ class TestConfig(unittest.TestCase):
         anthropic = create_client(ClientConfig(provider="anthropic", api_key="k",
                                                timeout=5, extra_kwargs={"top_k": 3}))
         self.assertEqual((anthropic.timeout, anthropic.extra_kwargs), (5.0, {"top_k": 3}))
+        with self.assertRaisesRegex(ConfigurationError, "ca_bundle '/no/such.pem'"):
+            create_client(ClientConfig(provider="ollama", ca_bundle="/no/such.pem"))
         config = ClientConfig(provider="openai")
         config.provider = "bogus"
         with self.assertRaisesRegex(UnsupportedProviderError, "Unsupported provider: bogus"):
