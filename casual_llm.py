@@ -38,8 +38,12 @@ import sys
 import threading
 import time
 import typing
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Sequence
 from typing import Any, ClassVar, Literal, NoReturn, Protocol, TypeVar, Union
+
+if __name__ == "__main__" and getattr(sys.modules["__main__"], "__dict__", None) is globals():
+    # ``python -m casual_llm``: a later ``import casual_llm`` gets this module, not a copy.
+    sys.modules.setdefault("casual_llm", sys.modules["__main__"])
 
 if typing.TYPE_CHECKING:  # pragma: no cover - imported lazily at run time
     import asyncio
@@ -633,7 +637,7 @@ def _arguments_object(function: AssistantToolCallFunction) -> dict[str, Any]:
         return {}
 
 
-ChatMessage = Union[AssistantMessage, SystemMessage, ToolResultMessage, UserMessage]
+ChatMessage = AssistantMessage | SystemMessage | ToolResultMessage | UserMessage
 
 _MESSAGE_CLASSES: dict[str, type[Any]] = {
     "assistant": AssistantMessage, "system": SystemMessage,
@@ -666,9 +670,8 @@ def _to_int(owner: str, field: str, value: Any) -> int:
     """Token counts: ``"3"`` and ``3.0`` become 3 (pydantic's lax mode); bad values fail."""
     if isinstance(value, bool):
         _fail(owner, field, "an integer >= 0", value)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    elif isinstance(value, str) and value.strip().isdigit():
+    if (isinstance(value, float) and value.is_integer()) or (
+            isinstance(value, str) and value.strip().isdigit()):
         value = int(value)
     if not isinstance(value, int) or value < 0:
         _fail(owner, field, "an integer >= 0", value)
@@ -754,7 +757,7 @@ def _chunk(content: str, finish_reason: str | None = None,
 _NoneType = type(None)
 
 
-def _json_class(value: Any) -> "type | None":
+def _json_class(value: Any) -> type | None:
     """The JSON class of a value whose class is a subclass (bool before int: True is no number)."""
     for cls in (bool, int, float, str, dict, list):
         if isinstance(value, cls):
@@ -762,7 +765,7 @@ def _json_class(value: Any) -> "type | None":
     return _NoneType if value is None else None
 
 
-def _json_type_name(values: "typing.Sequence[Any]") -> "str | None":
+def _json_type_name(values: Sequence[Any]) -> str | None:
     """The one JSON type shared by all values, or None when they are mixed."""
     classes = {_json_class(v) for v in values}
     if classes == {bool}:
@@ -787,7 +790,7 @@ _TYPEDDICT_QUALIFIERS = tuple(q for q in (getattr(typing, "Required", None),
                                           getattr(typing, "NotRequired", None)) if q is not None)
 
 
-def _is_class(tp: Any) -> bool:
+def _is_class(tp: Any) -> typing.TypeGuard[type]:
     # On 3.9-3.10 isinstance(list[int], type) is True, yet issubclass() rejects it.
     return isinstance(tp, type) and typing.get_origin(tp) is None
 
@@ -802,7 +805,7 @@ def _is_named_type(tp: Any) -> bool:
                               or issubclass(tp, enum.Enum))
 
 
-def _user_doc(cls: type) -> "str | None":
+def _user_doc(cls: type) -> str | None:
     """The docstring the user wrote, skipping ones dataclasses and Enum generate."""
     doc = cls.__dict__.get("__doc__")
     if not isinstance(doc, str) or not doc.strip():
@@ -815,7 +818,7 @@ def _user_doc(cls: type) -> "str | None":
 
 
 @functools.lru_cache(maxsize=256)
-def _type_hints(cls: type) -> "dict[str, Any]":
+def _type_hints(cls: type) -> dict[str, Any]:
     """Resolved annotations of a class, ``Annotated`` kept (string annotations evaluated)."""
     try:
         return typing.get_type_hints(cls, include_extras=True)
@@ -824,9 +827,9 @@ def _type_hints(cls: type) -> "dict[str, Any]":
                         "types referenced by string must be importable from its module") from exc
 
 
-def _json_default(value: Any) -> "tuple[bool, Any]":
+def _json_default(value: Any) -> tuple[bool, Any]:
     """``(True, json_value)`` when a field default can be written into a schema."""
-    if value is None or isinstance(value, (str, bool, int)) and not isinstance(value, enum.Enum):
+    if value is None or (isinstance(value, (str, bool, int)) and not isinstance(value, enum.Enum)):
         return True, value
     if isinstance(value, float):
         return math.isfinite(value), value
@@ -836,8 +839,8 @@ def _json_default(value: Any) -> "tuple[bool, Any]":
         pairs = [_json_default(v) for v in value]
         return all(ok for ok, _ in pairs), [v for _, v in pairs]
     if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-        pairs = {k: _json_default(v) for k, v in value.items()}
-        return all(ok for ok, _ in pairs.values()), {k: v for k, (_, v) in pairs.items()}
+        entries = {k: _json_default(v) for k, v in value.items()}
+        return all(ok for ok, _ in entries.values()), {k: v for k, (_, v) in entries.items()}
     return False, None
 
 
@@ -855,11 +858,11 @@ class _TypeSchemaBuilder:
 
     def __init__(self, root: Any, inline: bool) -> None:
         self.root, self.inline = root, inline
-        self.defs: "dict[str, dict]" = {}
-        self.names: "dict[Any, str]" = {}
-        self.building: "list[Any]" = []
+        self.defs: dict[str, dict[str, Any]] = {}
+        self.names: dict[Any, str] = {}
+        self.building: list[Any] = []
 
-    def build(self) -> dict:
+    def build(self) -> dict[str, Any]:
         where = f"type {getattr(self.root, '__qualname__', self.root)!r}"
         if _is_named_type(self.root):
             self.building.append(self.root)
@@ -870,9 +873,9 @@ class _TypeSchemaBuilder:
             schema["$defs"] = self.defs
         return schema
 
-    def schema(self, tp: Any, where: str) -> dict:
+    def schema(self, tp: Any, where: str) -> dict[str, Any]:
         """The schema of ``tp``; ``where`` names the field for error messages."""
-        if isinstance(tp, str) or isinstance(tp, typing.ForwardRef):
+        if isinstance(tp, (str, typing.ForwardRef)):
             raise TypeError(f"cannot build a JSON Schema for {where}: unresolved forward "
                             f"reference {tp!r}")
         origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -901,9 +904,9 @@ class _TypeSchemaBuilder:
             return {"anyOf": [self.schema(a, where) for a in args]}
         return self.container(tp, origin, args, where)
 
-    def container(self, tp: Any, origin: Any, args: tuple, where: str) -> dict:
+    def container(self, tp: Any, origin: Any, args: tuple[Any, ...], where: str) -> dict[str, Any]:
         base = origin or tp
-        if base in (tuple, typing.Tuple):
+        if base is tuple:      # typing.Tuple, bare or subscripted, has the origin tuple
             if not args or (len(args) == 2 and args[1] is Ellipsis):
                 items = {"items": self.schema(args[0], where)} if args else {}
                 return {"type": "array", **items}
@@ -926,7 +929,7 @@ class _TypeSchemaBuilder:
                         "(supported: str, int, float, bool, None, Any, list, tuple, set, dict, "
                         "Literal, Optional/Union, Annotated, Enum, dataclass, TypedDict)")
 
-    def named_ref(self, tp: type, where: str) -> dict:
+    def named_ref(self, tp: type, where: str) -> dict[str, Any]:
         if self.inline:
             if tp in self.building:
                 raise TypeError(f"cannot inline the JSON Schema of {tp.__qualname__} ({where}): "
@@ -948,7 +951,7 @@ class _TypeSchemaBuilder:
             self.defs[name] = self.named_body(tp)
         return {"$ref": f"#/$defs/{name}"}
 
-    def named_body(self, tp: type) -> dict:
+    def named_body(self, tp: type) -> dict[str, Any]:
         if issubclass(tp, enum.Enum):
             schema = self.enum_body(tp)
         elif typing.is_typeddict(tp):
@@ -961,12 +964,12 @@ class _TypeSchemaBuilder:
             head = {"type": schema.pop("type"), **head}
         return {**head, **schema}
 
-    def enum_body(self, tp: "type[enum.Enum]") -> dict:
+    def enum_body(self, tp: type[enum.Enum]) -> dict[str, Any]:
         values = [_literal_value(m, f"enum {tp.__qualname__}") for m in tp]
         kind = _json_type_name(values)
         return {"type": kind, "enum": values} if kind else {"enum": values}
 
-    def dataclass_body(self, tp: type) -> dict:
+    def dataclass_body(self, tp: type) -> dict[str, Any]:
         hints = _type_hints(tp)
         properties, required = {}, []
         for field in dataclasses.fields(tp):
@@ -977,7 +980,8 @@ class _TypeSchemaBuilder:
             description = field.metadata.get("description") if field.metadata else None
             if isinstance(description, str):
                 schema["description"] = description
-            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            if (field.default is dataclasses.MISSING
+                    and field.default_factory is dataclasses.MISSING):
                 required.append(field.name)
             elif field.default is not dataclasses.MISSING:
                 ok, value = _json_default(field.default)
@@ -987,7 +991,7 @@ class _TypeSchemaBuilder:
         return {"type": "object", "properties": properties, "required": required,
                 "additionalProperties": False}
 
-    def typeddict_body(self, tp: type) -> dict:
+    def typeddict_body(self, tp: Any) -> dict[str, Any]:
         properties, required = {}, []
         for name, hint in _type_hints(tp).items():
             # __required_keys__ misses Required/NotRequired written as strings (PEP 563), so the
@@ -997,7 +1001,8 @@ class _TypeSchemaBuilder:
                 is_required = qualifier is getattr(typing, "Required", None)
             else:
                 is_required = name in tp.__required_keys__
-            properties[name] = self.schema(_strip_qualifiers(hint), f"key {name!r} of {tp.__qualname__}")
+            properties[name] = self.schema(_strip_qualifiers(hint),
+                                           f"key {name!r} of {tp.__qualname__}")
             if is_required:
                 required.append(name)
         return {"type": "object", "properties": properties, "required": required,
@@ -1021,15 +1026,16 @@ def _hashable(value: Any) -> bool:
 
 
 @functools.lru_cache(maxsize=256)
-def _cached_type_schema(tp: Any, inline: bool) -> dict:
+def _cached_type_schema(tp: Any, inline: bool) -> dict[str, Any]:
     return _TypeSchemaBuilder(tp, inline).build()
 
 
-def _schema_from_type(tp: Any, inline: bool = False) -> dict:
+def _schema_from_type(tp: Any, inline: bool = False) -> dict[str, Any]:
     """A fresh JSON Schema (draft 2020-12) for a Python type; ``inline`` inlines nested types
     instead of using ``$defs`` (for tool parameters) and rejects recursive types."""
     if _hashable(tp):
-        return _copy_json(_cached_type_schema(tp, inline))
+        schema: dict[str, Any] = _copy_json(_cached_type_schema(tp, inline))
+        return schema
     return _TypeSchemaBuilder(tp, inline).build()
 
 
@@ -1282,8 +1288,12 @@ def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
 _MAX_DEPTH = 256
 _JSON_CLASSES = (bool, int, float, str, dict, list, _NoneType)
 
+# Where a value sits, as a linked list built from the root down: None at the root, then
+# (parent path, key) pairs; rendered as text only when an error surfaces.
+_Path = tuple["_Path", str | int] | None
 
-def _render_keys(keys: "typing.Iterable[Any]") -> str:
+
+def _render_keys(keys: Iterable[Any]) -> str:
     """Keys from the root down to a value, as ``$.a.b[3]["odd key"]``."""
     out = ["$"]
     for key in keys:
@@ -1296,7 +1306,7 @@ def _render_keys(keys: "typing.Iterable[Any]") -> str:
     return "".join(out)
 
 
-def _render_path(path: "tuple | None") -> str:
+def _render_path(path: _Path) -> str:
     """Render a validator path: nested ``(parent, key)`` pairs, built only as cheap tuples."""
     keys = []
     while path is not None:
@@ -1327,7 +1337,7 @@ def _json_key(value: Any) -> Any:
     if cls is bool:
         return (bool, value)
     if cls is list:
-        return ("l",) + tuple(map(_json_key, value))
+        return ("l", *map(_json_key, value))
     if cls is dict:
         return ("d", frozenset((k, _json_key(v)) for k, v in value.items()))
     cls = _json_class(value)
@@ -1349,7 +1359,8 @@ def _schema_error(where: str, message: str) -> SchemaValidationError:
 # \s (ECMA: Unicode spaces), "." and "$" (ECMA: no newline leniency), \p{...} property escapes,
 # named groups, \u{...}, \cX, and the empty classes [] and [^].
 
-_ECMA_SPACE = "\\t\\n\\x0b\\x0c\\r \\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000\\ufeff"
+_ECMA_SPACE = ("\\t\\n\\x0b\\x0c\\r \\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029"
+               "\\u202f\\u205f\\u3000\\ufeff")
 _GENERAL_CATEGORY_ALIASES = {
     "letter": "L", "cased_letter": "LC", "uppercase_letter": "Lu", "lowercase_letter": "Ll",
     "titlecase_letter": "Lt", "modifier_letter": "Lm", "other_letter": "Lo", "mark": "M",
@@ -1366,11 +1377,11 @@ _GENERAL_CATEGORY_ALIASES = {
 
 
 @functools.lru_cache(maxsize=1)
-def _unicode_category_ranges() -> "dict[str, list[tuple[int, int]]]":
+def _unicode_category_ranges() -> dict[str, list[tuple[int, int]]]:
     """Code point ranges per general category, built once on first use of \\p{...} (~0.1 s)."""
     import unicodedata
     category = unicodedata.category
-    ranges: "dict[str, list[tuple[int, int]]]" = {}
+    ranges: dict[str, list[tuple[int, int]]] = {}
     previous, start = None, 0
     for code in range(sys.maxunicode + 1):
         current = category(chr(code))
@@ -1378,6 +1389,7 @@ def _unicode_category_ranges() -> "dict[str, list[tuple[int, int]]]":
             if previous is not None:
                 ranges.setdefault(previous, []).append((start, code - 1))
             previous, start = current, code
+    assert previous is not None     # the loop above saw at least one code point
     ranges.setdefault(previous, []).append((start, sys.maxunicode))
     return ranges
 
@@ -1401,7 +1413,7 @@ def _unicode_property_class(name: str) -> str:
     return "".join(f"\\U{a:08x}-\\U{b:08x}" for c in wanted for a, b in table[c])
 
 
-def _ecma_escape(pattern: str, i: int, in_class: bool) -> "tuple[str, int]":
+def _ecma_escape(pattern: str, i: int, in_class: bool) -> tuple[str, int]:
     """Translate the escape starting at pattern[i] (a backslash); returns (python, next index)."""
     if i + 1 >= len(pattern):
         raise ValueError("pattern ends with a lone backslash")
@@ -1458,7 +1470,8 @@ def _ecma_to_python(pattern: str) -> str:
             out.append("[^\\n\\r\\u2028\\u2029]")
         elif c == "$":
             out.append("\\Z")
-        elif c == "(" and pattern.startswith("(?<", i) and not pattern.startswith(("(?<=", "(?<!"), i):
+        elif (c == "(" and pattern.startswith("(?<", i)
+              and not pattern.startswith(("(?<=", "(?<!"), i)):
             out.append("(?P<")
             i += 3
             continue
@@ -1469,7 +1482,7 @@ def _ecma_to_python(pattern: str) -> str:
 
 
 @functools.lru_cache(maxsize=512)
-def _ecma_regex(pattern: str) -> "re.Pattern[str]":
+def _ecma_regex(pattern: str) -> re.Pattern[str]:
     """Compile an ECMA-262 pattern; raises ValueError naming the pattern when unsupported."""
     try:
         return re.compile(_ecma_to_python(pattern), re.ASCII)
@@ -1489,26 +1502,28 @@ _TYPE_CLASSES = {
     "string": (str,), "array": (list,), "object": (dict,),
 }
 _KIND_CLASSES = {"number": (int, float), "string": (str,), "array": (list,), "object": (dict,)}
+_Errors = list[tuple[_Path, str]]
+_Node = Callable[[Any, _Path, _Errors, int], None]
 
 
-def _accept(inst: Any, path: Any, errs: list, depth: int) -> None:
+def _accept(inst: Any, path: _Path, errs: _Errors, depth: int) -> None:
     """The ``true`` schema."""
 
 
-def _reject(inst: Any, path: Any, errs: list, depth: int) -> None:
+def _reject(inst: Any, path: _Path, errs: _Errors, depth: int) -> None:
     """The ``false`` schema."""
     errs.append((path, "no value is allowed here (the schema is false)"))
 
 
-def _too_deep(path: Any) -> "typing.NoReturn":
+def _too_deep(path: _Path) -> NoReturn:
     raise SchemaValidationError(
         f"validation nests deeper than {_MAX_DEPTH} levels at {_shorten(_render_path(path))}: "
         "the value is too deeply nested or the schema recurses without consuming the value",
         [(_shorten(_render_path(path)), "nesting too deep")])
 
 
-def _is_valid(node: "typing.Callable", inst: Any, depth: int) -> bool:
-    errs: list = []
+def _is_valid(node: _Node, inst: Any, depth: int) -> bool:
+    errs: _Errors = []
     node(inst, None, errs, depth)
     return not errs
 
@@ -1529,13 +1544,14 @@ def _percent_decode(text: str) -> str:
 class _Checks:
     """Keyword checks of one schema node, sorted by the JSON class they apply to."""
 
-    __slots__ = ("common", "by_class")
+    __slots__ = ("by_class", "common")
 
     def __init__(self) -> None:
-        self.common: list = []
-        self.by_class: dict = {cls: [] for cls in _JSON_CLASSES}
+        self.common: list[_Node] = []
+        # Keyed by class; looked up with None too (a value that is no JSON value at all).
+        self.by_class: dict[type | None, list[_Node]] = {cls: [] for cls in _JSON_CLASSES}
 
-    def add(self, kind: "str | None", check: "typing.Callable") -> None:
+    def add(self, kind: str | None, check: _Node) -> None:
         if kind is None:
             self.common.append(check)
         else:
@@ -1548,32 +1564,33 @@ class _SchemaCompiler:
 
     def __init__(self, root: Any) -> None:
         self.root = root
-        self._nodes: "dict[int, typing.Callable]" = {}
-        self._refs: "dict[str, Any]" = {}
+        self._nodes: dict[int, _Node] = {}
+        self._refs: dict[str, Any] = {}
         self._level = 0
 
-    def compile(self, schema: Any, where: str = "#") -> "typing.Callable":
+    def compile(self, schema: Any, where: str = "#") -> _Node:
         """The node for ``schema``; memoised by identity so recursive ``$ref`` cycles terminate."""
         if schema is True:
             return _accept
         if schema is False:
             return _reject
         if not isinstance(schema, dict):
-            raise _schema_error(where, f"a schema must be an object or a boolean, not {_show(schema)}")
-        node = self._nodes.get(id(schema))
-        if node is not None:
-            return node
+            raise _schema_error(where,
+                                f"a schema must be an object or a boolean, not {_show(schema)}")
+        cached = self._nodes.get(id(schema))
+        if cached is not None:
+            return cached
         if self._level >= _MAX_DEPTH:
             raise _schema_error(where, f"schema nests deeper than {_MAX_DEPTH} levels")
         checks = _Checks()
         common, by_class = checks.common, checks.by_class
 
-        def node(inst: Any, path: Any, errs: list, depth: int) -> None:
+        def node(inst: Any, path: _Path, errs: _Errors, depth: int) -> None:
             if depth > _MAX_DEPTH:
                 _too_deep(path)
             for check in common:
                 check(inst, path, errs, depth)
-            group = by_class.get(inst.__class__)
+            group: Sequence[_Node] | None = by_class.get(inst.__class__)
             if group is None:
                 group = by_class.get(_json_class(inst), ())
             for check in group:
@@ -1613,8 +1630,9 @@ class _SchemaCompiler:
         self._refs[ref] = target
         return target
 
-    def evaluated(self, schema: Any, inst: Any, depth: int, own: "typing.Callable",
-                  own_key: str, nested: bool) -> set:
+    def evaluated(self, schema: Any, inst: Any, depth: int,
+                  own: Callable[[_SchemaCompiler, dict[str, Any], Any], set[Any]],
+                  own_key: str, nested: bool) -> set[Any]:
         """Property names or item indices that ``schema`` and its passing in-place subschemas
         evaluated: the annotations that unevaluatedProperties / unevaluatedItems consult."""
         if depth > _MAX_DEPTH:
@@ -1640,7 +1658,8 @@ class _SchemaCompiler:
         return seen
 
 
-def _own_evaluated_properties(compiler: _SchemaCompiler, schema: dict, inst: dict) -> set:
+def _own_evaluated_properties(compiler: _SchemaCompiler, schema: dict[str, Any],
+                              inst: dict[str, Any]) -> set[str]:
     if "additionalProperties" in schema:
         return set(inst)    # additionalProperties evaluates every name the others left over
     properties = schema.get("properties", {})
@@ -1651,7 +1670,8 @@ def _own_evaluated_properties(compiler: _SchemaCompiler, schema: dict, inst: dic
     return seen
 
 
-def _own_evaluated_items(compiler: _SchemaCompiler, schema: dict, inst: list) -> set:
+def _own_evaluated_items(compiler: _SchemaCompiler, schema: dict[str, Any],
+                         inst: list[Any]) -> set[int]:
     if "items" in schema:
         return set(range(len(inst)))
     seen = set(range(min(len(schema.get("prefixItems", ())), len(inst))))
@@ -1663,37 +1683,38 @@ def _own_evaluated_items(compiler: _SchemaCompiler, schema: dict, inst: list) ->
 
 # Keyword builders: each reads the keywords it owns from a schema and adds checks.
 
-def _number_keyword(schema: dict, key: str, where: str) -> "int | float":
+def _number_keyword(schema: dict[str, Any], key: str, where: str) -> int | float:
     value = schema[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _schema_error(_ptr(where, key), f"{key} must be a number, not {_show(value)}")
     return value
 
 
-def _count_keyword(schema: dict, key: str, where: str) -> int:
+def _count_keyword(schema: dict[str, Any], key: str, where: str) -> int:
     value = schema[key]
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise _schema_error(_ptr(where, key), f"{key} must be a non-negative integer, not {_show(value)}")
+        raise _schema_error(_ptr(where, key),
+                            f"{key} must be a non-negative integer, not {_show(value)}")
     return value
 
 
-def _schema_list(schema: dict, key: str, where: str) -> list:
+def _schema_list(schema: dict[str, Any], key: str, where: str) -> list[Any]:
     value = schema[key]
     if not isinstance(value, list) or not value:
         raise _schema_error(_ptr(where, key), f"{key} must be a non-empty array of schemas")
     return value
 
 
-def _schema_map(schema: dict, key: str, where: str) -> dict:
+def _schema_map(schema: dict[str, Any], key: str, where: str) -> dict[str, Any]:
     value = schema[key]
     if not isinstance(value, dict):
         raise _schema_error(_ptr(where, key), f"{key} must be an object, not {_show(value)}")
     return value
 
 
-def _build_type(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> None:
+def _build_type(c: _SchemaCompiler, schema: dict[str, Any], where: str, out: _Checks) -> None:
     if "type" not in schema:
         return
     names = schema["type"]
@@ -1705,7 +1726,7 @@ def _build_type(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> N
     integral_floats = "integer" in names and "number" not in names
     expected = " or ".join(repr(n) for n in names)
 
-    def check_type(inst: Any, path: Any, errs: list, depth: int) -> None:
+    def check_type(inst: Any, path: _Path, errs: _Errors, depth: int) -> None:
         cls = inst.__class__
         if cls in allowed:
             return
@@ -1720,7 +1741,7 @@ def _build_type(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> N
     out.add(None, check_type)
 
 
-def _build_enum_const(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> None:
+def _build_enum_const(c: _SchemaCompiler, schema: dict[str, Any], where: str, out: _Checks) -> None:
     for key in ("enum", "const"):
         if key not in schema:
             continue
@@ -1729,10 +1750,11 @@ def _build_enum_const(c: _SchemaCompiler, schema: dict, where: str, out: _Checks
             raise _schema_error(_ptr(where, key), f"enum must be an array, not {_show(values)}")
         strings = frozenset(v for v in values if v.__class__ is str)
         others = frozenset(_json_key(v) for v in values if v.__class__ is not str)
-        message = (f"is not one of {_show(values)}" if key == "enum" else f"is not {_show(values[0])}")
+        message = (f"is not one of {_show(values)}" if key == "enum"
+                   else f"is not {_show(values[0])}")
 
-        def check_enum(inst: Any, path: Any, errs: list, depth: int,
-                       strings: frozenset = strings, others: frozenset = others,
+        def check_enum(inst: Any, path: _Path, errs: _Errors, depth: int,
+                       strings: frozenset[Any] = strings, others: frozenset[Any] = others,
                        message: str = message) -> None:
             key = inst if inst.__class__ is str else _json_key(inst)
             if key in (strings if key.__class__ is str else others):
@@ -1742,12 +1764,12 @@ def _build_enum_const(c: _SchemaCompiler, schema: dict, where: str, out: _Checks
         out.add(None, check_enum)
 
 
-def _build_in_place(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> None:
+def _build_in_place(c: _SchemaCompiler, schema: dict[str, Any], where: str, out: _Checks) -> None:
     """allOf, anyOf, oneOf, not, if/then/else and $ref: subschemas applied to the same value."""
     if "$ref" in schema:
         target = c.compile(c.resolve(schema["$ref"], _ptr(where, "$ref")), schema["$ref"])
 
-        def check_ref(inst: Any, path: Any, errs: list, depth: int) -> None:
+        def check_ref(inst: Any, path: _Path, errs: _Errors, depth: int) -> None:
             target(inst, path, errs, depth + 1)
 
         out.add(None, check_ref)
@@ -1758,7 +1780,7 @@ def _build_in_place(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) 
     if "not" in schema:
         negated = c.compile(schema["not"], _ptr(where, "not"))
 
-        def check_not(inst: Any, path: Any, errs: list, depth: int) -> None:
+        def check_not(inst: Any, path: _Path, errs: _Errors, depth: int) -> None:
             if _is_valid(negated, inst, depth + 1):
                 errs.append((path, f"{_show(inst)} must not match the 'not' schema"))
 
@@ -1768,63 +1790,66 @@ def _build_in_place(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) 
         then = c.compile(schema.get("then", True), _ptr(where, "then"))
         other = c.compile(schema.get("else", True), _ptr(where, "else"))
 
-        def check_if(inst: Any, path: Any, errs: list, depth: int) -> None:
+        def check_if(inst: Any, path: _Path, errs: _Errors, depth: int) -> None:
             branch = then if _is_valid(test, inst, depth + 1) else other
             branch(inst, path, errs, depth + 1)
 
         out.add(None, check_if)
 
 
-def _path_length(path: Any) -> int:
+def _path_length(path: _Path) -> int:
     length = 0
     while path is not None:
         path, length = path[0], length + 1
     return length
 
 
-def _closest_failure(failures: "list[list]") -> list:
+def _closest_failure(failures: list[_Errors]) -> _Errors:
     """The alternative that got furthest into the value: its errors explain the mismatch best."""
     return max(failures, key=lambda errs: max(_path_length(p) for p, _ in errs))
 
 
-def _all_of(subs: list) -> "typing.Callable":
-    def check_all_of(inst: Any, path: Any, errs: list, depth: int) -> None:
+def _all_of(subs: list[_Node]) -> _Node:
+    def check_all_of(inst: Any, path: _Path, errs: _Errors, depth: int) -> None:
         for sub in subs:
             sub(inst, path, errs, depth + 1)
 
     return check_all_of
 
 
-def _any_of(subs: list) -> "typing.Callable":
-    def check_any_of(inst: Any, path: Any, errs: list, depth: int) -> None:
+def _any_of(subs: list[_Node]) -> _Node:
+    def check_any_of(inst: Any, path: _Path, errs: _Errors, depth: int) -> None:
         failures = []
         for sub in subs:
-            branch: list = []
+            branch: _Errors = []
             sub(inst, path, branch, depth + 1)
             if not branch:
                 return
             failures.append(branch)
-        errs.append((path, f"{_show(inst)} does not match any of the {len(subs)} alternatives (anyOf)"))
+        errs.append((path, (f"{_show(inst)} does not match any of the {len(subs)} "
+                            "alternatives (anyOf)")))
         errs.extend(_closest_failure(failures))
 
     return check_any_of
 
 
-def _one_of(subs: list) -> "typing.Callable":
-    def check_one_of(inst: Any, path: Any, errs: list, depth: int) -> None:
+def _one_of(subs: list[_Node]) -> _Node:
+    def check_one_of(inst: Any, path: _Path, errs: _Errors, depth: int) -> None:
         failures, passed = [], []
         for index, sub in enumerate(subs):
-            branch: list = []
+            branch: _Errors = []
             sub(inst, path, branch, depth + 1)
             if branch:
                 failures.append(branch)
             else:
                 passed.append(index)
         if not passed:
-            errs.append((path, f"{_show(inst)} does not match any of the {len(subs)} alternatives (oneOf)"))
+            errs.append((path, (f"{_show(inst)} does not match any of the {len(subs)} "
+                                "alternatives (oneOf)")))
             errs.extend(_closest_failure(failures))
         elif len(passed) > 1:
-            errs.append((path, f"{_show(inst)} matches more than one alternative (oneOf: {passed})"))
+            errs.append((path,
+                         f"{_show(inst)} matches more than one alternative (oneOf: {passed})"))
 
     return check_one_of
 
@@ -1837,13 +1862,13 @@ _BOUNDS = (
 )
 
 
-def _build_number(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> None:
+def _build_number(c: _SchemaCompiler, schema: dict[str, Any], where: str, out: _Checks) -> None:
     for key, complaint, fails in _BOUNDS:
         if key not in schema:
             continue
         limit = _number_keyword(schema, key, where)
 
-        def check_bound(inst: Any, path: Any, errs: list, depth: int, limit: Any = limit,
+        def check_bound(inst: Any, path: _Path, errs: _Errors, depth: int, limit: Any = limit,
                         fails: Any = fails, complaint: str = complaint) -> None:
             if fails(inst, limit):
                 errs.append((path, f"{_show(inst)} {complaint} {_show(limit)}"))
@@ -1852,33 +1877,34 @@ def _build_number(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) ->
     if "multipleOf" in schema:
         divisor = _number_keyword(schema, "multipleOf", where)
         if divisor <= 0:
-            raise _schema_error(_ptr(where, "multipleOf"), f"multipleOf must be > 0, not {divisor!r}")
+            raise _schema_error(_ptr(where, "multipleOf"),
+                                f"multipleOf must be > 0, not {divisor!r}")
 
-        def check_multiple(inst: Any, path: Any, errs: list, depth: int) -> None:
+        def check_multiple(inst: Any, path: _Path, errs: _Errors, depth: int) -> None:
             if not _is_multiple(inst, divisor):
                 errs.append((path, f"{_show(inst)} is not a multiple of {_show(divisor)}"))
 
         out.add("number", check_multiple)
 
 
-def _is_multiple(value: "int | float", divisor: "int | float") -> bool:
+def _is_multiple(value: float, divisor: float) -> bool:
     """Exact test on the numbers as written in JSON (0.0075 is a multiple of 0.0001, although
     the binary floats are not); huge quotients neither overflow nor lose precision."""
     if isinstance(value, int) and isinstance(divisor, int):
         return value % divisor == 0
     if not math.isfinite(value):
         return False
-    import decimal      # only floats need it, and most schemas have no multipleOf
+    import decimal  # only floats need it, and most schemas have no multipleOf
     x, d = (decimal.Decimal(n if isinstance(n, int) else repr(float(n))) for n in (value, divisor))
     context = decimal.Context(prec=max(28, x.adjusted() - d.adjusted() + 30))
     return context.remainder(x, d) == 0
 
 
-def _build_string(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> None:
+def _build_string(c: _SchemaCompiler, schema: dict[str, Any], where: str, out: _Checks) -> None:
     if "minLength" in schema:
         low = _count_keyword(schema, "minLength", where)
 
-        def check_min_length(inst: str, path: Any, errs: list, depth: int) -> None:
+        def check_min_length(inst: str, path: _Path, errs: _Errors, depth: int) -> None:
             if len(inst) < low:
                 errs.append((path, f"{_show(inst)} is shorter than {low} characters"))
 
@@ -1886,7 +1912,7 @@ def _build_string(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) ->
     if "maxLength" in schema:
         high = _count_keyword(schema, "maxLength", where)
 
-        def check_max_length(inst: str, path: Any, errs: list, depth: int) -> None:
+        def check_max_length(inst: str, path: _Path, errs: _Errors, depth: int) -> None:
             if len(inst) > high:
                 errs.append((path, f"{_show(inst)} is longer than {high} characters"))
 
@@ -1898,16 +1924,17 @@ def _build_string(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) ->
         except ValueError as exc:
             raise _schema_error(_ptr(where, "pattern"), str(exc)) from exc
         if search is None:
-            raise _schema_error(_ptr(where, "pattern"), f"pattern must be a string, not {_show(pattern)}")
+            raise _schema_error(_ptr(where, "pattern"),
+                                f"pattern must be a string, not {_show(pattern)}")
 
-        def check_pattern(inst: str, path: Any, errs: list, depth: int) -> None:
+        def check_pattern(inst: str, path: _Path, errs: _Errors, depth: int) -> None:
             if search(inst) is None:
                 errs.append((path, f"{_show(inst)} does not match pattern {pattern!r}"))
 
         out.add("string", check_pattern)
 
 
-def _build_items(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> None:
+def _build_items(c: _SchemaCompiler, schema: dict[str, Any], where: str, out: _Checks) -> None:
     prefix_key, rest_key = "prefixItems", "items"
     if isinstance(schema.get("items"), list) and "prefixItems" not in schema:
         prefix_key, rest_key = "items", "additionalItems"     # draft 2019 and older tuple form
@@ -1918,9 +1945,9 @@ def _build_items(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> 
         return
     start = len(prefix)
 
-    def check_items(inst: list, path: Any, errs: list, depth: int) -> None:
+    def check_items(inst: list[Any], path: _Path, errs: _Errors, depth: int) -> None:
         depth += 1
-        for index, (sub, item) in enumerate(zip(prefix, inst)):
+        for index, (sub, item) in enumerate(zip(prefix, inst, strict=False)):
             sub(item, (path, index), errs, depth)
         if rest is _reject and len(inst) > start:
             errs.append((path, f"array has {len(inst)} items, at most {start} are allowed"))
@@ -1931,13 +1958,13 @@ def _build_items(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> 
     out.add("array", check_items)
 
 
-def _build_array(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> None:
+def _build_array(c: _SchemaCompiler, schema: dict[str, Any], where: str, out: _Checks) -> None:
     for key, too, compare in (("minItems", "fewer", int.__lt__), ("maxItems", "more", int.__gt__)):
         if key in schema:
             limit = _count_keyword(schema, key, where)
 
-            def check_count(inst: list, path: Any, errs: list, depth: int, limit: int = limit,
-                            too: str = too, compare: Any = compare) -> None:
+            def check_count(inst: list[Any], path: _Path, errs: _Errors, depth: int,
+                            limit: int = limit, too: str = too, compare: Any = compare) -> None:
                 if compare(len(inst), limit):
                     errs.append((path, f"array has {len(inst)} items, {too} than {limit}"))
 
@@ -1949,33 +1976,34 @@ def _build_array(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> 
         low = _count_keyword(schema, "minContains", where) if "minContains" in schema else 1
         high = _count_keyword(schema, "maxContains", where) if "maxContains" in schema else None
 
-        def check_contains(inst: list, path: Any, errs: list, depth: int) -> None:
+        def check_contains(inst: list[Any], path: _Path, errs: _Errors, depth: int) -> None:
             found = sum(1 for item in inst if _is_valid(wanted, item, depth + 1))
             if found < low:
-                errs.append((path, f"array has {found} items matching 'contains', "
-                                   f"at least {low} are required"))
+                errs.append((path, (f"array has {found} items matching 'contains', "
+                                    f"at least {low} are required")))
             if high is not None and found > high:
-                errs.append((path, f"array has {found} items matching 'contains', "
-                                   f"at most {high} are allowed"))
+                errs.append((path, (f"array has {found} items matching 'contains', "
+                                    f"at most {high} are allowed")))
 
         out.add("array", check_contains)
 
 
-def _check_unique(inst: list, path: Any, errs: list, depth: int) -> None:
-    seen: dict = {}
+def _check_unique(inst: list[Any], path: _Path, errs: _Errors, depth: int) -> None:
+    seen: dict[Any, int] = {}
     for index, item in enumerate(inst):
         first = seen.setdefault(_json_key(item), index)
         if first != index:
-            errs.append((path, f"array items {first} and {index} are equal ({_show(item)}); "
-                               "items must be unique"))
+            errs.append((path, (f"array items {first} and {index} are equal ({_show(item)}); "
+                                "items must be unique")))
             return
 
 
-def _build_properties(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> None:
+def _build_properties(c: _SchemaCompiler, schema: dict[str, Any], where: str, out: _Checks) -> None:
     """properties, patternProperties and additionalProperties, checked in one pass."""
     props = {k: c.compile(s, _ptr(where, "properties", k))
-             for k, s in _schema_map(schema, "properties", where).items()} if "properties" in schema else {}
-    patterns = []
+             for k, s in _schema_map(schema, "properties", where).items()
+             } if "properties" in schema else {}
+    patterns: list[tuple[Callable[[str], Any], _Node]] = []
     for pattern, sub in (_schema_map(schema, "patternProperties", where).items()
                          if "patternProperties" in schema else ()):
         try:
@@ -1992,7 +2020,7 @@ def _build_properties(c: _SchemaCompiler, schema: dict, where: str, out: _Checks
     elif props:
         items = tuple(props.items())
 
-        def check_properties(inst: dict, path: Any, errs: list, depth: int) -> None:
+        def check_properties(inst: dict[str, Any], path: _Path, errs: _Errors, depth: int) -> None:
             depth += 1
             for name, sub in items:
                 if name in inst:
@@ -2001,8 +2029,8 @@ def _build_properties(c: _SchemaCompiler, schema: dict, where: str, out: _Checks
         out.add("object", check_properties)
 
 
-def _closed_properties(props: dict) -> "typing.Callable":
-    def check_closed(inst: dict, path: Any, errs: list, depth: int) -> None:
+def _closed_properties(props: dict[str, _Node]) -> _Node:
+    def check_closed(inst: dict[str, Any], path: _Path, errs: _Errors, depth: int) -> None:
         depth += 1
         for name, value in inst.items():
             sub = props.get(name)
@@ -2014,13 +2042,15 @@ def _closed_properties(props: dict) -> "typing.Callable":
     return check_closed
 
 
-def _general_properties(props: dict, patterns: list, extra: Any) -> "typing.Callable":
-    def check_general(inst: dict, path: Any, errs: list, depth: int) -> None:
+def _general_properties(props: dict[str, _Node],
+                        patterns: list[tuple[Callable[[str], Any], _Node]],
+                        extra: _Node | None) -> _Node:
+    def check_general(inst: dict[str, Any], path: _Path, errs: _Errors, depth: int) -> None:
         depth += 1
         for name, value in inst.items():
             sub = props.get(name)
             matched = sub is not None
-            if matched:
+            if sub is not None:
                 sub(value, (path, name), errs, depth)
             for search, pattern_sub in patterns:
                 if search(name):
@@ -2035,14 +2065,15 @@ def _general_properties(props: dict, patterns: list, extra: Any) -> "typing.Call
     return check_general
 
 
-def _build_object(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> None:
+def _build_object(c: _SchemaCompiler, schema: dict[str, Any], where: str, out: _Checks) -> None:
     if "required" in schema:
         required = schema["required"]
         if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
             raise _schema_error(_ptr(where, "required"),
                                 f"required must be an array of strings, not {_show(required)}")
         if required:
-            def check_required(inst: dict, path: Any, errs: list, depth: int) -> None:
+            def check_required(inst: dict[str, Any], path: _Path, errs: _Errors,
+                               depth: int) -> None:
                 for name in required:
                     if name not in inst:
                         errs.append((path, f"missing required property {name!r}"))
@@ -2050,22 +2081,26 @@ def _build_object(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) ->
             out.add("object", check_required)
     if "dependentRequired" in schema:
         dependent = _schema_map(schema, "dependentRequired", where)
-        if not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in dependent.values()):
-            raise _schema_error(_ptr(where, "dependentRequired"), "each value must be an array of strings")
+        if not all(isinstance(v, list) and all(isinstance(n, str) for n in v)
+                   for v in dependent.values()):
+            raise _schema_error(_ptr(where, "dependentRequired"),
+                                "each value must be an array of strings")
 
-        def check_dependent(inst: dict, path: Any, errs: list, depth: int) -> None:
+        def check_dependent(inst: dict[str, Any], path: _Path, errs: _Errors, depth: int) -> None:
             for trigger, names in dependent.items():
                 if trigger in inst:
                     for name in names:
                         if name not in inst:
-                            errs.append((path, f"property {name!r} is required when {trigger!r} is present"))
+                            errs.append((path, (f"property {name!r} is required when "
+                                                f"{trigger!r} is present")))
 
         out.add("object", check_dependent)
     if "dependentSchemas" in schema:
         dependent_subs = [(k, c.compile(s, _ptr(where, "dependentSchemas", k)))
                           for k, s in _schema_map(schema, "dependentSchemas", where).items()]
 
-        def check_dependent_schemas(inst: dict, path: Any, errs: list, depth: int) -> None:
+        def check_dependent_schemas(inst: dict[str, Any], path: _Path, errs: _Errors,
+                                    depth: int) -> None:
             for trigger, sub in dependent_subs:
                 if trigger in inst:
                     sub(inst, path, errs, depth + 1)
@@ -2074,27 +2109,29 @@ def _build_object(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) ->
     if "propertyNames" in schema:
         names_node = c.compile(schema["propertyNames"], _ptr(where, "propertyNames"))
 
-        def check_names(inst: dict, path: Any, errs: list, depth: int) -> None:
+        def check_names(inst: dict[str, Any], path: _Path, errs: _Errors, depth: int) -> None:
             for name in inst:
-                problems: list = []
+                problems: _Errors = []
                 names_node(name, None, problems, depth + 1)
                 if problems:
                     errs.append((path, f"property name {name!r} is invalid: {problems[0][1]}"))
 
         out.add("object", check_names)
-    for key, too, compare in (("minProperties", "fewer", int.__lt__), ("maxProperties", "more", int.__gt__)):
+    for key, too, compare in (("minProperties", "fewer", int.__lt__),
+                              ("maxProperties", "more", int.__gt__)):
         if key in schema:
             limit = _count_keyword(schema, key, where)
 
-            def check_size(inst: dict, path: Any, errs: list, depth: int, limit: int = limit,
-                           too: str = too, compare: Any = compare) -> None:
+            def check_size(inst: dict[str, Any], path: _Path, errs: _Errors, depth: int,
+                           limit: int = limit, too: str = too, compare: Any = compare) -> None:
                 if compare(len(inst), limit):
                     errs.append((path, f"object has {len(inst)} properties, {too} than {limit}"))
 
             out.add("object", check_size)
 
 
-def _build_unevaluated(c: _SchemaCompiler, schema: dict, where: str, out: _Checks) -> None:
+def _build_unevaluated(c: _SchemaCompiler, schema: dict[str, Any], where: str,
+                       out: _Checks) -> None:
     for key, kind, own in (("unevaluatedProperties", "object", _own_evaluated_properties),
                            ("unevaluatedItems", "array", _own_evaluated_items)):
         if key not in schema:
@@ -2103,7 +2140,7 @@ def _build_unevaluated(c: _SchemaCompiler, schema: dict, where: str, out: _Check
         if sub is _accept:
             continue
 
-        def check_unevaluated(inst: Any, path: Any, errs: list, depth: int, key: str = key,
+        def check_unevaluated(inst: Any, path: _Path, errs: _Errors, depth: int, key: str = key,
                               own: Any = own, sub: Any = sub) -> None:
             seen = c.evaluated(schema, inst, depth, own, key, False)
             pairs = inst.items() if isinstance(inst, dict) else enumerate(inst)
@@ -2111,8 +2148,8 @@ def _build_unevaluated(c: _SchemaCompiler, schema: dict, where: str, out: _Check
                 if name in seen:
                     continue
                 if sub is _reject:
-                    errs.append((path, f"{'property' if isinstance(inst, dict) else 'item'} "
-                                       f"{name!r} is not allowed ({key} is false)"))
+                    errs.append((path, (f"{'property' if isinstance(inst, dict) else 'item'} "
+                                        f"{name!r} is not allowed ({key} is false)")))
                 else:
                     sub(value, (path, name), errs, depth + 1)
 
@@ -2126,11 +2163,11 @@ _KEYWORD_BUILDERS = (
 
 # Compiled validators by id(schema); each entry keeps its schema alive, and a hit is checked by
 # identity, so a recycled id can never return another schema's validator.
-_VALIDATOR_CACHE: "dict[int, tuple[Any, typing.Callable]]" = {}
+_VALIDATOR_CACHE: dict[int, tuple[Any, _Node]] = {}
 _VALIDATOR_CACHE_SIZE = 128
 
 
-def _compiled_validator(schema: Any) -> "typing.Callable":
+def _compiled_validator(schema: Any) -> _Node:
     """The cached root node for ``schema`` (a schema must not be mutated once it is validated)."""
     key = id(schema)
     entry = _VALIDATOR_CACHE.pop(key, None)
@@ -2145,26 +2182,28 @@ def _compiled_validator(schema: Any) -> "typing.Callable":
     return entry[1]
 
 
-def _run_validator(node: "typing.Callable", instance: Any) -> "list[tuple[str, str]]":
+def _run_validator(node: _Node, instance: Any) -> list[tuple[str, str]]:
     """Every failure of ``instance`` against a compiled node, paths rendered."""
-    errs: list = []
+    errs: _Errors = []
     try:
         node(instance, None, errs, 0)
     except RecursionError as exc:
         raise SchemaValidationError(
-            "validation exceeded Python's recursion limit: the value or the schema nests too deeply",
+            "validation exceeded Python's recursion limit: the value or the schema nests too "
+            "deeply",
             [("$", "nesting too deep")]) from exc
     return [(_render_path(path), message) for path, message in errs]
 
 
-def _failure(errors: "list[tuple[str, str]]", raw_text: "str | None" = None) -> SchemaValidationError:
+def _failure(errors: list[tuple[str, str]], raw_text: str | None = None) -> SchemaValidationError:
     path, message = errors[0]
-    more = f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    more = (f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
+            if len(errors) > 1 else "")
     return SchemaValidationError(f"value does not match the schema: {path}: {message}{more}",
                                  errors, raw_text)
 
 
-def validate_json_schema(instance: Any, schema: "dict | bool") -> None:
+def validate_json_schema(instance: Any, schema: dict[str, Any] | bool) -> None:
     """Validate a JSON value against a JSON Schema (draft 2020-12); return None when it conforms.
 
     Raises SchemaValidationError listing every failure in ``.errors`` as ``(json_path, message)``
@@ -2182,7 +2221,7 @@ def validate_json_schema(instance: Any, schema: "dict | bool") -> None:
 # --- 5d. A validated value into a Python type ---------------------------------
 
 @functools.lru_cache(maxsize=256)
-def _cached_type_validator(tp: Any) -> "typing.Callable":
+def _cached_type_validator(tp: Any) -> _Node:
     schema = _cached_type_schema(tp, False)
     return _SchemaCompiler(schema).compile(schema)
 
@@ -2231,14 +2270,14 @@ def _build_typed(value: Any, tp: Any) -> Any:
     return _build_container(value, tp, origin, args)
 
 
-def _build_container(value: Any, tp: Any, origin: Any, args: tuple) -> Any:
+def _build_container(value: Any, tp: Any, origin: Any, args: tuple[Any, ...]) -> Any:
     base = origin or tp
-    if base in (tuple, typing.Tuple):
+    if base is tuple:      # typing.Tuple, bare or subscripted, has the origin tuple
         if not args:
             return tuple(value)
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_build_typed(v, args[0]) for v in value)
-        return tuple(_build_typed(v, a) for v, a in zip(value, args))
+        return tuple(_build_typed(v, a) for v, a in zip(value, args, strict=False))
     if base in (set, frozenset, collections.abc.Set, collections.abc.MutableSet):
         items = (_build_typed(v, args[0]) if args else v for v in value)
         return frozenset(items) if base is frozenset else set(items)
@@ -2261,9 +2300,9 @@ class _ResponseFormat:
     """
 
     kind: str
-    schema: "dict | None" = None
+    schema: dict[str, Any] | None = None
     name: str = "response"
-    parse: "typing.Callable[[str], Any] | None" = None
+    parse: Callable[[str], Any] | None = None
 
 
 _ACCEPTED_FORMATS = ("'text', 'json', a JSON Schema dict, a dataclass, a TypedDict, an Enum, a "
@@ -2296,14 +2335,14 @@ def _load_reply_json(text: Any) -> Any:
     try:
         return json.loads(_strip_fences(text), parse_constant=_reject_constant)
     except ValueError as exc:       # json.JSONDecodeError is a ValueError
-        raise SchemaValidationError(f"reply is not valid JSON: {exc}", [("$", f"invalid JSON: {exc}")],
-                                    raw_text=text) from exc
+        raise SchemaValidationError(f"reply is not valid JSON: {exc}",
+                                    [("$", f"invalid JSON: {exc}")], raw_text=text) from exc
     except RecursionError as exc:
         raise SchemaValidationError("reply nests too deeply to parse", [("$", "nesting too deep")],
                                     raw_text=text) from exc
 
 
-def _check_reply(node: "typing.Callable", value: Any, text: str) -> None:
+def _check_reply(node: _Node, value: Any, text: str) -> None:
     errors = _run_validator(node, value)
     if errors:
         raise _failure(errors, raw_text=text)
@@ -2318,7 +2357,7 @@ _TEXT_FORMAT = _ResponseFormat("text")
 _JSON_FORMAT = _ResponseFormat("json", None, "response", _load_reply_json)
 
 
-def _format_from_schema(schema: dict) -> _ResponseFormat:
+def _format_from_schema(schema: dict[str, Any]) -> _ResponseFormat:
     node = _compiled_validator(schema)      # compiles now: a malformed schema fails early
 
     def parse(text: str) -> Any:
@@ -2355,7 +2394,7 @@ def _pydantic_failure(exc: Exception, text: str) -> SchemaValidationError:
     try:
         for item in details() if callable(details) else ():
             errors.append((_render_keys(item.get("loc", ())), str(item.get("msg", ""))))
-    except Exception:       # an exotic errors() shape: fall back to the exception text
+    except Exception:  # any exotic errors() shape: fall back to str(exc)
         errors = []
     if not errors:
         errors = [("$", str(exc))]
@@ -2363,7 +2402,9 @@ def _pydantic_failure(exc: Exception, text: str) -> SchemaValidationError:
 
 
 @functools.lru_cache(maxsize=64)
-def _format_from_pydantic(model: type) -> _ResponseFormat:
+def _format_from_pydantic(model: Any) -> _ResponseFormat:
+    """``model`` is a pydantic model class, duck-typed (see _is_pydantic_model): pydantic is
+    never imported here."""
     schema = model.model_json_schema()
 
     def parse(text: str) -> Any:
@@ -2389,7 +2430,8 @@ def _resolve_response_format(response_format: Any) -> _ResponseFormat:
     if _is_pydantic_model(response_format):
         return _format_from_pydantic(response_format)
     if isinstance(response_format, str) or not _hashable(response_format):
-        raise TypeError(f"unsupported response_format {response_format!r}: expected {_ACCEPTED_FORMATS}")
+        raise TypeError(f"unsupported response_format {response_format!r}: "
+                        f"expected {_ACCEPTED_FORMATS}")
     try:
         return _format_from_type(response_format)
     except TypeError as exc:
@@ -2440,13 +2482,14 @@ def _unwrap_value(text: str) -> str:
     return text
 
 
-def _wrap_root(schema: Any) -> "tuple[dict, typing.Callable[[str], str]]":
+def _wrap_root(schema: Any) -> tuple[dict[str, Any], Callable[[str], str]]:
     """``(schema_to_send, unwrap)``: an object-root schema is returned as is with an identity
     ``unwrap``; any other root is wrapped as the ``value`` property of an object, and ``unwrap``
     turns the reply text back into the text of the inner value, ready for ``parse``."""
     if _is_object_schema(schema):
         return schema, _unwrap_identity
-    inner = {k: v for k, v in schema.items() if k != "$defs"} if isinstance(schema, dict) else schema
+    inner = ({k: v for k, v in schema.items() if k != "$defs"} if isinstance(schema, dict)
+             else schema)
     wrapped = {"type": "object", "properties": {"value": _rebase_refs(inner)},
                "required": ["value"], "additionalProperties": False}
     if isinstance(schema, dict) and "$defs" in schema:
@@ -2483,7 +2526,8 @@ def _openai_strict_ok(schema: Any) -> bool:
             and totals["enum"] <= _OPENAI_MAX_ENUM_VALUES)
 
 
-def _strict_node_ok(schema: Any, nesting: int, totals: dict, is_root: bool = False) -> bool:
+def _strict_node_ok(schema: Any, nesting: int, totals: dict[str, int],
+                    is_root: bool = False) -> bool:
     if not isinstance(schema, dict) or nesting > _OPENAI_MAX_NESTING:
         return False
     if not set(schema) <= _OPENAI_STRICT_KEYWORDS or ("$defs" in schema and not is_root):
@@ -2627,6 +2671,7 @@ async def _run_blocking(fn: Callable[[_Abort], _T]) -> _T:
     abort = _Abort()
 
     def job() -> None:
+        value: Any
         try:
             ok, value = True, fn(abort)
         except BaseException as exc:  # handed to the awaiting task
@@ -2676,11 +2721,12 @@ class _Channel:
                 raise _Aborted()
 
     async def get(self) -> Any:
+        waiter = None
         with self._lock:
             if not self._items:
-                self._waiter = self._loop.create_future()
-        if self._waiter is not None:
-            await self._waiter
+                waiter = self._waiter = self._loop.create_future()
+        if waiter is not None:
+            await waiter
         with self._lock:
             item = self._items.popleft()
             if len(self._items) < self._LIMIT // 2:
@@ -2688,7 +2734,8 @@ class _Channel:
         return item
 
 
-async def _aiter_blocking(produce: Callable[[_Abort], Iterator[list[_T]]]) -> AsyncIterator[_T]:
+async def _aiter_blocking(produce: Callable[[_Abort], Generator[list[_T], None, None]]
+                          ) -> AsyncIterator[_T]:
     """Items of the batches ``produce(abort)`` yields on a worker, as an async iterator.
 
     ``break``, ``aclose()`` or cancelling the consumer aborts the worker, which
@@ -2701,21 +2748,21 @@ async def _aiter_blocking(produce: Callable[[_Abort], Iterator[list[_T]]]) -> As
 
     def job() -> None:
         batches = produce(abort)
+        last: Any = end
         try:
             for batch in batches:
                 channel.put(batch, abort)
-            batches.close()
-            abort.detach()
-            channel.put(end, abort)
         except _Aborted:
             return
-        except BaseException as exc:
-            try:
-                channel.put(exc, abort)
-            except _Aborted:
-                pass
+        except BaseException as exc:  # handed to the consumer
+            last = exc
         finally:
             batches.close()
+        abort.detach()  # the connection may be back in the pool: out of the abort's reach
+        try:
+            channel.put(last, abort)
+        except _Aborted:
+            pass
 
     _workers.submit(job)
     try:
@@ -2740,7 +2787,7 @@ def _iter_blocking(agen: AsyncIterator[_T]) -> Iterator[_T]:
     try:
         while True:
             try:
-                yield asyncio.run_coroutine_threadsafe(agen.__anext__(), loop).result()
+                yield asyncio.run_coroutine_threadsafe(_next_item(agen), loop).result()
             except StopAsyncIteration:
                 return
     finally:
@@ -2750,6 +2797,10 @@ def _iter_blocking(agen: AsyncIterator[_T]) -> Iterator[_T]:
         loop.call_soon_threadsafe(loop.stop)
         runner.join(timeout=5)
         loop.close()
+
+
+async def _next_item(agen: AsyncIterator[_T]) -> _T:
+    return await agen.__anext__()
 
 
 def _run_coroutine(coro: Any) -> Any:
@@ -2801,11 +2852,21 @@ def _redact_url(url: str) -> str:
     return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
-@functools.lru_cache(maxsize=4)
 def _ssl_context(cafile: str | None = None) -> ssl.SSLContext:
-    """The default TLS context (honours SSL_CERT_FILE / SSL_CERT_DIR), built once."""
+    """The default TLS context, honouring SSL_CERT_FILE / SSL_CERT_DIR; built once per setting."""
+    return _ssl_context_cached(cafile, _env("SSL_CERT_FILE"), _env("SSL_CERT_DIR"))
+
+
+@functools.lru_cache(maxsize=8)
+def _ssl_context_cached(cafile: str | None, env_file: str | None,
+                        env_dir: str | None) -> ssl.SSLContext:
     import ssl
-    return ssl.create_default_context(cafile=cafile)
+    context = ssl.create_default_context(cafile=cafile)
+    if env_file or env_dir:
+        # OpenSSL reads these when the defaults load; load them again explicitly so they
+        # work on every platform's Python (some builds load a bundled store instead).
+        context.load_verify_locations(cafile=env_file, capath=env_dir)
+    return context
 
 
 def _proxy_for(scheme: str, host: str) -> str | None:
@@ -2861,7 +2922,7 @@ _pool = _Pool()
 class _Connection:
     """One exchange on a (maybe reused) connection; returns it to the pool when clean."""
 
-    __slots__ = ("key", "conn", "response", "reused")
+    __slots__ = ("conn", "key", "response", "reused")
 
     def __init__(self, req: _Request, abort: _Abort | None, fresh: bool = False) -> None:
         import http.client
@@ -3012,7 +3073,7 @@ def _backoff(attempt: int, retry_after: float | None) -> float:
     import random
     if retry_after is not None and 0 <= retry_after <= 60:
         return retry_after
-    return min(0.5 * 2 ** attempt, 8.0) * (1 - 0.25 * random.random())
+    return float(min(0.5 * 2 ** attempt, 8.0) * (1 - 0.25 * random.random()))
 
 
 def _redirected(req: _Request, status: int, location: str) -> _Request:
@@ -3235,13 +3296,12 @@ def _json_frame(frame: bytes) -> Any:
 
 
 def _stream_batches(req: _Request, decoder: _SSEDecoder | _NDJSONDecoder, state: _StreamState,
-                    abort: _Abort | None) -> Iterator[list[StreamChunk]]:
+                    abort: _Abort | None) -> Generator[list[StreamChunk], None, None]:
     """Read a streamed reply, yielding chunks as each read decodes them.
 
     ``timeout`` bounds every read, and also the time between meaningful events,
     so a server that sends only keep-alive pings still times out.
     """
-    import socket
     exchange = _open(req, abort)
     resp = exchange.response
     clean = False
@@ -3251,7 +3311,7 @@ def _stream_batches(req: _Request, decoder: _SSEDecoder | _NDJSONDecoder, state:
         while True:
             try:
                 data = resp.read1(65536)
-            except (socket.timeout, TimeoutError):
+            except TimeoutError:
                 raise APITimeoutError(f"no data for {req.timeout:g}s from "
                                       f"{_redact_url(req.url)}") from None
             except (OSError, _http_exception()) as exc:
@@ -3342,7 +3402,7 @@ def _check_address(host: str, port: int, allow_private: bool) -> list[str]:
         ip = ipaddress.ip_address(address)
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
             ip = ip.ipv4_mapped
-        if not allow_private and not ip.is_global or ip.is_multicast or ip.is_unspecified:
+        if (not allow_private and not ip.is_global) or ip.is_multicast or ip.is_unspecified:
             raise ImageFetchError(
                 f"refusing to fetch an image from {host!r}: it resolves to {ip}, which is "
                 "not a public address (pass allow_private_image_urls=True for images on "
@@ -3495,7 +3555,8 @@ def convert_tool_calls_from_openai(tool_calls: Iterable[Any]) -> list[AssistantT
             id=_get(call, "id") or _new_call_id(),
             function=AssistantToolCallFunction(
                 name=_get(function, "name") or "",
-                arguments=arguments if isinstance(arguments, str) else json.dumps(arguments or {}))))
+                arguments=arguments if isinstance(arguments, str)
+                else json.dumps(arguments or {}))))
     return out
 
 
@@ -3661,7 +3722,7 @@ def _messages_to_ollama(messages: list[ChatMessage], allow_private: bool = False
     urls = _image_urls(checked)
     fetched = _parallel([functools.partial(_fetch_image_blocking, url, timeout,
                                            MAX_IMAGE_SIZE, allow_private) for url in urls])
-    images = {url: data for url, (data, _) in zip(urls, fetched)}
+    images = {url: data for url, (data, _) in zip(urls, fetched, strict=True)}
     return [_message_to_ollama(m, images) for m in checked]
 
 
@@ -3913,7 +3974,9 @@ def _reply_from_anthropic(body: Any, fmt: _ResponseFormat
     blocks = body.get("content") or []
     text = "".join(b.get("text", "") for b in blocks if b.get("type") == "text")
     uses = [b for b in blocks if b.get("type") == "tool_use"]
-    reason = _STOP_REASONS_ANTHROPIC.get(body.get("stop_reason"), body.get("stop_reason"))
+    raw_reason = body.get("stop_reason")
+    reason = _STOP_REASONS_ANTHROPIC.get(raw_reason, raw_reason) if isinstance(
+        raw_reason, str) else None
     answer = [b for b in uses if b.get("name") == _ANSWER_TOOL] if fmt.kind == "schema" else []
     if answer:
         unwrap = _wrap_root(fmt.schema or {})[1]
@@ -4048,7 +4111,7 @@ class _HTTPClient:
     parser; the request is built once and used by ``_chat`` and ``_stream`` alike.
     """
 
-    _decoder: ClassVar[Callable[[], _SSEDecoder | _NDJSONDecoder]] = _SSEDecoder
+    _decoder: ClassVar[type[_SSEDecoder | _NDJSONDecoder]] = _SSEDecoder
     _endpoint: str
 
     def __init__(self, *, timeout: float, max_retries: int, extra_kwargs: dict[str, Any] | None,
@@ -4074,7 +4137,8 @@ class _HTTPClient:
             **(default_headers or {})}
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(url={_redact_url(self._endpoint)!r}, timeout={self.timeout:g})"
+        return (f"{type(self).__name__}(url={_redact_url(self._endpoint)!r}, "
+                f"timeout={self.timeout:g})")
 
     def _body(self, model: str, messages: list[ChatMessage], fmt: _ResponseFormat,
               max_tokens: int | None, tools: list[Tool] | None, temperature: float | None,
@@ -4117,7 +4181,7 @@ class _HTTPClient:
         return self._parse(body, fmt)
 
     def _stream_blocking(self, abort: _Abort | None, args: _CallArgs,
-                         extra: dict[str, Any]) -> Iterator[list[StreamChunk]]:
+                         extra: dict[str, Any]) -> Generator[list[StreamChunk], None, None]:
         req, fmt = self._build_request(args, extra, stream=True)
         return _stream_batches(req, self._decoder(), self._stream_state(fmt), abort)
 
@@ -4326,7 +4390,8 @@ class OllamaClient(_HTTPClient):
         return _OllamaStream()
 
 
-_Reply = Union[str, AssistantMessage, tuple, list, BaseException, type]
+_Reply = Union[str, AssistantMessage, "tuple[Any, ...]", "list[StreamChunk]", BaseException,
+               "type[BaseException]"]
 
 
 class ScriptedClient:
@@ -4373,7 +4438,7 @@ class ScriptedClient:
         else:
             raise CasualLLMError(f"ScriptedClient has no reply left for call #{len(self.calls)}; "
                                  "queue more with .add(...)")
-        if isinstance(reply, BaseException) or isinstance(reply, type):
+        if isinstance(reply, (BaseException, type)):
             raise reply
         if isinstance(reply, list):
             final = reply[-1] if reply else _chunk("")
@@ -4626,7 +4691,8 @@ def _provider(value: Any) -> Provider:
 class ClientConfig:
     """How to build a client: provider, URL, key, timeout, extras.
 
-    ``provider`` may be a ``Provider`` or its name in any case. Without ``api_key``,
+    ``provider`` may be a ``Provider`` or its name in any case; ``ca_bundle`` is a
+    file of CA certificates to trust (a corporate proxy's). Without ``api_key``,
     ``name="open-router"`` reads ``OPEN_ROUTER_API_KEY``, else the provider's own
     variable (``OPENAI_API_KEY``...). The repr never shows the key.
     """
@@ -4638,10 +4704,11 @@ class ClientConfig:
     extra_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     name: str | None = None
     max_retries: int = 2
+    ca_bundle: str | None = None
 
     def __post_init__(self) -> None:
         self.provider = _provider(self.provider)
-        for field in ("base_url", "api_key", "name"):
+        for field in ("base_url", "api_key", "name", "ca_bundle"):
             _check_str("ClientConfig", field, getattr(self, field), optional=True)
         _check_number("ClientConfig", "timeout", self.timeout, optional=False, minimum=0.001)
         _check_int("ClientConfig", "max_retries", self.max_retries, optional=False)
@@ -4651,7 +4718,8 @@ class ClientConfig:
     def __repr__(self) -> str:
         return (f"ClientConfig(provider={self.provider}, base_url={self.base_url!r}, "
                 f"api_key={_mask(self.api_key)}, timeout={self.timeout}, "
-                f"extra_kwargs={self.extra_kwargs!r}, name={self.name!r})")
+                f"extra_kwargs={self.extra_kwargs!r}, name={self.name!r}, "
+                f"max_retries={self.max_retries}, ca_bundle={self.ca_bundle!r})")
 
     def resolved_api_key(self) -> str | None:
         """``api_key``, else ``<NAME>_API_KEY`` when ``name`` is set, else ``None``."""
@@ -4677,22 +4745,29 @@ class ModelConfig:
             _fail("ModelConfig", "extra_kwargs", "a dict", self.extra_kwargs)
 
 
+def _client_options(config: ClientConfig) -> dict[str, Any]:
+    """The constructor arguments every client takes, from a config."""
+    context = None
+    if config.ca_bundle:
+        try:
+            context = _ssl_context(config.ca_bundle)
+        except OSError as exc:  # ssl.SSLError is an OSError too
+            raise ConfigurationError(f"ca_bundle {config.ca_bundle!r}: {exc}") from exc
+    return {"api_key": config.resolved_api_key(), "timeout": config.timeout,
+            "extra_kwargs": config.extra_kwargs or None, "max_retries": config.max_retries,
+            "ssl_context": context}
+
+
 def _build_openai(config: ClientConfig) -> OpenAIClient:
-    return OpenAIClient(api_key=config.resolved_api_key(), base_url=config.base_url,
-                        timeout=config.timeout, extra_kwargs=config.extra_kwargs or None,
-                        max_retries=config.max_retries)
+    return OpenAIClient(base_url=config.base_url, **_client_options(config))
 
 
 def _build_anthropic(config: ClientConfig) -> AnthropicClient:
-    return AnthropicClient(api_key=config.resolved_api_key(), base_url=config.base_url,
-                           timeout=config.timeout, extra_kwargs=config.extra_kwargs or None,
-                           max_retries=config.max_retries)
+    return AnthropicClient(base_url=config.base_url, **_client_options(config))
 
 
 def _build_ollama(config: ClientConfig) -> OllamaClient:
-    return OllamaClient(host=config.base_url, timeout=config.timeout,
-                        api_key=config.resolved_api_key(),
-                        extra_kwargs=config.extra_kwargs or None, max_retries=config.max_retries)
+    return OllamaClient(host=config.base_url, **_client_options(config))
 
 
 _CLIENT_BUILDERS: dict[Provider, Callable[[ClientConfig], _HTTPClient]] = {
@@ -4721,11 +4796,767 @@ def create_model(client: LLMClient, config: ModelConfig) -> Model:
 
 
 # === 14. Command line ========================================================
+# ``python -m casual_llm``: a prompt in, one answer out; at a terminal, a chat.
+# stdout carries the replies and nothing else (prompts, notes, usage and errors
+# go to stderr), so output pipes cleanly. argparse, readline and socket load
+# inside the functions that need them: ``--help`` and ``--version`` stay fast.
+
+if typing.TYPE_CHECKING:  # pragma: no cover
+    import argparse
+
+_DEFAULT_MODELS: dict[Provider, str] = {
+    Provider.OLLAMA: "llama3.2",
+    Provider.OPENAI: "gpt-4o-mini",
+    Provider.ANTHROPIC: "claude-haiku-4-5",
+}
+_KEY_VARIABLES: dict[Provider, str] = {
+    Provider.OPENAI: "OPENAI_API_KEY",
+    Provider.ANTHROPIC: "ANTHROPIC_API_KEY",
+    Provider.OLLAMA: "OLLAMA_API_KEY",
+}
+_ENVIRONMENT: dict[str, str] = {
+    "CASUAL_LLM_MODEL": "the model when -m is not given: PROVIDER:MODEL or a bare name",
+    "CASUAL_LLM_PROVIDER": "the provider of bare model names (default: CASUAL_LLM_MODEL's)",
+    "CASUAL_LLM_BASE_URL": "the server of that provider (openai when none is named)",
+    "OPENAI_API_KEY, OPENAI_BASE_URL": "OpenAI, or any OpenAI-compatible server",
+    "ANTHROPIC_API_KEY, ANTHROPIC_BASE_URL": "Anthropic",
+    "OLLAMA_HOST, OLLAMA_API_KEY": f"Ollama (default {OLLAMA_HOST})",
+    "HTTPS_PROXY, HTTP_PROXY, NO_PROXY": "proxies",
+    "NO_COLOR": "no colour in the chat",
+    "CASUAL_LLM_HISTORY": "the chat's line history file (default ~/.casual_llm_history)",
+}
+_EXIT_STATUSES: dict[int, str] = {
+    0: "success",
+    1: "provider or network error, or a reply that breaks --schema",
+    2: "usage or configuration error",
+    130: "interrupted (Ctrl-C)",
+    141: "stdout was closed early (broken pipe)",
+}
+# First match wins: configuration errors are also CasualLLMErrors.
+_EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (ConfigurationError, 2), (ValidationError, 2), (CasualLLMError, 1), (OSError, 1))
+_EXAMPLES = """\
+examples:
+  # one answer, streamed (a local Ollama unless CASUAL_LLM_MODEL says otherwise)
+  %(prog)s "Why is the sky blue?"
+  # a chat: no prompt, at a terminal (/help lists its commands)
+  %(prog)s -m openai:gpt-4o-mini
+  # piped stdin is the prompt, before any words
+  git diff | %(prog)s -s "You review code." "Any bugs?"
+  # an image, to Anthropic
+  %(prog)s -m anthropic:claude-haiku-4-5 -a cat.jpg "What is this?"
+  # any OpenAI-compatible server (llama.cpp, vLLM, LM Studio...)
+  %(prog)s --base-url http://localhost:8080/v1 "Hi"
+  # JSON checked against a schema; exit 1 when it does not match
+  %(prog)s --schema '{"type": "object", "required": ["name"]}' "Name a cat, as JSON"
+  # the request, printed and not sent
+  %(prog)s --dry-run -o seed=1 "Hi"
+"""
+_NO_OLLAMA = """\
+no Ollama at {url} ({reason}); it is the provider when none is configured.
+Start Ollama (https://ollama.com, then: ollama pull {model}), or choose a provider:
+{choices}
+Set CASUAL_LLM_MODEL (e.g. openai:{openai}) to make a choice the default."""
+_PROMPT, _MORE = ">>> ", "... "
+_FENCE = '"""'  # multi-line chat input starts and ends with it, as in ``ollama run``
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The ``python -m casual_llm`` command line; returns the exit code."""
-    raise NotImplementedError
+    """The ``python -m casual_llm`` command line; returns the exit code.
+
+    ``argv`` defaults to ``sys.argv[1:]``; ``--help`` lists the options and the
+    exit codes: 0 success, 1 provider or network error, 2 usage or configuration
+    error, 130 interrupted.
+    """
+    prog = _prog()
+    try:
+        opts = _parser(prog).parse_intermixed_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors: argparse printed them
+        return exc.code if isinstance(exc.code, int) else 2
+    level = logger.level
+    handler = _debug_logging(sys.stderr) if opts.debug else None
+    session = None
+    try:
+        session = _Session(opts, prog)
+        return session.run()
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        _silence(sys.stdout)
+        return 141
+    except Exception as exc:
+        return _report(exc, opts, prog, session)
+    finally:
+        if handler is not None:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+
+
+def _prog() -> str:
+    """The name in messages: the installed ``casual-llm`` script, else ``python -m casual_llm``."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name.startswith("casual") and not name.endswith(".py") else (
+        "python -m casual_llm")
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    import argparse
+    env = "\n".join(f"  {name:<38} {text}" for name, text in _ENVIRONMENT.items())
+    codes = "\n".join(f"  {code:<4} {text}" for code, text in _EXIT_STATUSES.items())
+    parser = argparse.ArgumentParser(
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Ask OpenAI, Anthropic or Ollama: one answer for a prompt, or a chat "
+                    "when run at a terminal without one. API keys come from the environment.",
+        epilog=f"{_EXAMPLES}\n\nenvironment:\n{env}\n\nexit status:\n{codes}")
+    parser.add_argument("prompt", nargs="*", help="the prompt (after piped stdin, if any)")
+    group = parser.add_argument_group("model")
+    group.add_argument("-m", "--model", metavar="[PROVIDER:]MODEL",
+                       help="openai:gpt-4o-mini, anthropic:..., ollama:llama3.2, or a bare name "
+                            "for the default provider (CASUAL_LLM_MODEL; else a local Ollama)")
+    group.add_argument("--base-url", metavar="URL",
+                       help="the server: an OpenAI-compatible one (the provider then defaults "
+                            "to openai) or an Ollama host")
+    group.add_argument("--api-key-env", metavar="NAME",
+                       help="read the API key from this environment variable (keys are never "
+                            "flags)")
+    group = parser.add_argument_group("prompt")
+    group.add_argument("-s", "--system", metavar="TEXT", help="a system prompt")
+    group.add_argument("-a", "--attach", action="append", default=[], metavar="PATH|URL|-",
+                       help="attach an image (repeatable; - reads it from stdin)")
+    group.add_argument("-f", "--file", dest="files", action="append", default=[],
+                       metavar="FILE", help="inline a text file into the prompt (repeatable)")
+    group.add_argument("-t", "--temperature", type=_at_least(float, 0), metavar="T",
+                       help="sampling temperature (the provider's default otherwise)")
+    group.add_argument("--max-tokens", type=_at_least(int, 1), metavar="N",
+                       help="the longest reply, in tokens")
+    group.add_argument("-o", "--option", dest="options", action="append", default=[],
+                       type=_option, metavar="KEY=VALUE",
+                       help="a provider extra such as seed=1 or top_p=0.9 (VALUE is JSON "
+                            "when it parses as JSON; repeatable)")
+    formats = group.add_mutually_exclusive_group()
+    formats.add_argument("--json", action="store_true", help="ask for JSON and check it")
+    formats.add_argument("--schema", metavar="FILE|JSON",
+                         help="ask for JSON matching this JSON Schema; exit 1 when it does not")
+    _output_options(parser.add_argument_group("output"))
+    _network_options(parser.add_argument_group("network"))
+    parser.add_argument("--debug", action="store_true",
+                        help="log requests and show tracebacks (keys stay redacted)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def _output_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--no-stream", dest="stream", action="store_false",
+                       help="print the reply when it is complete")
+    group.add_argument("-u", "--usage", action="store_true",
+                       help="print token usage (this reply and the session) to stderr")
+    group.add_argument("--output-json", action="store_true",
+                       help="print one JSON record: model, content, finish_reason, usage")
+    group.add_argument("-i", "--interactive", action="store_true",
+                       help="continue as a chat after the first answer; turns come from stdin")
+
+
+def _network_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--timeout", type=_at_least(float, 0.001), default=60.0,
+                       metavar="SECONDS", help="per connect and per read (default: 60)")
+    group.add_argument("--retries", type=_at_least(int, 0), default=2, metavar="N",
+                       help="retries of failed connections and 429/5xx replies (default: 2)")
+    group.add_argument("--ca-bundle", metavar="FILE", help="trust these CA certificates")
+    group.add_argument("--dry-run", action="store_true",
+                       help="print the request (URL, headers with keys redacted, JSON body) "
+                            "and send nothing")
+
+
+def _at_least(kind: type[int | float], minimum: float) -> Callable[[str], float]:
+    """An argparse type: a number of ``kind`` no smaller than ``minimum``."""
+    def parse(text: str) -> float:
+        import argparse
+        value = kind(text)  # ValueError: argparse says "invalid float value"
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE read as JSON when it is JSON (``seed=1``), else as text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        import argparse
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except ValueError:
+        return key.strip(), value
+
+
+@dataclasses.dataclass(frozen=True)
+class _Target:
+    """A provider, a model and where to reach it."""
+
+    provider: Provider
+    model: str
+    base_url: str | None = None
+    key_env: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.provider.value}:{self.model}"
+
+    @property
+    def default_ollama(self) -> bool:
+        """The local Ollama that answers when nothing names a server."""
+        return (self.provider is Provider.OLLAMA and self.base_url is None
+                and _env("OLLAMA_HOST") is None)
+
+
+def _split_model(spec: str) -> tuple[Provider | None, str]:
+    """``PROVIDER:MODEL`` -> (provider, model); a bare provider name -> (provider, "").
+
+    Anything else is a bare model name, so Ollama tags (``llama3.2:3b``) keep their colon.
+    """
+    head, sep, tail = spec.partition(":")
+    try:
+        provider = Provider(head)
+    except ValueError:
+        return None, spec
+    return provider, tail.strip() if sep else ""
+
+
+def _initial_target(opts: argparse.Namespace) -> _Target:
+    """The provider: -m's prefix, else CASUAL_LLM_PROVIDER, else CASUAL_LLM_MODEL's prefix,
+    else openai for a --base-url, else Ollama. CASUAL_LLM_BASE_URL goes with the provider
+    the environment configures; --base-url with whichever is chosen."""
+    env_provider, env_model = _split_model(_env("CASUAL_LLM_MODEL") or "")
+    named = _env("CASUAL_LLM_PROVIDER")
+    configured = _provider(named) if named else env_provider
+    env_url = _env("CASUAL_LLM_BASE_URL")
+    default = configured or (Provider.OPENAI if env_url or opts.base_url else Provider.OLLAMA)
+    provider, model = _split_model(opts.model) if opts.model else (env_provider, env_model)
+    provider = provider or default
+    base_url = opts.base_url or (env_url if provider is default else None)
+    return _Target(provider, model or _DEFAULT_MODELS[provider], base_url, opts.api_key_env)
+
+
+def _connect(target: _Target, opts: argparse.Namespace) -> tuple[_HTTPClient, Model]:
+    """The client and model for ``target``, through the same registry as ``create_client``."""
+    key = None
+    if target.key_env:
+        key = _env(target.key_env)
+        if key is None:
+            raise ConfigurationError(f"--api-key-env {target.key_env}: that environment "
+                                     "variable is not set")
+    if opts.ca_bundle and not os.path.isfile(opts.ca_bundle):
+        raise ConfigurationError(f"--ca-bundle {opts.ca_bundle!r}: no such file")
+    config = ClientConfig(provider=target.provider, base_url=target.base_url, api_key=key,
+                          timeout=opts.timeout, max_retries=opts.retries,
+                          ca_bundle=opts.ca_bundle)
+    client = _CLIENT_BUILDERS[target.provider](config)
+    model = Model(client, target.model, temperature=opts.temperature,
+                  extra_kwargs=dict(opts.options))
+    return client, model
+
+
+def _check_ollama(timeout: float, model: str) -> None:
+    """Fail fast, with how to configure a provider, when the default Ollama is not there."""
+    import socket
+    from urllib.parse import urlsplit
+    url = _ollama_host(None)
+    parts = urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname or "localhost", parts.port or 80),
+                                 timeout=min(timeout, 3.0)).close()
+    except OSError as exc:
+        choices = [(f"-m {p.value}:{_DEFAULT_MODELS[p]}", f"with {_KEY_VARIABLES[p]} set")
+                   for p in (Provider.OPENAI, Provider.ANTHROPIC)]
+        choices.append(("--base-url URL", "an OpenAI-compatible server"))
+        raise ConfigurationError(_NO_OLLAMA.format(
+            url=url, reason=exc.strerror or exc, model=model,
+            choices="\n".join(f"  {flag:<32} {text}" for flag, text in choices),
+            openai=_DEFAULT_MODELS[Provider.OPENAI])) from None
+
+
+def _response_format(opts: argparse.Namespace) -> Any:
+    """``"text"``, ``"json"`` or the --schema dict (compiled now, so a bad one is a usage error)."""
+    if opts.json:
+        return "json"
+    if opts.schema is None:
+        return "text"
+    text = opts.schema
+    try:
+        if not text.lstrip().startswith("{"):
+            with open(text, encoding="utf-8") as f:
+                text = f.read()
+        schema = json.loads(text)
+        if isinstance(schema, dict):
+            _resolve_response_format(schema)
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(f"--schema: {exc}") from exc
+    if not isinstance(schema, dict):
+        raise ConfigurationError(f"--schema: a JSON Schema is an object, got {_short(schema)}")
+    return schema
+
+
+def _image(arg: str, stdin: typing.TextIO) -> ImageContent:
+    """An image from a path, a URL or ``-`` (stdin's bytes)."""
+    try:
+        if arg == "-":
+            data = stdin.buffer.read()
+            if _sniff_media_type_bytes(data) is None:
+                raise ValueError("stdin is not a PNG, JPEG, GIF or WebP image")
+            return ImageContent.from_bytes(data)
+        if arg.startswith(("http://", "https://", "data:")):
+            return ImageContent(source=arg)
+        return ImageContent.from_path(arg)
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(f"--attach {arg!r}: {exc}") from exc
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(f"--file {path!r}: {exc}") from exc
+
+
+def _user_message(text: str, images: list[ImageContent]) -> UserMessage:
+    if not images:
+        return UserMessage(content=text)
+    parts: list[TextContent | ImageContent] = [TextContent(text=text)] if text else []
+    return UserMessage(content=[*parts, *images])
+
+
+def _usage_text(usage: Usage | None) -> str:
+    if usage is None:
+        return "not reported"
+    return (f"{usage.prompt_tokens} in + {usage.completion_tokens} out = "
+            f"{usage.total_tokens} tokens")
+
+
+class _Session:
+    """One run: the model, the conversation, and where text goes."""
+
+    def __init__(self, opts: argparse.Namespace, prog: str) -> None:
+        self.opts, self.prog = opts, prog
+        self.stdin, self.out, self.err = sys.stdin, sys.stdout, sys.stderr
+        self.initial = self.target = _initial_target(opts)
+        self.format = _response_format(opts)
+        self.client, self.model = _connect(self.target, opts)
+        self.streaming = opts.stream and self.format == "text" and not opts.output_json
+        self.system: str | None = opts.system
+        self.history: list[ChatMessage] = []
+        self.pending: list[ImageContent] = []  # /attach: images for the next message
+        self.last_user: UserMessage | None = None
+        self.last_usage: Usage | None = None
+        self.total = Usage(prompt_tokens=0, completion_tokens=0)
+        self.done = False
+        self.interactive = self.stdin.isatty()
+        self.color = _env("NO_COLOR") is None and os.environ.get("TERM") != "dumb"
+        self.readline = False
+
+    def run(self) -> int:
+        images = [_image(arg, self.stdin) for arg in self.opts.attach]
+        text = self._prompt_text()
+        chat = self.opts.interactive or (text is None and self.interactive)
+        if text is None and (not chat or self.opts.dry_run):
+            raise ConfigurationError("no prompt: give it as arguments or on stdin, or run at "
+                                     "a terminal for a chat (--help shows how)")
+        if chat and self.opts.output_json:
+            raise ConfigurationError("--output-json prints one answer: give a prompt, not -i")
+        first = None if text is None else _user_message(text, images)
+        if first is not None and self.opts.dry_run:
+            return self._dry_run(first)
+        if self.target.default_ollama:
+            _check_ollama(self.opts.timeout, self.target.model)
+        if not chat:
+            assert first is not None
+            self._one_shot(first)
+            return 0
+        self.pending = [] if first is not None else images
+        return self._chat(first)
+
+    def _prompt_text(self) -> str | None:
+        """Piped stdin first, then -f files, then the prompt words; ``None`` when empty."""
+        parts = []
+        reads_stdin = not (self.opts.interactive or self.interactive or "-" in self.opts.attach)
+        if reads_stdin:
+            try:
+                parts.append(self.stdin.read().rstrip())
+            except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+                raise ConfigurationError(f"could not read stdin: {exc}") from exc
+        parts += [_read_text(path).rstrip() for path in self.opts.files]
+        parts.append(" ".join(self.opts.prompt))
+        text = "\n\n".join(part for part in parts if part.strip())
+        return text or None
+
+    def _messages(self) -> list[ChatMessage]:
+        system: list[ChatMessage] = [SystemMessage(content=self.system)] if self.system else []
+        return system + self.history
+
+    # -- one answer ------------------------------------------------------------
+
+    def _one_shot(self, user: UserMessage) -> None:
+        reply = self._answer(user)
+        if self.opts.output_json:
+            record: dict[str, Any] = {"model": str(self.target), "content": reply.content}
+            if self.format != "text":
+                record["parsed"] = reply.parsed
+            record["finish_reason"] = reply.finish_reason
+            record["usage"] = self.last_usage.to_dict() if self.last_usage else None
+            self._write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def _answer(self, user: UserMessage) -> AssistantMessage:
+        """Send the conversation plus ``user``, show the reply, keep both in the history."""
+        self.last_user = user
+        pieces: list[str] = []
+        try:
+            reply = self._reply([*self._messages(), user], pieces)
+        except KeyboardInterrupt:
+            if pieces:  # the history keeps what the screen shows
+                self.history += [user, AssistantMessage(content="".join(pieces))]
+            raise
+        self.history += [user, reply]
+        self.last_usage = self.model.get_usage()
+        if self.last_usage is not None:
+            self.total = self.total + self.last_usage
+        if reply.finish_reason == "length":
+            self._note("(the reply stopped at the token limit; see --max-tokens)")
+        if self.opts.usage:
+            self._note(f"usage: {_usage_text(self.last_usage)}; "
+                       f"session: {_usage_text(self.total)}")
+        return reply
+
+    def _reply(self, messages: list[ChatMessage], pieces: list[str]) -> AssistantMessage:
+        max_tokens = self.opts.max_tokens
+        if not self.streaming:
+            reply = self.model.chat_sync(messages, response_format=self.format,
+                                         max_tokens=max_tokens)
+            if not self.opts.output_json:
+                text = ((reply.content or "") if self.format == "text" else
+                        json.dumps(reply.parsed, ensure_ascii=False, indent=2))
+                self._write(text if text.endswith("\n") else text + "\n")
+            return reply
+        chunks = self.model.stream_sync(messages, max_tokens=max_tokens)
+        reason = None
+        try:
+            for chunk in chunks:
+                if chunk.content:
+                    pieces.append(chunk.content)
+                    self._write(chunk.content)
+                reason = chunk.finish_reason or reason
+        except BaseException:
+            if pieces and not pieces[-1].endswith("\n"):
+                self._write("\n")
+            raise
+        finally:
+            close = getattr(chunks, "close", None)  # a Ctrl-C between chunks: close the socket
+            if close is not None:
+                close()
+        if not pieces or not pieces[-1].endswith("\n"):
+            self._write("\n")
+        return AssistantMessage(content="".join(pieces), finish_reason=reason)
+
+    def _dry_run(self, user: UserMessage) -> int:
+        # Model._call is what chat and stream hand the client, extras merged and checked.
+        call = self.model._call([*self._messages(), user], self.format, self.opts.max_tokens,
+                                None, None, {})
+        call.pop("stream", None)  # an -o stream=... extra is ignored when sending too
+        request = self.client._dry_run(**call, stream=self.streaming)
+        if self.opts.output_json:
+            self._write(json.dumps(request, ensure_ascii=False, indent=2) + "\n")
+            return 0
+        lines = [f"{request['method']} {request['url']}",
+                 *(f"{name}: {value}" for name, value in request["headers"].items()), "",
+                 json.dumps(request["body"], ensure_ascii=False, indent=2)]
+        self._write("\n".join(lines) + "\n")
+        return 0
+
+    # -- output ----------------------------------------------------------------
+
+    def _write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+    def _paint(self, code: str, text: str, stream: typing.TextIO) -> str:
+        if not (self.color and stream.isatty()):
+            return text
+        if self.readline and stream is self.out:  # readline must not count escapes as width
+            return f"\001\x1b[{code}m\002{text}\001\x1b[0m\002"
+        return f"\x1b[{code}m{text}\x1b[0m"
+
+    def _note(self, text: str) -> None:
+        self.err.write(self._paint("2", text, self.err) + "\n")
+        self.err.flush()
+
+    def _error(self, exc: BaseException) -> None:
+        """An error inside a chat: one line, and the chat goes on."""
+        line = "error: " + _one_line(exc, self.opts.api_key_env)
+        self.err.write(self._paint("31", line, self.err) + "\n")
+        self.err.flush()
+
+    # -- chat --------------------------------------------------------------------
+
+    def _chat(self, first: UserMessage | None) -> int:
+        history_file = self._line_editing()
+        if self.interactive:
+            self._note(f"casual_llm {__version__}, chatting with {self.target}. /help for "
+                       f"commands, {_FENCE} for several lines, Ctrl-D to leave.")
+        try:
+            if first is not None:
+                self._chat_turn(first)
+            while not self.done:
+                try:
+                    text, block = self._read()
+                except EOFError:  # Ctrl-D
+                    if self.interactive:
+                        self.err.write("\n")
+                    break
+                except KeyboardInterrupt:
+                    self.err.write("\n")
+                    self._note("(Ctrl-D or /exit to leave)")
+                    continue
+                if not block and text.strip().startswith("/"):
+                    self._command(text.strip())
+                elif text.strip():
+                    images, self.pending = self.pending, []
+                    self._chat_turn(_user_message(text, images))
+        finally:
+            if history_file:
+                import readline
+                try:
+                    readline.write_history_file(history_file)
+                except OSError:
+                    pass
+        return 0
+
+    def _chat_turn(self, user: UserMessage) -> None:
+        try:
+            self._answer(user)
+        except KeyboardInterrupt:
+            self._note("(interrupted)")
+        except CasualLLMError as exc:
+            self._error(exc)
+
+    def _line_editing(self) -> str | None:
+        """readline editing and history at a terminal; returns the history file."""
+        if not (self.interactive and self.out.isatty()):
+            return None
+        try:
+            import readline
+        except ImportError:  # Windows without pyreadline: plain input()
+            return None
+        self.readline = True
+        path = _env("CASUAL_LLM_HISTORY") or os.path.expanduser("~/.casual_llm_history")
+        readline.set_history_length(1000)
+        try:
+            readline.read_history_file(path)
+        except OSError:
+            pass
+        return path
+
+    def _input(self, prompt: str) -> str:
+        if not self.interactive:
+            return input()
+        if self.out.isatty():
+            return input(self._paint("1;32", prompt, self.out))
+        self.err.write(prompt)  # stdout is redirected: it keeps only the replies
+        self.err.flush()
+        return input()
+
+    def _read(self) -> tuple[str, bool]:
+        """One message: a line, or the lines between two ``\"\"\"`` (whether it was a block)."""
+        line = self._input(_PROMPT)
+        if not line.lstrip().startswith(_FENCE):
+            return line, False
+        text, lines = line.lstrip()[len(_FENCE):], []
+        while not text.rstrip().endswith(_FENCE):
+            lines.append(text)
+            text = self._input(_MORE)
+        lines.append(text.rstrip()[:-len(_FENCE)])
+        return "\n".join(lines).strip("\n"), True
+
+    def _command(self, line: str) -> None:
+        name, _, arg = line.partition(" ")
+        entry = _CHAT_COMMANDS.get(name.lower())
+        if entry is None:
+            self._note(f"unknown command {name}; /help lists them (a message that starts "
+                       f"with / goes between {_FENCE} lines)")
+            return
+        try:
+            entry[0](self, arg.strip())
+        except (CasualLLMError, OSError, ValueError) as exc:
+            self._error(exc)
+
+    def _cmd_help(self, arg: str) -> None:
+        """list these commands"""
+        names: dict[Callable[[_Session, str], None], list[str]] = {}
+        for name, (handler, _) in _CHAT_COMMANDS.items():
+            names.setdefault(handler, []).append(name)
+        for handler, aliases in names.items():
+            usage = f"{', '.join(aliases)} {_CHAT_COMMANDS[aliases[0]][1]}".rstrip()
+            self._note(f"  {usage:<26} {handler.__doc__}")
+        self._note(f"  {_FENCE} ... {_FENCE:<18} a message of several lines\n"
+                   "  Ctrl-C stops a reply; Ctrl-D leaves.")
+
+    def _cmd_exit(self, arg: str) -> None:
+        """leave the chat (Ctrl-D too)"""
+        self.done = True
+
+    def _cmd_system(self, arg: str) -> None:
+        """show the system prompt, set it, or remove it (-)"""
+        if arg:
+            self.system = None if arg == "-" else arg
+        self._note(f"system: {self.system}" if self.system else "no system prompt")
+
+    def _cmd_model(self, arg: str) -> None:
+        """show the model, or switch to another"""
+        if arg:
+            provider, name = _split_model(arg)
+            provider = provider or self.target.provider
+            same = provider is self.initial.provider  # --base-url and --api-key-env go with it
+            target = _Target(provider, name or _DEFAULT_MODELS[provider],
+                             self.initial.base_url if same else None,
+                             self.initial.key_env if same else None)
+            self.client, self.model = _connect(target, self.opts)
+            self.target = target
+        self._note(f"model: {self.target}")
+
+    def _cmd_clear(self, arg: str) -> None:
+        """forget the conversation (the system prompt stays)"""
+        self.history, self.pending, self.last_user = [], [], None
+        self._note("(conversation cleared)")
+
+    def _cmd_attach(self, arg: str) -> None:
+        """attach an image to the next message"""
+        if arg:
+            self.pending.append(_image(arg, self.stdin))
+        self._note(f"{len(self.pending)} image(s) attached to the next message")
+
+    def _cmd_retry(self, arg: str) -> None:
+        """ask the last message again, for a new reply"""
+        user = self.last_user
+        if user is None:
+            self._note("nothing to retry")
+            return
+        for index in range(len(self.history) - 1, -1, -1):
+            if self.history[index] is user:
+                del self.history[index:]
+                break
+        self._chat_turn(user)
+
+    def _cmd_usage(self, arg: str) -> None:
+        """tokens of the last reply and of the session"""
+        self._note(f"last reply: {_usage_text(self.last_usage)}\n"
+                   f"session:    {_usage_text(self.total)}")
+
+    def _cmd_save(self, arg: str) -> None:
+        """save the conversation as JSON"""
+        if not arg:
+            raise ValueError("/save needs a file name")
+        data = {"model": str(self.target),
+                "messages": [m.to_dict(exclude_none=True) for m in self._messages()]}
+        with open(arg, "w", encoding="utf-8") as f:
+            json.dump(data, f, ensure_ascii=False, indent=2)
+        self._note(f"saved {len(self.history)} messages to {arg}")
+
+    def _cmd_load(self, arg: str) -> None:
+        """continue a conversation saved with /save"""
+        if not arg:
+            raise ValueError("/load needs a file name")
+        with open(arg, encoding="utf-8") as f:
+            data = json.load(f)
+        raw = data.get("messages") if isinstance(data, dict) else data
+        messages = _check_messages(raw if isinstance(raw, list) else None)
+        head = messages[0] if messages else None
+        system = head.content if isinstance(head, SystemMessage) else None
+        if system is not None:
+            messages = messages[1:]
+        self.system, self.history, self.last_user = system, messages, None
+        self._note(f"loaded {len(messages)} messages from {arg}")
+
+
+# Name -> (handler, its arguments); /help is built from this and the docstrings.
+_CHAT_COMMANDS: dict[str, tuple[Callable[[_Session, str], None], str]] = {
+    "/help": (_Session._cmd_help, ""),
+    "/exit": (_Session._cmd_exit, ""),
+    "/quit": (_Session._cmd_exit, ""),
+    "/bye": (_Session._cmd_exit, ""),
+    "/system": (_Session._cmd_system, "[TEXT|-]"),
+    "/model": (_Session._cmd_model, "[[PROVIDER:]MODEL]"),
+    "/clear": (_Session._cmd_clear, ""),
+    "/attach": (_Session._cmd_attach, "PATH|URL"),
+    "/retry": (_Session._cmd_retry, ""),
+    "/usage": (_Session._cmd_usage, ""),
+    "/save": (_Session._cmd_save, "FILE"),
+    "/load": (_Session._cmd_load, "FILE"),
+}
+
+
+def _one_line(exc: BaseException, key_env: str | None) -> str:
+    """An error as one line, with the provider's message and request id when it sent them."""
+    if isinstance(exc, SchemaValidationError) and exc.errors:
+        text = "the reply does not match the schema: " + "; ".join(
+            f"{path}: {message}" for path, message in exc.errors[:5])
+    else:
+        text = str(exc) or type(exc).__name__
+    if isinstance(exc, APIError):
+        if exc.provider_message and exc.provider_message not in text:
+            text += f": {exc.provider_message}"
+        if exc.request_id and exc.request_id not in text:
+            text += f" (request id {exc.request_id})"
+    return _scrub(" ".join(text.split()), key_env)
+
+
+def _scrub(text: str, key_env: str | None) -> str:
+    """``text`` without any key or token of the environment, should a server echo one."""
+    for name, value in os.environ.items():
+        if (name == key_env or name.endswith(("_KEY", "_TOKEN"))) and len(value) >= 6:
+            text = text.replace(value, "<redacted>")
+    return text
+
+
+def _report(exc: Exception, opts: argparse.Namespace, prog: str,
+            session: _Session | None) -> int:
+    """Print what failed (one line; a traceback with --debug) and return the exit code."""
+    code = next((c for cls, c in _EXIT_CODES if isinstance(exc, cls)), 1)
+    if opts.debug:
+        import traceback
+        sys.stderr.write(_scrub("".join(traceback.format_exception(exc)), opts.api_key_env))
+    if isinstance(exc, ConfigurationError):  # may span lines: it says how to fix things
+        message = _scrub(str(exc), opts.api_key_env)
+    else:
+        message = _one_line(exc, opts.api_key_env)
+        if not isinstance(exc, (CasualLLMError, OSError)):
+            message = f"{type(exc).__name__}: {message} (--debug shows the traceback)"
+    sys.stderr.write(f"{prog}: error: {message}\n")
+    if opts.output_json and session is not None:
+        record = {"type": type(exc).__name__, "message": message,
+                  "status_code": getattr(exc, "status_code", None),
+                  "request_id": getattr(exc, "request_id", None),
+                  "raw_text": getattr(exc, "raw_text", None)}
+        session._write(json.dumps({"model": str(session.target), "error": record},
+                                  ensure_ascii=False) + "\n")
+    return code
+
+
+def _debug_logging(stream: typing.TextIO) -> logging.Handler:
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("casual_llm: debug: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    return handler
+
+
+def _silence(stream: typing.TextIO) -> None:
+    """After a broken pipe, point stdout at /dev/null so the final flush stays quiet."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file: nothing to flush later
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, TypedDict, Union
+from typing import Any, Literal, Optional, TypedDict, Union
 
 import casual_llm
-from casual_llm import *  # noqa: F401,F403 - on purpose: a name missing from __all__ fails
+from casual_llm import *
 
 # Loopback servers only: never send test traffic through a proxy.
 os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
@@ -134,7 +134,7 @@ def _pieces(frame, reply):
                 break
         cuts = sorted(c for c in cuts if 0 < c < size)
     bounds = [0, *cuts, size]
-    return [frame[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [frame[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
 # === Server ===================================================================================
@@ -143,7 +143,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # each frame leaves as its own segment, no 40 ms stalls
 
-    def log_message(self, format, *args):  # noqa: A002 - the base class's name
+    def log_message(self, format, *args):
         pass
 
     def _serve(self):
@@ -326,9 +326,9 @@ class _Server(ThreadingHTTPServer):
             self.provider._untrack(threading.current_thread())
 
     def handle_error(self, request, client_address):
-        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
-            if not self.provider._closing.is_set():
-                self.provider.errors.append(traceback.format_exc())
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)) and \
+                not self.provider._closing.is_set():
+            self.provider.errors.append(traceback.format_exc())
 
 
 class FakeProvider:
@@ -340,7 +340,7 @@ class FakeProvider:
     problems (handler tracebacks, holds never released).
     """
 
-    def __init__(self, record=True):
+    def __init__(self, record=True, tls=None):
         self.requests = []
         self.errors = []
         self.default = None
@@ -355,7 +355,11 @@ class FakeProvider:
         self._closed = False
         self._server = _Server(self)
         self._server.timeout = 0.05
-        self.url = "http://127.0.0.1:%d" % self._server.server_address[1]
+        scheme = "http"
+        if tls is not None:  # an ssl.SSLContext: serve HTTPS
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
+            scheme = "https"
+        self.url = f"{scheme}://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._serve_loop, daemon=True,
                                         name="fakeprovider-serve")
         self._thread.start()
@@ -784,15 +788,7 @@ class TestLayout(unittest.TestCase):
 
     def test_upstream_names_exported(self):
         """Every name of upstream's __all__ (37) is exported, plus the image helpers."""
-        upstream = """__version__ ClientConfig ModelConfig Provider LLMClient OpenAIClient
-            AnthropicClient OllamaClient create_client create_model Model ChatMessage UserMessage
-            AssistantMessage SystemMessage ToolResultMessage AssistantToolCall
-            AssistantToolCallFunction StreamChunk TextContent ImageContent Tool ToolParameter
-            Usage tool_to_openai tools_to_openai tool_to_anthropic tools_to_anthropic
-            tool_to_ollama tools_to_ollama convert_messages_to_openai
-            convert_messages_to_anthropic convert_messages_to_ollama
-            convert_tool_calls_from_openai convert_tool_calls_from_anthropic
-            convert_tool_calls_from_ollama extract_system_message""".split()
+        upstream = ["__version__", "ClientConfig", "ModelConfig", "Provider", "LLMClient", "OpenAIClient", "AnthropicClient", "OllamaClient", "create_client", "create_model", "Model", "ChatMessage", "UserMessage", "AssistantMessage", "SystemMessage", "ToolResultMessage", "AssistantToolCall", "AssistantToolCallFunction", "StreamChunk", "TextContent", "ImageContent", "Tool", "ToolParameter", "Usage", "tool_to_openai", "tools_to_openai", "tool_to_anthropic", "tools_to_anthropic", "tool_to_ollama", "tools_to_ollama", "convert_messages_to_openai", "convert_messages_to_anthropic", "convert_messages_to_ollama", "convert_tool_calls_from_openai", "convert_tool_calls_from_anthropic", "convert_tool_calls_from_ollama", "extract_system_message"]
         self.assertEqual(len(upstream), 37)
         extras = ["fetch_image_as_base64", "strip_base64_prefix", "add_base64_prefix",
                   "ImageFetchError", "CasualLLMError"]
@@ -869,7 +865,7 @@ class TestMessages(unittest.TestCase):
         self.assertEqual(ImageContent(source=url).model_dump(),
                          {"type": "image", "source": url, "media_type": "image/jpeg"})
         with self.assertRaises(TypeError):
-            UserMessage("hi")  # noqa - positional, as pydantic refuses
+            UserMessage("hi")
         with self.assertRaises(TypeError):
             UserMessage()
         self.assertIsNone(UserMessage(content=None).content)
@@ -1035,15 +1031,15 @@ class TestTools(unittest.TestCase):
 
     def test_bad_tools(self):
         """Tool checks its fields."""
-        for kwargs, field in (({"name": "", "description": "d"}, "Tool.name"),
+        for kwargs, where in (({"name": "", "description": "d"}, "Tool.name"),
                               ({"name": "t", "description": None}, "Tool.description"),
                               ({"name": "t", "description": "d", "parameters": []},
                                "Tool.parameters"),
                               ({"name": "t", "description": "d", "required": "x"},
                                "Tool.required")):
-            with self.subTest(field=field):
-                with self.assertRaisesRegex(ValidationError, re.escape(field)):
-                    Tool(**kwargs)
+            with self.subTest(where=where), \
+                    self.assertRaisesRegex(ValidationError, re.escape(where)):
+                Tool(**kwargs)
 
     def test_from_function_google(self):
         """A Google-style docstring gives the description and parameter texts."""
@@ -1120,7 +1116,7 @@ _openai_strict_ok = casual_llm._openai_strict_ok
 _resolve_response_format = casual_llm._resolve_response_format
 _schema_from_type = casual_llm._schema_from_type
 _wrap_root = casual_llm._wrap_root
-Annotated, Dict, List = typing.Annotated, typing.Dict, typing.List
+Annotated, Dict, List = typing.Annotated, dict, list
 
 SUITE_DIR = Path(__file__).parent.parent / "shared" / "jsonschema-test-suite"
 SUITE_IN_SCOPE = 945
@@ -1165,7 +1161,7 @@ class Task:
 
     Keep it short.
     """
-    title: Annotated[str, "what to do"]
+    title: typing.Annotated[str, "what to do"]
     priority: Priority
     done: bool = False
     where: Optional[Point] = None
@@ -1354,9 +1350,8 @@ class ValidatorTest(unittest.TestCase):
             validate_json_schema([], schema)
         for loop in ({"$ref": "#"}, {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}},
                                      "$ref": "#/$defs/a"}):
-            with self.subTest(loop=loop):
-                with self.assertRaises(SchemaValidationError):
-                    validate_json_schema(1, loop)
+            with self.subTest(loop=loop), self.assertRaises(SchemaValidationError):
+                validate_json_schema(1, loop)
 
     def test_compiled_once(self) -> None:
         """One schema object compiles once; a new object with another shape is not confused."""
@@ -1695,7 +1690,7 @@ PNG_B64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEh
 
 def _conversations():
     """The golden conversations: name -> messages."""
-    call = lambda cid, name, args: AssistantToolCall(  # noqa: E731
+    call = lambda cid, name, args: AssistantToolCall(
         id=cid, function=AssistantToolCallFunction(name=name, arguments=args))
     return {
         "system_and_user": [SystemMessage(content="Be brief."), UserMessage(content="Hi")],
@@ -2049,6 +2044,8 @@ class TestConfig(unittest.TestCase):
         anthropic = create_client(ClientConfig(provider="anthropic", api_key="k",
                                                timeout=5, extra_kwargs={"top_k": 3}))
         self.assertEqual((anthropic.timeout, anthropic.extra_kwargs), (5.0, {"top_k": 3}))
+        with self.assertRaisesRegex(ConfigurationError, "ca_bundle '/no/such.pem'"):
+            create_client(ClientConfig(provider="ollama", ca_bundle="/no/such.pem"))
         config = ClientConfig(provider="openai")
         config.provider = "bogus"
         with self.assertRaisesRegex(UnsupportedProviderError, "Unsupported provider: bogus"):
@@ -2325,6 +2322,7 @@ class ProviderContract:
         self.fp.add(self.stream_reply(["a", "b", "c"], cut_after=2))
         with self.assertRaises(StreamError):
             self.collect(self.model())
+        self.assertEqual(len(self.fp.requests), 1)  # never retried once a chunk was yielded
 
     def test_stream_ends_early(self):
         """A stream that ends cleanly but without its final event raises StreamError."""
@@ -2362,7 +2360,7 @@ class ProviderContract:
         got_first = asyncio.Event
 
         async def consume(seen):
-            async for chunk in model.stream([UserMessage(content="x")]):
+            async for _ in model.stream([UserMessage(content="x")]):
                 seen.set()
 
         async def go():
@@ -2452,6 +2450,87 @@ class ProviderContract:
             self.assertEqual(run_async(model.chat([UserMessage(content="x")])).content,
                              "via proxy")
         self.assertEqual(self.fp.requests[0].path, "http://llm.example.test:80" + self.path)
+        self.fp.add(self.text_reply("direct"))
+        dead_proxy = f"http://127.0.0.1:{free_port()}"
+        with mock_env(HTTP_PROXY=dead_proxy, http_proxy=dead_proxy, NO_PROXY="127.0.0.1",
+                      no_proxy="127.0.0.1"):
+            model = Model(self.make_client(self.fp.url, max_retries=0), "m")
+            self.assertEqual(run_async(model.chat([UserMessage(content="x")])).content, "direct")
+
+
+class StructuredContract:
+    """Structured output through each provider's real wire: request shape, typed result,
+    invalid replies, re-asks. Bound to each provider below."""
+
+    def structured_cases(self):
+        """(response_format, the JSON value the model answers, the expected ``parsed``)."""
+        schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+        return [
+            (Point, {"x": 1, "y": 2}, Point(1, 2)),
+            (Task, {"title": "t", "priority": 2, "where": {"x": 0, "y": 1}, "color": "green"},
+             Task("t", Priority.HIGH, where=Point(0, 1), color=Color.GREEN)),
+            (Movie, {"title": "Alien", "year": 1979}, {"title": "Alien", "year": 1979}),
+            (Color, "red", Color.RED),
+            (list[int], [1, 2], [1, 2]),
+            (dict[str, float], {"a": 1.5}, {"a": 1.5}),
+            (Literal["yes", "no"], "no", "no"),
+            (Optional[int], None, None),
+            (Union[Cat, Dog], {"bark": 3}, Dog(3)),
+            (schema, {"n": 5}, {"n": 5}),
+            (FakeModel, {"items": [1]}, None),
+        ]
+
+    def answer(self, response_format, value):
+        """The scripted reply carrying ``value`` the way this provider returns it."""
+        fmt = casual_llm._resolve_response_format(response_format)
+        wrapped = casual_llm._wrap_root(fmt.schema)[0] != fmt.schema
+        return self.structured_reply({"value": value} if wrapped and self.wraps else value)
+
+    def test_structured_round_trips(self):
+        """Every accepted response_format kind: the provider gets its schema, ``parsed``
+        is built as the requested type and ``content`` stays the JSON text."""
+        model = self.model()
+        for response_format, value, expected in self.structured_cases():
+            with self.subTest(response_format=response_format):
+                self.fp.add(self.answer(response_format, value))
+                reply = run_async(model.chat([UserMessage(content="go")],
+                                             response_format=response_format))
+                self.assertEqual(json.loads(reply.content), value)
+                if response_format is FakeModel:
+                    self.assertIsInstance(reply.parsed, FakeModel)
+                else:
+                    self.assertEqual(reply.parsed, expected)
+                    self.assertIs(type(reply.parsed), type(expected))
+                fmt = casual_llm._resolve_response_format(response_format)
+                self.check_schema_request(self.fp.requests[-1].json, fmt)
+
+    def test_exact_schema_request(self):
+        """The request for a dataclass carries its exact schema."""
+        self.fp.add(self.answer(Point, {"x": 1, "y": 2}))
+        run_async(self.model().chat([UserMessage(content="go")], response_format=Point))
+        point = {"type": "object", "title": "Point",
+                 "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}},
+                 "required": ["x", "y"], "additionalProperties": False}
+        self.assertEqual(self.sent_schema(self.fp.requests[0].json), point)
+
+    def test_invalid_reply_raises_with_paths(self):
+        """A reply that does not match raises SchemaValidationError with paths and the text."""
+        self.fp.add(self.answer(Point, {"x": "one", "z": 0}))
+        with self.assertRaises(SchemaValidationError) as ctx:
+            run_async(self.model().chat([UserMessage(content="go")], response_format=Point))
+        paths = [path for path, _ in ctx.exception.errors]
+        self.assertIn("$.x", paths)
+        self.assertIn('"one"', ctx.exception.raw_text)
+
+    def test_reask_counts_every_attempt(self):
+        """validation_retries re-asks with the errors; usage counts every attempt."""
+        self.fp.add(self.answer(Point, {"x": "one", "y": 2}), self.answer(Point, {"x": 1, "y": 2}))
+        model = self.model()
+        reply = run_async(model.chat([UserMessage(content="go")], response_format=Point,
+                                     validation_retries=1))
+        self.assertEqual(reply.parsed, Point(1, 2))
+        self.assertEqual(model.total_usage.total_tokens, 2 * 15)
+        self.assertIn("$.x", json.dumps(self.fp.requests[1].json["messages"]))
 
 
 def replace(reply, **changes):
@@ -2459,10 +2538,35 @@ def replace(reply, **changes):
     return dataclasses.replace(reply, **changes)
 
 
-class TestOpenAIContract(ProviderContract, ServerTest):
+class TestOpenAIContract(ProviderContract, StructuredContract, ServerTest):
     """The contract, spoken as OpenAI Chat Completions."""
 
     provider = "openai"
+    wraps = True
+
+    def structured_reply(self, value):
+        return openai_reply(json.dumps(value))
+
+    def sent_schema(self, body):
+        return body["response_format"]["json_schema"]["schema"]
+
+    def check_schema_request(self, body, fmt):
+        spec = body["response_format"]["json_schema"]
+        self.assertEqual(spec["schema"], casual_llm._wrap_root(fmt.schema)[0])
+        self.assertRegex(spec["name"], r"^[a-zA-Z0-9_-]{1,64}$")
+        self.assertEqual(spec.get("strict", False), casual_llm._openai_strict_ok(spec["schema"]))
+
+    def test_strict_when_the_schema_qualifies(self):
+        """A closed schema with every property required is sent with strict: true."""
+        self.fp.add(self.answer(Point, {"x": 1, "y": 2}))
+        run_async(self.model().chat([UserMessage(content="go")], response_format=Point))
+        self.assertIs(self.fp.requests[0].json["response_format"]["json_schema"]["strict"], True)
+
+    def test_wrapped_schema_streams_unwrapped(self):
+        """A non-object root is wrapped on the wire but streamed back unwrapped."""
+        self.fp.add(openai_stream(['{"value": ', "[1, 2]}"]))
+        chunks = self.collect(self.model(), response_format=list[int])
+        self.assertEqual(json.loads("".join(c.content for c in chunks)), [1, 2])
     path = "/v1/chat/completions"
     request_id = "req_test123"
 
@@ -2598,8 +2702,28 @@ class TestOpenAIContract(ProviderContract, ServerTest):
                          (0.5, 2, ["\n"], 0.9))
 
 
-class TestAnthropicContract(ProviderContract, ServerTest):
+class TestAnthropicContract(ProviderContract, StructuredContract, ServerTest):
     """The contract, spoken as the Anthropic Messages API."""
+
+    wraps = True
+
+    def structured_reply(self, value):
+        return anthropic_reply(None, tool_uses=[("toolu_1", "structured_answer", value)])
+
+    def sent_schema(self, body):
+        return body["tools"][-1]["input_schema"]
+
+    def check_schema_request(self, body, fmt):
+        self.assertEqual(body["tool_choice"], {"type": "tool", "name": "structured_answer"})
+        self.assertEqual(body["tools"][-1]["input_schema"], casual_llm._wrap_root(fmt.schema)[0])
+
+    def test_structured_stream_streams_the_answer(self):
+        """The forced tool's JSON streams as text and ends with finish reason "stop"."""
+        self.fp.add(anthropic_stream([], tool_uses=[("toolu_1", "structured_answer",
+                                                     ['{"x": 1,', ' "y": 2}'])]))
+        chunks = self.collect(self.model(), response_format=Point)
+        self.assertEqual(json.loads("".join(c.content for c in chunks)), {"x": 1, "y": 2})
+        self.assertEqual((chunks[-1].finish_reason, chunks[-1].tool_calls), ("stop", None))
 
     provider = "anthropic"
     path = "/v1/messages"
@@ -2695,8 +2819,19 @@ class TestAnthropicContract(ProviderContract, ServerTest):
             self.collect(self.model(timeout=0.25))
 
 
-class TestOllamaContract(ProviderContract, ServerTest):
+class TestOllamaContract(ProviderContract, StructuredContract, ServerTest):
     """The contract, spoken as Ollama's native /api/chat."""
+
+    wraps = False
+
+    def structured_reply(self, value):
+        return ollama_reply(json.dumps(value))
+
+    def sent_schema(self, body):
+        return body["format"]
+
+    def check_schema_request(self, body, fmt):
+        self.assertEqual(body["format"], fmt.schema)
 
     provider = "ollama"
     path = "/api/chat"
@@ -2787,6 +2922,73 @@ class TestOllamaContract(ProviderContract, ServerTest):
         self.assertEqual(self.fp.requests[-1].json["messages"][0]["images"], [PNG_B64] * 2)
 
 
+def self_signed_certificate(folder):
+    """A throwaway certificate for 127.0.0.1 made with the openssl tool, or None."""
+    cert, key = pathlib.Path(folder, "cert.pem"), pathlib.Path(folder, "key.pem")
+    try:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                        "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                        "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                       capture_output=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return cert, key
+
+
+class TestClientSetup(unittest.TestCase):
+    """Client constructors check their arguments; TLS trusts what the user says."""
+
+    def test_bad_constructor_arguments(self):
+        """Every client names the bad argument."""
+        cases = [
+            (lambda: OpenAIClient(api_key=3), "OpenAIClient.api_key", ValidationError),
+            (lambda: OpenAIClient(api_key="k", timeout="slow"), "OpenAIClient.timeout",
+             ValidationError),
+            (lambda: OpenAIClient(api_key="k", max_retries=-1), "OpenAIClient.max_retries",
+             ValidationError),
+            (lambda: OpenAIClient(api_key="k", default_headers={"X": 1}),
+             "OpenAIClient.default_headers", ValidationError),
+            (lambda: OpenAIClient(api_key="k", ssl_context="yes"), "OpenAIClient.ssl_context",
+             ValidationError),
+            (lambda: OpenAIClient(api_key="k", extra_kwargs=[1]), "OpenAIClient.extra_kwargs",
+             ValidationError),
+            (lambda: OpenAIClient(base_url="ftp://x"), "http:// or https://",
+             ConfigurationError),
+            (lambda: AnthropicClient(api_key=b"k"), "AnthropicClient.api_key", ValidationError),
+            (lambda: AnthropicClient(api_key="k", timeout=0), "AnthropicClient.timeout",
+             ValidationError),
+            (lambda: OllamaClient(host=11434), "OllamaClient.host", ValidationError),
+            (lambda: OllamaClient(timeout=None), "OllamaClient.timeout", ValidationError),
+        ]
+        for build, where, cls in cases:
+            with self.subTest(where=where), self.assertRaisesRegex(cls, re.escape(where)):
+                build()
+
+    def test_tls_with_a_custom_ca(self):
+        """An ssl_context (or SSL_CERT_FILE) with the server's CA works; without it, the
+        certificate is refused."""
+        import ssl
+        with tempfile.TemporaryDirectory() as folder:
+            pair = self_signed_certificate(folder)
+            if pair is None:
+                self.skipTest("the openssl tool is not available")
+            server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            server_side.load_cert_chain(*map(str, pair))
+            with FakeProvider(tls=server_side) as fp:
+                self.addCleanup(casual_llm._pool.clear)
+                fp.add(openai_reply("secure"), openai_reply("env"))
+                trusted = ssl.create_default_context(cafile=str(pair[0]))
+                client = OpenAIClient(base_url=fp.url + "/v1", ssl_context=trusted)
+                self.assertEqual(Model(client, "m").chat_sync(
+                    [UserMessage(content="x")]).content, "secure")
+                with mock_env(SSL_CERT_FILE=str(pair[0])):
+                    self.assertEqual(Model(OpenAIClient(base_url=fp.url + "/v1"), "m").chat_sync(
+                        [UserMessage(content="x")]).content, "env")
+                plain = OpenAIClient(base_url=fp.url + "/v1", max_retries=0)
+                with self.assertRaisesRegex(APIConnectionError, "CERTIFICATE_VERIFY_FAILED"):
+                    Model(plain, "m").chat_sync([UserMessage(content="x")])
+
+
 class TestImageFetch(ServerTest):
     """Ollama image URLs are fetched safely."""
 
@@ -2806,9 +3008,8 @@ class TestImageFetch(ServerTest):
     def test_refuses_other_schemes(self):
         """Only http and https are fetched."""
         for url in ("file:///etc/passwd", "ftp://example.com/a.png", "gopher://x"):
-            with self.subTest(url=url):
-                with self.assertRaisesRegex(ImageFetchError, "http"):
-                    self.fetch(url)
+            with self.subTest(url=url), self.assertRaisesRegex(ImageFetchError, "http"):
+                self.fetch(url)
 
     def test_fetch_with_switch_and_checks(self):
         """With the switch: redirects followed, non-images and oversized bodies refused."""
@@ -2834,6 +3035,554 @@ class TestImageFetch(ServerTest):
         with self.assertRaisesRegex(ImageFetchError, "too many redirects"):
             self.fetch(self.fp.url + "/loop", allow_private=True)
         self.assertEqual(len(self.fp.requests), 6)
+
+
+# === Command line =============================================================================
+
+_CLI_KEY = "sk-test-cli-secret-4242"
+
+
+class _ScriptedStdout(io.StringIO):
+    """A stdout whose first write raises ``exc`` (every write, with ``always``)."""
+
+    def __init__(self, exc, always=False):
+        super().__init__()
+        self.exc, self.always = exc, always
+
+    def write(self, text):
+        exc = self.exc
+        if not self.always:
+            self.exc = None
+        if exc is not None:
+            raise exc
+        return super().write(text)
+
+
+class CommandLineTest(ServerTest):
+    """``main`` in-process against the fake provider, with stdin, stdout and stderr swapped."""
+
+    def setUp(self):
+        super().setUp()
+        scope = mock_env(CASUAL_LLM_MODEL="openai:m", CASUAL_LLM_PROVIDER=None,
+                         CASUAL_LLM_BASE_URL=None, OPENAI_BASE_URL=self.fp.url + "/v1",
+                         OPENAI_API_KEY=_CLI_KEY, ANTHROPIC_API_KEY=None,
+                         ANTHROPIC_BASE_URL=None, OLLAMA_HOST=None, NO_COLOR=None)
+        scope.__enter__()
+        self.addCleanup(scope.__exit__, None, None, None)
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.tmp = pathlib.Path(tmp.name)
+
+    def run_main(self, *argv, stdin="", stdout=None):
+        """``(exit code, stdout, stderr)`` of ``main(argv)``; stdin is text or a file object."""
+        out, err = stdout if stdout is not None else io.StringIO(), io.StringIO()
+        saved = sys.stdin
+        sys.stdin = io.StringIO(stdin) if isinstance(stdin, str) else stdin
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = casual_llm.main(list(argv))
+        finally:
+            sys.stdin = saved
+        return code, out.getvalue(), err.getvalue()
+
+    def sent(self, index=-1):
+        return self.fp.requests[index].json
+
+    def write(self, name, data):
+        path = self.tmp / name
+        (path.write_bytes if isinstance(data, bytes) else path.write_text)(data)
+        return str(path)
+
+
+class TestCommandLine(CommandLineTest):
+    """One-shot prompts: what is sent, what is printed, and every exit code."""
+
+    def test_one_shot_streams_and_ends_with_a_newline(self):
+        """The words are the prompt; the reply streams to stdout, a newline ends it."""
+        self.fp.add(openai_stream(["Hel", "lo ✓"]))
+        self.assertEqual(self.run_main("Say", "hi"), (0, "Hello ✓\n", ""))
+        body = self.sent()
+        self.assertEqual((body["model"], body["stream"]), ("m", True))
+        self.assertEqual(body["messages"], [{"role": "user", "content": "Say hi"}])
+        self.assertEqual(self.fp.requests[0].headers["authorization"], f"Bearer {_CLI_KEY}")
+
+    def test_stdin_comes_first_then_files_then_words(self):
+        """Piped stdin, then -f files, then the words make one user message."""
+        self.fp.add(openai_stream(["ok"]))
+        notes = self.write("notes.txt", "file text\n")
+        code, out, _ = self.run_main("-f", notes, "summarise", "-s", "Be brief.",
+                                     stdin="piped text\n")
+        self.assertEqual((code, out), (0, "ok\n"))
+        self.assertEqual(self.sent()["messages"], [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "piped text\n\nfile text\n\nsummarise"}])
+
+    def test_prompt_options_reach_the_body(self):
+        """-t, --max-tokens, -o extras (JSON values), -a images and --no-stream shape the request."""
+        self.fp.add(openai_reply("A dot"))
+        png = self.write("dot.png", base64.b64decode(PNG_B64))
+        code, out, _ = self.run_main("-t", "0.25", "--max-tokens", "7", "-o", "seed=42",
+                                     "-o", "user=bob", "-a", png, "--no-stream", "What?")
+        self.assertEqual((code, out), (0, "A dot\n"))
+        body = self.sent()
+        self.assertEqual((body["temperature"], body["max_tokens"], body["seed"], body["user"]),
+                         (0.25, 7, 42, "bob"))
+        self.assertNotIn("stream", body)
+        text, image = body["messages"][0]["content"]
+        self.assertEqual(text, {"type": "text", "text": "What?"})
+        self.assertEqual(image["image_url"]["url"], f"data:image/png;base64,{PNG_B64}")
+
+    def test_image_from_stdin(self):
+        """-a - reads the image from stdin, which is then no prompt text."""
+        self.fp.add(openai_stream(["A dot"]))
+        stdin = io.TextIOWrapper(io.BytesIO(base64.b64decode(PNG_B64)))
+        code, out, _ = self.run_main("-a", "-", "What?", stdin=stdin)
+        self.assertEqual((code, out), (0, "A dot\n"))
+        self.assertEqual(self.sent()["messages"][0]["content"][0]["text"], "What?")
+
+    def test_json(self):
+        """--json asks for JSON mode and prints the parsed value."""
+        self.fp.add(openai_reply('```json\n{"a": [1, 2]}\n```'))
+        code, out, _ = self.run_main("--json", "numbers")
+        self.assertEqual((code, json.loads(out)), (0, {"a": [1, 2]}))
+        self.assertEqual(self.sent()["response_format"], {"type": "json_object"})
+
+    def test_schema_pass_and_fail(self):
+        """--schema sends the schema; a reply that breaks it exits 1 with the JSON path."""
+        schema = {"type": "object", "properties": {"age": {"type": "integer"}},
+                  "required": ["age"], "additionalProperties": False}
+        path = self.write("schema.json", json.dumps(schema))
+        self.fp.add(openai_reply('{"age": 3}'), openai_reply('{"age": "three"}'))
+        code, out, err = self.run_main("--schema", path, "How old?")
+        self.assertEqual((code, json.loads(out), err), (0, {"age": 3}, ""))
+        self.assertEqual(self.sent()["response_format"]["json_schema"]["schema"], schema)
+        code, out, err = self.run_main("--schema", json.dumps(schema), "How old?")
+        self.assertEqual((code, out), (1, ""))
+        self.assertRegex(err, r"^python -m casual_llm: error: the reply does not match the "
+                              r"schema: \$\.age: .*integer.*\n$")
+
+    def test_dry_run_sends_nothing_and_redacts_the_key(self):
+        """--dry-run prints method, URL, headers (key redacted) and body; nothing is sent."""
+        code, out, err = self.run_main("--dry-run", "-o", "seed=1", "hi")
+        self.assertEqual((code, err), (0, ""))
+        head, _, body = out.partition("\n\n")
+        lines = head.splitlines()
+        self.assertEqual(lines[0], f"POST {self.fp.url}/v1/chat/completions")
+        self.assertIn("Authorization: <redacted>", lines)
+        self.assertEqual(json.loads(body)["seed"], 1)
+        self.assertNotIn(_CLI_KEY, out)
+        code, out, _ = self.run_main("--dry-run", "--output-json", "--no-stream", "hi")
+        request = json.loads(out)
+        self.assertEqual((request["method"], request["headers"]["Authorization"]),
+                         ("POST", "<redacted>"))
+        self.assertEqual(request["body"], {"model": "m", "messages": [
+            {"role": "user", "content": "hi"}]})
+        self.assertEqual(self.fp.requests, [])
+
+    def test_usage_goes_to_stderr(self):
+        """-u prints this reply's and the session's tokens to stderr; stdout keeps the reply."""
+        self.fp.add(openai_stream(["ok"], usage=(9, 3)))
+        code, out, err = self.run_main("-u", "hi")
+        self.assertEqual((code, out), (0, "ok\n"))
+        self.assertEqual(err, "usage: 9 in + 3 out = 12 tokens; "
+                              "session: 9 in + 3 out = 12 tokens\n")
+
+    def test_output_json(self):
+        """--output-json prints one record; errors are records too."""
+        self.fp.add(openai_reply('{"a": 1}', usage=(4, 2)),
+                    openai_error(400, "bad request"))
+        code, out, _ = self.run_main("--output-json", "--json", "hi")
+        self.assertEqual(code, 0)
+        self.assertEqual(json.loads(out), {
+            "model": "openai:m", "content": '{"a": 1}', "parsed": {"a": 1},
+            "finish_reason": "stop",
+            "usage": {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}})
+        code, out, _ = self.run_main("--output-json", "hi")
+        record = json.loads(out)["error"]
+        self.assertEqual((code, record["type"], record["status_code"], record["request_id"]),
+                         (1, "BadRequestError", 400, "req_test123"))
+
+    def test_choosing_the_model(self):
+        """-m PROVIDER:MODEL, bare names, --base-url and the environment pick provider, URL
+        and model."""
+        url = self.fp.url
+        cases = [  # (argv, environment, expected URL, expected model)
+            (["-m", "gpt-x"], {}, f"{url}/v1/chat/completions", "gpt-x"),
+            (["-m", "ollama:llama3.2:3b"], {"OLLAMA_HOST": url}, f"{url}/api/chat",
+             "llama3.2:3b"),
+            (["-m", "anthropic:"], {"ANTHROPIC_BASE_URL": url, "ANTHROPIC_API_KEY": "k"},
+             f"{url}/v1/messages", "claude-haiku-4-5"),
+            (["-m", "qwen"], {"CASUAL_LLM_MODEL": None, "CASUAL_LLM_PROVIDER": "Ollama",
+                              "CASUAL_LLM_BASE_URL": url + "/x"}, f"{url}/x/api/chat", "qwen"),
+            (["--base-url", url + "/v2"], {"CASUAL_LLM_MODEL": None},
+             f"{url}/v2/chat/completions", "gpt-4o-mini"),
+            ([], {"CASUAL_LLM_MODEL": None}, "http://localhost:11434/api/chat", "llama3.2"),
+        ]
+        for argv, env, expected_url, model in cases:
+            with self.subTest(argv=argv, env=env), mock_env(**env):
+                code, out, err = self.run_main("--dry-run", "--output-json", *argv, "hi")
+                self.assertEqual(code, 0, err)
+                request = json.loads(out)
+                self.assertEqual((request["url"], request["body"]["model"]),
+                                 (expected_url, model))
+
+    def test_api_key_env(self):
+        """--api-key-env NAME reads the key from that variable; unset, it is a usage error."""
+        self.fp.add(openai_stream(["ok"]))
+        with mock_env(MY_LLM_SECRET="sk-from-my-variable"):
+            self.assertEqual(self.run_main("--api-key-env", "MY_LLM_SECRET", "hi")[0], 0)
+        self.assertEqual(self.fp.requests[0].headers["authorization"],
+                         "Bearer sk-from-my-variable")
+        code, _, err = self.run_main("--api-key-env", "NOT_SET_ANYWHERE", "hi")
+        self.assertEqual(code, 2)
+        self.assertIn("NOT_SET_ANYWHERE", err)
+
+    def test_help_and_version(self):
+        """--version prints the version; --help shows examples, the environment and exit codes."""
+        self.assertEqual(self.run_main("--version"),
+                         (0, f"python -m casual_llm {casual_llm.__version__}\n", ""))
+        code, out, _ = self.run_main("--help")
+        self.assertEqual(code, 0)
+        for text in ("examples:", "--schema FILE|JSON", "CASUAL_LLM_MODEL", "exit status:",
+                     "130"):
+            self.assertIn(text, out)
+
+
+class TestCommandLineExits(CommandLineTest):
+    """Exit codes: 0, 1 provider or network, 2 usage or configuration, 130 interrupted."""
+
+    def assert_exit(self, code, *argv, stdin="", message=None):
+        got, out, err = self.run_main(*argv, stdin=stdin)
+        self.assertEqual(got, code, err)
+        if message is not None:
+            self.assertRegex(err, message)
+        self.assertNotIn("Traceback", err)
+        self.assertNotIn(_CLI_KEY, out + err)
+        return out, err
+
+    def test_provider_errors_exit_1_with_one_line(self):
+        """A provider error is one stderr line with its message and request id; exit 1."""
+        self.fp.add(openai_error(429, f"Slow down, {_CLI_KEY}"))
+        _, err = self.assert_exit(1, "--retries", "0", "hi",
+                                  message=r"Slow down, <redacted> \(request id req_test123\)")
+        self.assertEqual(err.count("\n"), 1)
+
+    def test_network_errors_exit_1(self):
+        """An unreachable configured server, or a timeout, exits 1."""
+        self.fp.add(replace(openai_reply("late"), delay=2))
+        self.assert_exit(1, "--timeout", "0.2", "--retries", "0", "hi", message="timed out")
+        self.assert_exit(1, "--base-url", f"http://127.0.0.1:{free_port()}/v1", "--retries", "0",
+                         "hi", message="could not reach")
+
+    def test_usage_errors_exit_2(self):
+        """Bad options and inputs exit 2 with a message."""
+        cases = [
+            (["--no-such-option", "hi"], "unrecognized arguments"),
+            (["-t", "hot", "hi"], "invalid float value"),
+            (["--max-tokens", "0", "hi"], "must be at least 1"),
+            (["-o", "novalue", "hi"], "expected KEY=VALUE"),
+            ([], "no prompt"),
+            (["--schema", '{"type": "bogus"}', "hi"], "--schema: invalid JSON Schema"),
+            (["--schema", "/no/such/schema.json", "hi"], "--schema: .*No such file"),
+            (["-a", "/no/such/image.png", "hi"], "--attach"),
+            (["-f", "/no/such/file.txt", "hi"], "--file"),
+            (["--ca-bundle", "/no/such/ca.pem", "hi"], "--ca-bundle"),
+            (["-m", "mistral:large", "--output-json", "-i"], "--output-json"),
+        ]
+        for argv, message in cases:
+            with self.subTest(argv=argv):
+                self.assert_exit(2, *argv, message=message)
+        self.assertEqual(self.fp.requests, [])
+
+    def test_missing_key_exits_2(self):
+        """The official OpenAI URL without a key says which variable to set; exit 2."""
+        with mock_env(OPENAI_BASE_URL=None, OPENAI_API_KEY=None):
+            self.assert_exit(2, "hi", message="OPENAI_API_KEY")
+
+    def test_unreachable_default_ollama_exits_2(self):
+        """With nothing configured and no local Ollama, exit 2 saying how to configure one."""
+        from unittest import mock
+        port = free_port()
+        with mock_env(CASUAL_LLM_MODEL=None), \
+                mock.patch.object(casual_llm, "OLLAMA_HOST", f"http://127.0.0.1:{port}"):
+            _, err = self.assert_exit(2, "hi", message=f"no Ollama at http://127.0.0.1:{port}")
+        for text in ("ollama pull llama3.2", "-m openai:gpt-4o-mini", "OPENAI_API_KEY",
+                     "ANTHROPIC_API_KEY", "--base-url", "CASUAL_LLM_MODEL"):
+            self.assertIn(text, err)
+
+    def test_default_ollama_when_it_runs(self):
+        """With nothing configured, the local Ollama answers."""
+        from unittest import mock
+        self.fp.add(ollama_stream(["Hi", "!"]))
+        with mock_env(CASUAL_LLM_MODEL=None), \
+                mock.patch.object(casual_llm, "OLLAMA_HOST", self.fp.url):
+            self.assertEqual(self.run_main("hi"), (0, "Hi!\n", ""))
+        self.assertEqual((self.fp.requests[0].path, self.sent()["model"]),
+                         ("/api/chat", "llama3.2"))
+
+    def test_ctrl_c_mid_stream_exits_130_and_closes_the_connection(self):
+        """A KeyboardInterrupt while a reply streams exits 130; the server sees the close."""
+        reply = openai_stream(["first", "second"])
+        reply.hold_before = 2
+        self.fp.add(reply)
+        code, _, _ = self.run_main("hi", stdout=_ScriptedStdout(KeyboardInterrupt()))
+        self.assertEqual(code, 130)
+        self.assertTrue(self.fp.wait_client_gone(timeout=5))
+
+    def test_broken_pipe_exits_quietly(self):
+        """A closed stdout ends the run with 141 and no message."""
+        self.fp.add(openai_stream(["a", "b"]))
+        out = _ScriptedStdout(BrokenPipeError(32, "Broken pipe"), always=True)
+        self.assertEqual(self.run_main("hi", stdout=out), (141, "", ""))
+
+    def test_debug_shows_the_traceback_without_the_key(self):
+        """--debug adds the traceback and request logs; keys stay redacted."""
+        self.fp.add(openai_error(401, f"Incorrect API key {_CLI_KEY}"))
+        code, _, err = self.run_main("--debug", "--retries", "0", "hi")
+        self.assertEqual(code, 1)
+        self.assertIn("Traceback", err)
+        self.assertIn("AuthenticationError", err)
+        self.assertNotIn(_CLI_KEY, err)
+
+
+class TestChatCommands(CommandLineTest):
+    """The chat, driven in-process: -i reads further turns from stdin."""
+
+    def chat(self, *lines, argv=("-i",)):
+        return self.run_main(*argv, stdin="".join(line + "\n" for line in lines))
+
+    def test_turns_keep_the_history(self):
+        """Each turn sends the conversation so far; multi-line input sits between \"\"\" lines."""
+        self.fp.add(openai_stream(["one"]), openai_stream(["two"]))
+        code, out, err = self.chat("first", '"""', "line 1", "line 2", '"""')
+        self.assertEqual((code, out, err), (0, "one\ntwo\n", ""))
+        self.assertEqual(self.sent()["messages"], [
+            {"role": "user", "content": "first"}, {"role": "assistant", "content": "one"},
+            {"role": "user", "content": "line 1\nline 2"}])
+
+    def test_first_prompt_then_chat(self):
+        """-i with a prompt answers it, then goes on with stdin's turns."""
+        self.fp.add(openai_stream(["one"]), openai_stream(["two"]))
+        self.assertEqual(self.chat("second", argv=("-i", "first"))[:2], (0, "one\ntwo\n"))
+        self.assertEqual([m["content"] for m in self.sent()["messages"]],
+                         ["first", "one", "second"])
+
+    def test_system_clear_retry_and_usage(self):
+        """/system sets the system prompt, /retry asks again, /clear forgets, /usage counts."""
+        self.fp.add(openai_stream(["a"], usage=(1, 1)), openai_stream(["b"], usage=(2, 2)),
+                    openai_stream(["c"], usage=(3, 3)))
+        code, out, err = self.chat("/system Be brief.", "q1", "/retry", "/clear", "q2",
+                                   "/usage", "/system -", "/exit", "never sent")
+        self.assertEqual((code, out), (0, "a\nb\nc\n"))
+        self.assertEqual([r.json["messages"] for r in self.fp.requests], [
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q1"}],
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q1"}],
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q2"}]])
+        self.assertIn("last reply: 3 in + 3 out = 6 tokens\n"
+                      "session:    6 in + 6 out = 12 tokens", err)
+        self.assertIn("no system prompt", err)
+
+    def test_save_and_load(self):
+        """/save writes the conversation as JSON; /load continues it."""
+        path = str(self.tmp / "chat.json")
+        self.fp.add(openai_stream(["a"]), openai_stream(["b"]))
+        self.chat("/system S", "q1", f"/save {path}")
+        saved = json.loads(pathlib.Path(path).read_text())
+        self.assertEqual(saved["model"], "openai:m")
+        self.assertEqual([(m["role"], m["content"]) for m in saved["messages"]],
+                         [("system", "S"), ("user", "q1"), ("assistant", "a")])
+        self.chat(f"/load {path}", "q2")
+        self.assertEqual([m["content"] for m in self.sent()["messages"]],
+                         ["S", "q1", "a", "q2"])
+
+    def test_attach_and_model(self):
+        """/attach adds an image to the next message; /model switches model and provider."""
+        png = self.write("dot.png", base64.b64decode(PNG_B64))
+        self.fp.add(openai_stream(["a"]), ollama_stream(["b"]))
+        with mock_env(OLLAMA_HOST=self.fp.url):
+            code, out, err = self.chat(f"/attach {png}", "what?", "/model ollama:qwen", "next")
+        self.assertEqual((code, out), (0, "a\nb\n"))
+        self.assertEqual(self.fp.requests[0].json["messages"][0]["content"][1]["type"],
+                         "image_url")
+        self.assertEqual((self.fp.requests[1].path, self.sent()["model"]),
+                         ("/api/chat", "qwen"))
+        self.assertEqual(self.sent()["messages"][0]["content"], "what?")
+        self.assertIn("model: ollama:qwen", err)
+
+    def test_help_and_mistakes_do_not_end_the_chat(self):
+        """/help lists every command; unknown commands and provider errors leave the chat
+        running."""
+        self.fp.add(openai_error(500, "boom"), openai_stream(["fine"]))
+        code, out, err = self.chat("/help", "/nope", "/load /no/such/file", "q1", "q2",
+                                   argv=("-i", "--retries", "0"))
+        self.assertEqual((code, out), (0, "fine\n"))
+        for name in casual_llm._CHAT_COMMANDS:
+            self.assertIn(name, err)
+        self.assertIn("unknown command /nope", err)
+        self.assertIn("error: [Errno 2]", err)
+        self.assertRegex(err, r"error: 500 .*boom")
+        self.assertEqual([m["content"] for m in self.sent()["messages"]], ["q2"])
+
+
+class _Terminal:
+    """A process on a pseudo-terminal, driven as a person would: keys in, screen out."""
+
+    # The child must own the terminal for Ctrl-C to become SIGINT: a tiny launcher makes
+    # it the controlling tty, then becomes ``python -m casual_llm`` (no fork in the tests).
+    _LAUNCHER = ("import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+                 "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+
+    def __init__(self, args, env):
+        import fcntl
+        import pty
+        import struct
+        import termios
+        self.master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", self._LAUNCHER, "-m", "casual_llm", *args], cwd=HERE,
+            env=env, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+        os.close(slave)
+        self.screen, self.seen = b"", 0
+
+    def send(self, keys):
+        os.write(self.master, keys.encode())
+
+    def expect(self, pattern, timeout=10):
+        """Wait for ``pattern`` (a regex) in the output after the last match."""
+        match = self.wait_for(pattern, timeout)
+        if match is None:
+            raise AssertionError(f"no {pattern!r} in {self.screen[self.seen:]!r}")
+        return match
+
+    def wait_for(self, pattern, timeout):
+        """The match of ``pattern`` after the last one, or None after ``timeout`` s."""
+        regex = re.compile(pattern.encode())
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.master, selectors.EVENT_READ)
+            while True:
+                match = regex.search(self.screen, self.seen)
+                if match:
+                    self.seen = match.end()
+                    return match
+                left = deadline - time.monotonic()
+                if left <= 0 or (sel.select(left) and not self._read()):
+                    return None
+
+    def interrupt(self, done, attempts=3):
+        """Press Ctrl-C until ``done(timeout)`` says it worked, as a person would.
+
+        CPython looks at a SIGINT only when it interrupts the blocking call (readline's
+        select(), a socket read): one that lands between the prompt being drawn and select()
+        being entered waits for the next press. There is no event for "now in select()",
+        so the press is repeated, each wait bounded.
+        """
+        for _ in range(attempts):
+            self.send("\x03")
+            if done(2.0):
+                return True
+        return False
+
+    def _read(self):
+        try:
+            data = os.read(self.master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            data = b""
+        self.screen += data
+        return data
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        os.close(self.master)
+
+
+@unittest.skipUnless(hasattr(os, "openpty"), "needs a pseudo-terminal")
+class TestCommandLineProcess(ServerTest):
+    """``python -m casual_llm`` as a real process: on a terminal, and in pipes."""
+
+    def env(self, **values):
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("CASUAL_LLM_", "OPENAI_", "ANTHROPIC_", "OLLAMA_"))}
+        fd, history = tempfile.mkstemp()
+        os.close(fd)
+        self.addCleanup(os.unlink, history)
+        env.update(CASUAL_LLM_MODEL="openai:m", OPENAI_BASE_URL=self.fp.url + "/v1",
+                   NO_PROXY="*", no_proxy="*", TERM="xterm", NO_COLOR="1",
+                   CASUAL_LLM_HISTORY=history)
+        env.update(values)
+        return {k: v for k, v in env.items() if v is not None}
+
+    def terminal(self, *args, **env):
+        term = _Terminal(args, self.env(**env))
+        self.addCleanup(term.close)
+        return term
+
+    def test_chat_on_a_terminal(self):
+        """Two turns, Ctrl-C mid-stream (the server sees the close, the prompt comes back),
+        /usage, Ctrl-C at the prompt (a hint), then Ctrl-D: exit 0."""
+        held = openai_stream(["Partial", " never shown"])
+        held.hold_before = 2
+        self.fp.add(openai_stream(["Hi", " there"], usage=(3, 2)),
+                    openai_stream(["Second", " answer"], usage=(4, 3)), held)
+        term = self.terminal()
+        term.expect(r"chatting with openai:m")
+        term.expect(r">>> ")
+        term.send("hello\r")
+        term.expect(r"Hi there\r\n")
+        term.expect(r">>> ")
+        term.send("and again\r")
+        term.expect(r"Second answer\r\n")
+        term.expect(r">>> ")
+        term.send("tell me more\r")
+        self.assertTrue(held.reached.wait(5))
+        term.expect(r"Partial")
+        self.assertTrue(term.interrupt(lambda timeout: self.fp.wait_client_gone(timeout)))
+        term.expect(r"\(interrupted\)")
+        term.expect(r">>> ")
+        term.send("/usage\r")
+        term.expect(r"session: +7 in \+ 5 out = 12 tokens")
+        term.expect(r">>> ")
+        self.assertTrue(term.interrupt(
+            lambda timeout: term.wait_for(r"Ctrl-D or /exit to leave", timeout)))
+        term.expect(r">>> ")
+        term.send("\x04")
+        self.assertEqual(term.proc.wait(10), 0)
+        self.assertEqual([m["content"] for m in self.fp.requests[2].json["messages"]],
+                         ["hello", "Hi there", "and again", "Second answer", "tell me more"])
+        self.assertNotIn(b"Traceback", term.screen)
+
+    def test_colour_only_without_no_color(self):
+        """At a terminal the prompt is coloured, unless NO_COLOR is set."""
+        for no_color, prompt in ((None, r"\x1b\[1;32m>>> \x1b\[0m"), ("1", r"(?<!m)>>> ")):
+            with self.subTest(NO_COLOR=no_color):
+                term = self.terminal(NO_COLOR=no_color)
+                term.expect(prompt)
+                term.send("\x04")
+                self.assertEqual(term.proc.wait(10), 0)
+
+    def test_pipes(self):
+        """In a pipe: plain reply on stdout, exit 0; a reader that leaves early ends it
+        quietly with 141."""
+        self.fp.add(openai_stream(["Hello", "!"]))
+        run = subprocess.run([sys.executable, "-m", "casual_llm", "hi"], cwd=HERE,
+                             env=self.env(), input=b"", capture_output=True, timeout=30,
+                             check=False)
+        self.assertEqual((run.returncode, run.stdout, run.stderr), (0, b"Hello!\n", b""))
+        reply = openai_stream(["first", "second"])
+        reply.hold_before = 2
+        self.fp.add(reply)
+        proc = subprocess.Popen([sys.executable, "-m", "casual_llm", "hi"], cwd=HERE,
+                                env=self.env(), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.assertEqual(proc.stdout.read(5), b"first")
+        proc.stdout.close()
+        reply.release.set()
+        self.assertEqual(proc.wait(10), 141)
+        self.assertEqual(proc.stderr.read(), b"")
+        proc.stderr.close()
 
 
 # =============================================================================
@@ -2985,10 +3734,10 @@ class Snippet:
     """How a README snippet is run: replies queued, environment changes, what it must print
     (`prints`, substrings of stdout) and a check of the requests the fake server saw."""
 
-    replies: Callable[[], list] = list
+    replies: typing.Callable[[], list] = list
     env: dict = field(default_factory=dict)
     prints: tuple = ()
-    check: Callable | None = None
+    check: typing.Callable | None = None
     tls: bool = False
 
 
@@ -3438,11 +4187,11 @@ class ExampleRun:
     """One run of an example: arguments, environment changes, replies, what it must print
     and a check of the requests."""
 
-    replies: Callable[[], list]
+    replies: typing.Callable[[], list]
     prints: tuple = ()
     args: tuple = ()
     env: dict = field(default_factory=dict)
-    check: Callable | None = None
+    check: typing.Callable | None = None
 
 
 def _check_compatible_example(test, fp):
