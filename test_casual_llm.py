@@ -3921,7 +3921,7 @@ class TestReadme(unittest.TestCase):
         sys.modules[module.__name__] = module
         try:
             with mock_env(**fake_env(fp, **env, **spec.env)), contextlib.redirect_stdout(out):
-                exec(compile(code, f"README.md:{line}", "exec"), module.__dict__)  # noqa: S102
+                exec(compile(code, f"README.md:{line}", "exec"), module.__dict__)
         finally:
             os.chdir(old_cwd)
             del sys.modules[module.__name__]
@@ -3976,7 +3976,7 @@ class TestReadme(unittest.TestCase):
         blocks = self.of_kind("cli")
         self.assertTrue(blocks)
         lines = [(b.line, x.strip()) for b in blocks for x in b.code.splitlines()]
-        allowed = r"(export \w+=\S+|python -m casual_llm( .*)?|python -m unittest|#.*|)"
+        allowed = r"(export \w+=\S+|(cat \S+ \| )?python -m casual_llm( .*)?|python -m unittest|#.*|)"
         for line, text in lines:
             self.assertRegex(text, allowed, f"README.md:{line}: a cli block may hold only "
                                             "exports and python -m casual_llm lines")
@@ -3998,16 +3998,43 @@ class TestReadme(unittest.TestCase):
                 if text.startswith("export "):
                     key, _, value = text[7:].partition("=")
                     env[key] = value
-                elif text.startswith("python -m casual_llm"):
+                elif "python -m casual_llm" in text:
                     with self.subTest(command=text):
                         interactive = " -i" in f"{text} "
+                        sent = len(fp.requests)
                         out = subprocess.run(
-                            ["bash", "-c", text], cwd=cwd, env=env, capture_output=True, check=False,
-                            text=True, timeout=30, input="Hello\n/usage\n/exit\n"
-                            if interactive else "")
+                            ["bash", "-c", text], cwd=cwd, env=env, capture_output=True,
+                            check=False, text=True, timeout=30,
+                            input="Hello\n/usage\n/exit\n" if interactive else "")
                         self.assertEqual(out.returncode, 0, out.stderr)
                         self.assertTrue(out.stdout.strip(), "the command printed nothing")
+                        self.check_cli_line(text, out, fp.requests[sent:])
             self.assertEqual(fp.errors, [])
+
+    def check_cli_line(self, text, out, requests):
+        """What the README says each kind of command line does."""
+        last = json.dumps(requests[-1].json) if requests else ""
+        if "--version" in text:
+            self.assertIn(casual_llm.__version__, out.stdout)
+        if "--dry-run" in text:
+            self.assertEqual(requests, [], "--dry-run sent a request")
+            self.assertIn("seed", out.stdout)
+            return
+        self.assertTrue(requests or "--version" in text, "no request reached the provider")
+        if "--output-json" in text:
+            self.assertLessEqual({"model", "content", "finish_reason", "usage"},
+                                 set(json.loads(out.stdout)))
+        if " -u " in f"{text} ":
+            self.assertIn("token", out.stderr.lower())
+        if "--schema" in text:
+            self.assertEqual(json.loads(out.stdout), _CITY)
+        if "notes.txt" in text:
+            self.assertIn("Meeting moved to Thursday.", last)
+        if "-a photo.png" in text:
+            self.assertEqual(requests[-1].json["messages"][-1]["images"],
+                             [base64.b64encode(PHOTO_PNG).decode()])
+        if " -s " in text:
+            self.assertIn('"system"', last)
 
     def test_error_tree(self):
         """The README's exception tree is the real one, status codes included, and names
@@ -4136,6 +4163,14 @@ class TestReadmeClaims(ServerTest):
                       no_proxy="127.0.0.1"):
             self.assertEqual(self.chat(ssl_context=self.context()), "direct")
         self.assertEqual(len(proxy.heads), 1)
+
+    def test_client_config_ca_bundle(self):
+        """ClientConfig(ca_bundle=...) trusts that PEM file for clients built from settings."""
+        self.fp.add(openai_reply("trusted via ClientConfig"))
+        client = create_client(ClientConfig(provider="openai", base_url=self.url + "/v1",
+                                            api_key="sk-test", ca_bundle=TLSFixture.cert()))
+        self.assertEqual(Model(client, name="m").chat_sync([UserMessage(content="hi")]).content,
+                         "trusted via ClientConfig")
 
     def test_untrusted_certificate_is_refused(self):
         """Without the CA bundle the server's certificate is refused, as it should be."""

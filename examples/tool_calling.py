@@ -49,7 +49,7 @@ def run_tool(name: str, arguments: dict) -> str:
     """Run one call; errors go back to the model as text instead of crashing the loop."""
     try:
         return json.dumps(FUNCTIONS[name](**arguments))
-    except Exception as exc:  # noqa: BLE001 - the model reads the error and may retry
+    except Exception as exc:  # the model reads the error and may retry
         return json.dumps({"error": f"{type(exc).__name__}: {exc}"})
 
 

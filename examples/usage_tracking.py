@@ -27,7 +27,7 @@ def main() -> None:
     print("draft:", draft.get_usage())  # the last call's usage
     verdict = review.chat_sync([UserMessage(content=f"Rate this poem from 1 to 10:\n{text}")])
     print("review:", review.get_usage())
-    for chunk in draft.stream_sync([UserMessage(content=f"Improve it given: {verdict.content}")]):
+    for _chunk in draft.stream_sync([UserMessage(content=f"Improve it given: {verdict.content}")]):
         pass  # streams count too: the final chunk carries the usage
     print("draft again:", draft.get_usage())
 

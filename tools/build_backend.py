@@ -145,7 +145,7 @@ def _write_wheel(directory: str, contents: dict[str, bytes]) -> str:
     for path, data in contents.items():
         digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
         lines.append(f"{path},sha256={digest},{len(data)}")
-    contents[record] = ("\n".join(lines + [f"{record},,"]) + "\n").encode()
+    contents[record] = ("\n".join([*lines, f"{record},,"]) + "\n").encode()
     filename = f"{stem}-py3-none-any.whl"
     stamp = time.gmtime(_EPOCH)[:6]
     with zipfile.ZipFile(os.path.join(directory, filename), "w", zipfile.ZIP_DEFLATED) as zf:
