@@ -2880,7 +2880,8 @@ def _proxy_for(scheme: str, host: str) -> str | None:
 @functools.lru_cache(maxsize=64)
 def _proxy_for_cached(scheme: str, host: str, _env_key: tuple[str | None, ...]) -> str | None:
     import urllib.request
-    proxy = urllib.request.getproxies().get(scheme)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(scheme) or proxies.get("all")
     if not proxy or urllib.request.proxy_bypass(host):
         return None
     return proxy if "://" in proxy else f"http://{proxy}"
@@ -3388,13 +3389,20 @@ def _image_source(image: ImageContent) -> tuple[str, str, str]:
 _FETCH_HEADERS = {"User-Agent": _USER_AGENT, "Accept": "image/*"}
 
 
-def _check_address(host: str, port: int, allow_private: bool) -> list[str]:
-    """The addresses ``host`` resolves to, refused if any is not a public one."""
+def _check_address(host: str, port: int, allow_private: bool,
+                   via_proxy: bool = False) -> list[str]:
+    """The addresses ``host`` resolves to, refused if any is not a public one.
+
+    Behind a proxy a name this machine cannot resolve is left to the proxy (in a
+    restricted network only the proxy knows outside names).
+    """
     import ipaddress
     import socket
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
+        if via_proxy:
+            return []
         raise ImageFetchError(f"cannot resolve image host {host!r}: {exc}") from exc
     addresses = []
     for info in infos:
@@ -3411,8 +3419,8 @@ def _check_address(host: str, port: int, allow_private: bool) -> list[str]:
     return addresses
 
 
-def _pinned_connection(scheme: str, host: str, port: int, address: str,
-                       timeout: float) -> http.client.HTTPConnection:
+def _pinned_connection(scheme: str, host: str, port: int, address: str, timeout: float,
+                       context: ssl.SSLContext | None) -> http.client.HTTPConnection:
     """A connection to the checked ``address`` that still speaks TLS/Host for ``host``."""
     import http.client
     import socket
@@ -3425,13 +3433,29 @@ def _pinned_connection(scheme: str, host: str, port: int, address: str,
                          if scheme == "https" else sock)
 
     if scheme == "https":
-        return Pinned(host, port, timeout=timeout, context=_ssl_context())
+        return Pinned(host, port, timeout=timeout, context=context or _ssl_context())
     return Pinned(host, port, timeout=timeout)
 
 
+def _image_connection(scheme: str, host: str, port: int, timeout: float, allow_private: bool,
+                      context: ssl.SSLContext | None
+                      ) -> tuple[http.client.HTTPConnection, str, dict[str, str]]:
+    """A connection for one image request: to the checked address, or through the proxy
+    the environment names. Returns it with the request-target prefix and headers."""
+    headers = dict(_FETCH_HEADERS)
+    proxy = _proxy_for(scheme, host)
+    if proxy is None:
+        address = _check_address(host, port, allow_private)[0]
+        return _pinned_connection(scheme, host, port, address, timeout, context), "", headers
+    _check_address(host, port, allow_private, via_proxy=True)
+    conn = _proxy_connection(proxy, scheme, host, port, timeout,
+                             (context or _ssl_context()) if scheme == "https" else None, headers)
+    return conn, (f"http://{host}:{port}" if scheme == "http" else ""), headers
+
+
 def _fetch_image_blocking(url: str, timeout: float = DEFAULT_TIMEOUT,
-                          max_size: int = MAX_IMAGE_SIZE,
-                          allow_private: bool = False) -> tuple[str, str]:
+                          max_size: int = MAX_IMAGE_SIZE, allow_private: bool = False,
+                          ssl_context: ssl.SSLContext | None = None) -> tuple[str, str]:
     """Download an image safely: public addresses only, at most 5 checked redirects,
     at most ``max_size`` bytes, an ``image/*`` content type. Returns (base64, type)."""
     import base64
@@ -3442,11 +3466,11 @@ def _fetch_image_blocking(url: str, timeout: float = DEFAULT_TIMEOUT,
             raise ImageFetchError(f"image URL must be http(s) with a host, got "
                                   f"{_short(_redact_url(url) if '://' in url else url)}")
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        address = _check_address(parts.hostname, port, allow_private)[0]
-        conn = _pinned_connection(parts.scheme, parts.hostname, port, address, timeout)
+        conn, prefix, headers = _image_connection(parts.scheme, parts.hostname, port, timeout,
+                                                  allow_private, ssl_context)
         try:
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            conn.request("GET", path, headers=_FETCH_HEADERS)
+            conn.request("GET", prefix + path, headers=headers)
             resp = conn.getresponse()
             if resp.status in (301, 302, 303, 307, 308) and resp.getheader("location"):
                 url = urljoin(url, resp.getheader("location", ""))
@@ -3716,12 +3740,13 @@ def _image_urls(messages: list[ChatMessage]) -> list[str]:
 
 
 def _messages_to_ollama(messages: list[ChatMessage], allow_private: bool = False,
-                        timeout: float = DEFAULT_TIMEOUT) -> list[dict[str, Any]]:
+                        ssl_context: ssl.SSLContext | None = None) -> list[dict[str, Any]]:
     """The blocking converter: image URLs are fetched in parallel on the workers."""
     checked = _check_messages(messages)
     urls = _image_urls(checked)
-    fetched = _parallel([functools.partial(_fetch_image_blocking, url, timeout,
-                                           MAX_IMAGE_SIZE, allow_private) for url in urls])
+    fetched = _parallel([functools.partial(_fetch_image_blocking, url, DEFAULT_TIMEOUT,
+                                           MAX_IMAGE_SIZE, allow_private, ssl_context)
+                         for url in urls])
     images = {url: data for url, (data, _) in zip(urls, fetched, strict=True)}
     return [_message_to_ollama(m, images) for m in checked]
 
@@ -4373,7 +4398,7 @@ class OllamaClient(_HTTPClient):
     def _body(self, model: str, messages: list[ChatMessage], fmt: _ResponseFormat,
               max_tokens: int | None, tools: list[Tool] | None, temperature: float | None,
               stream: bool) -> dict[str, Any]:
-        wire = _messages_to_ollama(messages, self.allow_private_image_urls)
+        wire = _messages_to_ollama(messages, self.allow_private_image_urls, self._ssl_context)
         return _request_ollama(model, wire, fmt, max_tokens, tools, temperature, stream)
 
     def _merge_extra(self, body: dict[str, Any], extra: dict[str, Any]) -> None:

@@ -1681,10 +1681,6 @@ class OpenAIStrictTest(unittest.TestCase):
                 self.assertIs(_openai_strict_ok(schema), ok)
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
 PNG_B64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
 
 
@@ -3028,6 +3024,18 @@ class TestImageFetch(ServerTest):
             self.fetch(self.fp.url + "/big.png", allow_private=True, max_size=100)
         with self.assertRaisesRegex(ImageFetchError, "404"):
             self.fetch(self.fp.url + "/gone.png", allow_private=True)
+
+    def test_through_a_proxy(self):
+        """HTTP_PROXY carries image fetches; a name only the proxy can resolve is left to it,
+        while private literal addresses are still refused."""
+        png = base64.b64decode(PNG_B64)
+        self.fp.add(Reply(body=png, content_type="image/png"))
+        with mock_env(HTTP_PROXY=self.fp.url, http_proxy=self.fp.url, NO_PROXY="",
+                      no_proxy=""):
+            self.assertEqual(self.fetch("http://images.invalid/cat.png"), (PNG_B64, "image/png"))
+            with self.assertRaisesRegex(ImageFetchError, "not a public address"):
+                self.fetch("http://10.0.0.1/cat.png")
+        self.assertEqual(self.fp.requests[0].path, "http://images.invalid:80/cat.png")
 
     def test_too_many_redirects(self):
         """A redirect loop stops after five hops."""
