@@ -9,9 +9,7 @@ which replies:
 
     plain     a short reply at once (sequential calls)
     delay     a short reply after 500 ms (concurrent calls)
-    stream    20,000 one-word chunks in one write (stream throughput); ``?chunks=N``
-              is not available to the clients, so the count is the second argument
-              of MODE: ``stream:2000``
+    stream    20,000 one-word chunks in one write (stream throughput); ``stream:N`` for N
     first     the first text chunk carries ``time.time()`` taken just before the
               server writes it; the rest follows after pauses (time to first chunk)
 """

@@ -112,8 +112,12 @@ def main() -> None:
         for folder in dirs.values():
             os.mkdir(folder)
             shutil.copy(os.path.join(ROOT, "casual_llm.py"), folder)
+        _, proc = _run(["-c", "import sys; print(len(sys.modules))"], _env(True), dirs["cached"])
         print(f"{sys.executable} {sys.version.split()[0]}, median of {runs} interleaved runs "
               f"(wall ms, fork and exec included)")
+        print(f"The bare interpreter starts with {proc.stdout.strip()} modules loaded: what its "
+              f"site already imports (e.g. typing, via a .pth file) costs casual_llm nothing\n"
+              f"here, so a clean venv (about 30 modules at start) gives the larger figure.")
         print(f"\n{'command':34} {'bytecode cached':>16} {'compiled each run':>18}  "
               f"{'/target':>12}  note")
         cached = _medians(commands, _env(True), dirs["cached"], runs)
