@@ -2716,11 +2716,12 @@ class _Channel:
                 self._loop.call_soon_threadsafe(_resolve_future, waiter, True, None)
             except RuntimeError:
                 raise _Aborted() from None
-        while not self._room.wait(0.05):
+        while not self._room.is_set() and not self._room.wait(0.05):
             if abort.aborted:
                 raise _Aborted()
 
-    async def get(self) -> Any:
+    async def get(self) -> list[Any]:
+        """Every item put so far (at least one); waits only when there is none."""
         waiter = None
         with self._lock:
             if not self._items:
@@ -2728,10 +2729,10 @@ class _Channel:
         if waiter is not None:
             await waiter
         with self._lock:
-            item = self._items.popleft()
-            if len(self._items) < self._LIMIT // 2:
-                self._room.set()
-        return item
+            items = list(self._items)
+            self._items.clear()
+            self._room.set()
+        return items
 
 
 async def _aiter_blocking(produce: Callable[[_Abort], Generator[list[_T], None, None]]
@@ -2767,13 +2768,13 @@ async def _aiter_blocking(produce: Callable[[_Abort], Generator[list[_T], None, 
     _workers.submit(job)
     try:
         while True:
-            batch = await channel.get()
-            if batch is end:
-                return
-            if isinstance(batch, BaseException):
-                raise batch
-            for item in batch:
-                yield item
+            for batch in await channel.get():
+                if batch is end:
+                    return
+                if isinstance(batch, BaseException):
+                    raise batch
+                for item in batch:
+                    yield item
     finally:
         abort.abort()
 
@@ -3296,6 +3297,80 @@ def _json_frame(frame: bytes) -> Any:
         raise StreamError(f"stream frame is not JSON: {_short(frame)}") from None
 
 
+class _ChunkedDecoder:
+    """HTTP/1.1 chunked transfer coding (RFC 9112 section 7.1): bytes in, payload out.
+
+    ``chunk = size-in-hex [; extensions] CRLF data CRLF``, ended by a zero-size
+    chunk, optional trailer lines and a blank line; ``done`` is set at that end.
+    """
+
+    __slots__ = ("_buf", "_left", "done")
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._left = 0  # payload bytes left in this chunk; -1: its closing CRLF is next
+        self.done = False
+
+    def feed(self, data: bytes) -> bytes:
+        buf = self._buf + data if self._buf else data
+        out = []
+        pos, size = 0, len(buf)
+        while not self.done:
+            if self._left > 0:
+                end = min(size, pos + self._left)
+                out.append(buf[pos:end])
+                self._left -= end - pos
+                pos = end
+                if self._left:
+                    break
+                self._left = -1
+            if self._left == -1:
+                if size - pos < 2:
+                    break
+                pos, self._left = pos + 2, 0
+            eol = buf.find(b"\r\n", pos)
+            if eol < 0:
+                break
+            try:
+                length = int(buf[pos:eol].split(b";", 1)[0], 16)
+            except ValueError:
+                raise StreamError(f"bad chunked encoding: {_short(buf[pos:eol])}") from None
+            if length == 0:
+                end = buf.find(b"\r\n\r\n", eol)  # past any trailer lines
+                if end < 0:
+                    break
+                self.done, pos = True, end + 4
+            else:
+                pos, self._left = eol + 2, length
+        self._buf = buf[pos:]
+        return b"".join(out)
+
+
+def _body_reader(resp: http.client.HTTPResponse) -> Callable[[], bytes]:
+    """A reader of the body that returns all that has arrived, ``b""`` at its end.
+
+    http.client's ``read1`` returns at most one transfer chunk, and servers send
+    one frame per chunk: decoding the chunks here takes a whole network read per
+    call, so many frames cross to the event loop at once.
+    """
+    if not resp.chunked or resp.fp is None:
+        return functools.partial(resp.read1, 65536)
+    import http.client
+    decoder, raw = _ChunkedDecoder(), resp.fp
+
+    def read() -> bytes:
+        while not decoder.done:
+            data = raw.read1(65536)
+            if not data:
+                raise http.client.IncompleteRead(b"")
+            payload = decoder.feed(data)
+            if payload:
+                return payload
+        resp.close()  # read to its end: the connection can go back to the pool
+        return b""
+    return read
+
+
 def _stream_batches(req: _Request, decoder: _SSEDecoder | _NDJSONDecoder, state: _StreamState,
                     abort: _Abort | None) -> Generator[list[StreamChunk], None, None]:
     """Read a streamed reply, yielding chunks as each read decodes them.
@@ -3304,14 +3379,14 @@ def _stream_batches(req: _Request, decoder: _SSEDecoder | _NDJSONDecoder, state:
     so a server that sends only keep-alive pings still times out.
     """
     exchange = _open(req, abort)
-    resp = exchange.response
+    read = _body_reader(exchange.response)
     clean = False
     try:
         last = time.monotonic()
         seen = state.progress
         while True:
             try:
-                data = resp.read1(65536)
+                data = read()
             except TimeoutError:
                 raise APITimeoutError(f"no data for {req.timeout:g}s from "
                                       f"{_redact_url(req.url)}") from None

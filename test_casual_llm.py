@@ -2085,6 +2085,23 @@ class TestFraming(unittest.TestCase):
                 self.assertEqual(self.feed_all(casual_llm._SSEDecoder(), pieces),
                                  [b'{"a":1}', b'{"b":2}', b"line1\nline2", b"last"])
 
+    def test_chunked_coding(self):
+        """Chunked transfer coding: sizes, extensions and trailers, split anywhere."""
+        raw = (b"5\r\nhello\r\n" b"1;name=value\r\n \r\n" b"A\r\n0123456789\r\n"
+               b"0\r\nX-Trailer: 1\r\n\r\n")
+        for size in (1, 2, 5, len(raw)):
+            with self.subTest(size=size):
+                decoder = casual_llm._ChunkedDecoder()
+                payload = b"".join(decoder.feed(raw[i:i + size])
+                                   for i in range(0, len(raw), size))
+                self.assertEqual(payload, b"hello 0123456789")
+                self.assertTrue(decoder.done)
+        decoder = casual_llm._ChunkedDecoder()
+        self.assertEqual(decoder.feed(b"3\r\nabc\r\n0\r\n"), b"abc")
+        self.assertFalse(decoder.done)  # the final blank line has not arrived
+        with self.assertRaisesRegex(StreamError, "chunked"):
+            casual_llm._ChunkedDecoder().feed(b"zz\r\n")
+
     def test_ndjson_split_utf8(self):
         """Values split anywhere, even inside a multi-byte character, come out whole."""
         raw = '{"t":"héllo ✓"}\n\n{"t":"2"}\n{"t":"3"}'.encode()
@@ -2232,6 +2249,15 @@ class ProviderContract:
         self.assertEqual(chunks[-1].usage, Usage(prompt_tokens=9, completion_tokens=3))
         self.assertEqual(model.get_usage(), chunks[-1].usage)
         self.assertEqual(self.fp.requests[0].json["stream"], True)
+
+    def test_streams_reuse_the_connection(self):
+        """A stream read to its end leaves its connection for the next call."""
+        self.fp.add(self.stream_reply(["a"]), self.stream_reply(["b"]), self.text_reply("c"))
+        model = self.model()
+        self.collect(model)
+        self.collect(model)
+        run_async(model.chat([UserMessage(content="x")]))
+        self.assertEqual(self.fp.total_connections, 1)
 
     def test_stream_tool_calls(self):
         """Tool calls are assembled from their fragments and delivered on the final chunk."""
