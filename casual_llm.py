@@ -30,7 +30,6 @@ import enum
 import functools
 import inspect
 import json
-import logging
 import math
 import os
 import re
@@ -48,6 +47,7 @@ if __name__ == "__main__" and getattr(sys.modules["__main__"], "__dict__", None)
 if typing.TYPE_CHECKING:  # pragma: no cover - imported lazily at run time
     import asyncio
     import http.client
+    import logging
     import ssl
 
 __version__ = "0.5.0"
@@ -92,7 +92,19 @@ __all__ = [
     "main",
 ]
 
-logger = logging.getLogger("casual_llm")
+
+
+class _LazyLogger:
+    """The ``casual_llm`` logger, made on first use: importing logging costs start-up time."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> Any:
+        import logging
+        return getattr(logging.getLogger("casual_llm"), name)
+
+
+logger: logging.Logger = _LazyLogger()  # type: ignore[assignment]
 
 # === 1. Errors ===============================================================
 
@@ -1220,10 +1232,13 @@ class Tool(_Record):
                    parameters=parameters, required=required)
 
 
-_DOC_SECTION = re.compile(r"^(Args|Arguments|Parameters|Params|Returns?|Raises|Yields|"
-                          r"Examples?|Notes?|See Also|Attributes)\s*:?\s*$")
-_DOC_REST_PARAM = re.compile(r":param\s+(?:[^:]*\s)?(\w+)\s*:\s*(.*)")
-_DOC_ENTRY = re.compile(r"(\*{0,2}\w+)\s*(?:\([^)]*\))?\s*(?::\s*(.*))?$")
+@functools.lru_cache(maxsize=1)
+def _doc_patterns() -> tuple[re.Pattern[str], re.Pattern[str], re.Pattern[str]]:
+    """Section headers, reST ``:param`` lines and Google/NumPy entries (compiled on first use)."""
+    return (re.compile(r"^(Args|Arguments|Parameters|Params|Returns?|Raises|Yields|"
+                       r"Examples?|Notes?|See Also|Attributes)\s*:?\s*$"),
+            re.compile(r":param\s+(?:[^:]*\s)?(\w+)\s*:\s*(.*)"),
+            re.compile(r"(\*{0,2}\w+)\s*(?:\([^)]*\))?\s*(?::\s*(.*))?$"))
 
 
 def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
@@ -1232,6 +1247,7 @@ def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
     Google: ``Args:`` then ``name (type): text``; NumPy: ``Parameters`` over a dashed
     line, then ``name : type`` with the text indented below; reST: ``:param name: text``.
     """
+    section_header, rest_param, param_entry = _doc_patterns()
     lines = doc.expandtabs().splitlines()
     summary: list[str] = []
     params: dict[str, str] = {}
@@ -1242,7 +1258,7 @@ def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
     for i, line in enumerate(lines):
         stripped = line.strip()
         indent = len(line) - len(line.lstrip())
-        rest = _DOC_REST_PARAM.match(stripped)
+        rest = rest_param.match(stripped)
         if rest:
             section, current = "rest", rest.group(1)
             params[current] = rest.group(2).strip()
@@ -1251,7 +1267,7 @@ def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
             section, current = "other", None
             continue
         underline = i + 1 < len(lines) and set(lines[i + 1].strip()) == {"-"}
-        header = _DOC_SECTION.match(stripped)
+        header = section_header.match(stripped)
         if header and (stripped.endswith(":") or underline):
             section = "params" if header.group(1).startswith(("Arg", "Param")) else "other"
             current, entry_indent, numpy = None, None, underline
@@ -1260,7 +1276,7 @@ def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
             if section is None:
                 summary.append("")
             continue
-        entry = _DOC_ENTRY.match(stripped)
+        entry = param_entry.match(stripped)
         if section is None:
             summary.append(stripped)
         elif section == "params" and entry and (entry_indent is None or indent <= entry_indent):
@@ -5641,6 +5657,7 @@ def _report(exc: Exception, opts: argparse.Namespace, prog: str,
 
 
 def _debug_logging(stream: typing.TextIO) -> logging.Handler:
+    import logging
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("casual_llm: debug: %(message)s"))
     logger.addHandler(handler)
