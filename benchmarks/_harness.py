@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -283,6 +284,22 @@ def child_main(runners: dict[str, Callable[..., dict[str, Any]]]) -> None:
     else:
         result = runner(**spec)
     print(json.dumps(result), flush=True)
+
+
+def entry(main: Callable[[], None], child: Callable[..., dict[str, Any]],
+          rows: Iterable[str]) -> None:
+    """A script's ``__main__``: a child process runs one row, the parent runs ``main``."""
+    if "--child" in sys.argv:
+        child_main({row: child for row in rows})
+    else:
+        main()
+
+
+def report(title: str, rows: list[Row], as_json: bool) -> None:
+    """Print the table, and the rows as JSON when asked."""
+    print_table(title, rows)
+    if as_json:
+        print(rows_json(rows))
 
 
 def run_child(script: str, **spec: Any) -> dict[str, Any] | str:

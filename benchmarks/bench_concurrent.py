@@ -161,8 +161,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    import sys
-    if "--child" in sys.argv:
-        h.child_main({row: child for row in ROWS})
-    else:
-        main()
+    h.entry(main, child, ROWS)

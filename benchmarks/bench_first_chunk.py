@@ -109,15 +109,9 @@ def main() -> None:
                 note = f"p90 {result['p90']:.2f} ms, min {result['min']:.2f} ms"
                 rows.append(h.Row(fmt, row, label, result["median"], "ms", target=TARGET_MS,
                                   higher_is_better=False, twin=twin, note=note))
-    h.print_table(f"Time to first chunk, median of {streams} streams (target < {TARGET_MS} ms)",
-                  rows)
-    if args.json:
-        print(h.rows_json(rows))
+    h.report(f"Time to first chunk, median of {streams} streams (target < {TARGET_MS} ms)",
+             rows, args.json)
 
 
 if __name__ == "__main__":
-    import sys
-    if "--child" in sys.argv:
-        h.child_main({row: child for row in ROWS})
-    else:
-        main()
+    h.entry(main, child, ROWS)

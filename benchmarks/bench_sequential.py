@@ -90,14 +90,9 @@ def main() -> None:
                         f"{result['calls']:,} calls")
                 rows.append(h.Row(fmt, row, label, rate, "calls/s", target=TARGET,
                                   higher_is_better=True, note=note, twin=twin))
-    h.print_table(f"Sequential non-streaming calls/s (target >= {TARGET:,.0f})", rows)
-    if args.json:
-        print(h.rows_json(rows))
+    h.report(f"Sequential non-streaming calls/s (target >= {TARGET:,.0f})",
+             rows, args.json)
 
 
 if __name__ == "__main__":
-    import sys
-    if "--child" in sys.argv:
-        h.child_main({row: child for row in ROWS})
-    else:
-        main()
+    h.entry(main, child, ROWS)

@@ -100,15 +100,9 @@ def main() -> None:
                         f"median {chunks / result['median']:,.0f}/s of {repeats}")
                 rows.append(h.Row(fmt, row, label, chunks / result["best"], "chunks/s",
                                   target=TARGET, higher_is_better=True, twin=twin, note=note))
-    h.print_table(f"One stream of {chunks:,} chunks, coalesced (target >= {TARGET:,.0f} chunks/s)",
-                  rows)
-    if args.json:
-        print(h.rows_json(rows))
+    h.report(f"One stream of {chunks:,} chunks, coalesced (target >= {TARGET:,.0f} chunks/s)",
+             rows, args.json)
 
 
 if __name__ == "__main__":
-    import sys
-    if "--child" in sys.argv:
-        h.child_main({row: child for row in ROWS})
-    else:
-        main()
+    h.entry(main, child, ROWS)
