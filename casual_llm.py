@@ -2254,54 +2254,94 @@ def _matches_type(value: Any, tp: Any) -> bool:
 
 def _build_typed(value: Any, tp: Any) -> Any:
     """Turn a JSON value, already validated against ``_schema_from_type(tp)``, into ``tp``."""
+    return _builder(tp)(value)
+
+
+_Builder = Callable[[Any], Any]
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _builder(tp: Any) -> _Builder:
+    """How to build ``tp`` from a validated value: decided once per type, not per value."""
+    return _cached_builder(tp) if _hashable(tp) else _make_builder(tp)
+
+
+@functools.lru_cache(maxsize=512)
+def _cached_builder(tp: Any) -> _Builder:
+    return _make_builder(tp)
+
+
+def _make_builder(tp: Any) -> _Builder:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is typing.Annotated:
-        return _build_typed(value, args[0])
-    if hasattr(tp, "__supertype__"):
-        return tp(_build_typed(value, tp.__supertype__))
-    if tp is Any or value is None:
-        return value
-    if tp is float:
-        return float(value)
-    if tp is int:
-        return int(value)       # the schema accepts 2.0 as an integer
-    if _is_enum(tp):
-        return tp(value)
-    if _is_class(tp) and dataclasses.is_dataclass(tp):
-        hints = _type_hints(tp)
-        return tp(**{f.name: _build_typed(value[f.name], hints.get(f.name, f.type))
-                     for f in dataclasses.fields(tp) if f.init and f.name in value})
-    if typing.is_typeddict(tp):
-        hints = _type_hints(tp)
-        return {k: _build_typed(v, _strip_qualifiers(hints[k])) if k in hints else v
-                for k, v in value.items()}
-    if origin is typing.Literal:
-        key = _json_key(value)
-        return next((a for a in args if _json_key(_literal_value(a, "Literal")) == key), value)
-    if origin is typing.Union or origin is _UnionType:
-        members = [a for a in args if a is not _NoneType]
-        if len(members) == 1:
-            return _build_typed(value, members[0])
-        return next((_build_typed(value, m) for m in members if _matches_type(value, m)), value)
-    return _build_container(value, tp, origin, args)
+        return _builder(args[0])
+    if tp is Any or tp is str or tp is bool:
+        return _identity
+    if hasattr(tp, "__supertype__"):  # typing.NewType
+        inner = _builder(tp.__supertype__)
+        build: _Builder = lambda value: tp(inner(value))  # noqa: E731
+    elif tp is float or tp is int or _is_enum(tp):
+        build = tp  # int() also takes the 2.0 the schema accepts as an integer
+    elif _is_class(tp) and (dataclasses.is_dataclass(tp) or typing.is_typeddict(tp)):
+        build = _record_builder(tp)
+    elif origin is typing.Literal:
+        table = {_json_key(_literal_value(a, "Literal")): a for a in args}
+        build = lambda value: table.get(_json_key(value), value)  # noqa: E731
+    elif origin is typing.Union or origin is _UnionType:
+        build = _union_builder([a for a in args if a is not _NoneType])
+    else:
+        build = _container_builder(tp, origin, args)
+    return lambda value: None if value is None else build(value)
 
 
-def _build_container(value: Any, tp: Any, origin: Any, args: tuple[Any, ...]) -> Any:
+def _record_builder(tp: type) -> _Builder:
+    """A dataclass or TypedDict; its fields' builders are made on first use, so a
+    recursive type refers to itself."""
+    fields: list[tuple[str, _Builder]] = []
+
+    def build(value: Any) -> Any:
+        if not fields:
+            hints = _type_hints(tp)
+            names = ([(f.name, hints.get(f.name, f.type)) for f in dataclasses.fields(tp)
+                      if f.init] if dataclasses.is_dataclass(tp) else
+                     [(k, _strip_qualifiers(h)) for k, h in hints.items()])
+            fields.extend((name, _builder(hint)) for name, hint in names)
+        built = {name: make(value[name]) for name, make in fields if name in value}
+        if dataclasses.is_dataclass(tp):
+            return tp(**built)
+        return {**value, **built}
+    return build
+
+
+def _union_builder(members: list[Any]) -> _Builder:
+    if len(members) == 1:
+        return _builder(members[0])
+
+    def build(value: Any) -> Any:
+        return next((_builder(m)(value) for m in members if _matches_type(value, m)), value)
+    return build
+
+
+def _container_builder(tp: Any, origin: Any, args: tuple[Any, ...]) -> _Builder:
     base = origin or tp
+    items = [_builder(a) for a in args if a is not Ellipsis]
     if base is tuple:      # typing.Tuple, bare or subscripted, has the origin tuple
         if not args:
-            return tuple(value)
+            return tuple
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_build_typed(v, args[0]) for v in value)
-        return tuple(_build_typed(v, a) for v, a in zip(value, args, strict=False))
+            return lambda value: tuple(items[0](v) for v in value)
+        return lambda value: tuple(b(v) for b, v in zip(items, value, strict=False))
     if base in (set, frozenset, collections.abc.Set, collections.abc.MutableSet):
-        items = (_build_typed(v, args[0]) if args else v for v in value)
-        return frozenset(items) if base is frozenset else set(items)
-    if isinstance(value, list):
-        return [_build_typed(v, args[0]) for v in value] if args else list(value)
-    if isinstance(value, dict) and len(args) == 2:
-        return {k: _build_typed(v, args[1]) for k, v in value.items()}
-    return value
+        kind = frozenset if base is frozenset else set
+        return lambda value: kind(items[0](v) for v in value) if items else kind(value)
+    if base in _MAPPING_ORIGINS and len(args) == 2:
+        return lambda value: {k: items[1](v) for k, v in value.items()}
+    if base in _SEQUENCE_ORIGINS:
+        return lambda value: [items[0](v) for v in value] if items else list(value)
+    return _identity
 
 
 # --- 5e. response_format, root wrapping, the OpenAI strict subset --------------
