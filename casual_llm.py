@@ -47,6 +47,7 @@ if __name__ == "__main__" and getattr(sys.modules["__main__"], "__dict__", None)
 if typing.TYPE_CHECKING:  # pragma: no cover - imported lazily at run time
     import asyncio
     import http.client
+    import ipaddress
     import logging
     import ssl
 
@@ -407,6 +408,22 @@ def _dump_value(value: Any, exclude_none: bool) -> Any:
     return value
 
 
+def _ignore_unknown_keywords(cls: type[_T]) -> type[_T]:
+    """Let the constructor drop keywords it does not know, as pydantic's models do
+    (``extra="ignore"``): ``AssistantMessage(**openai_message)`` keeps working."""
+    init = cls.__init__
+    known = frozenset(f.name for f in dataclasses.fields(cls) if f.init)  # type: ignore[arg-type]
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        if not known.issuperset(kwargs):
+            kwargs = {k: v for k, v in kwargs.items() if k in known}
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    return cls
+
+
 def _coerce(owner: str, field: str, value: Any, cls: type[_R]) -> _R:
     """A nested dict becomes ``cls``, as pydantic does."""
     if isinstance(value, cls):
@@ -422,6 +439,7 @@ def _coerce_list(owner: str, field: str, value: Any, item: Callable[[Any], _T]) 
     return [item(v) for v in value]
 
 
+@_ignore_unknown_keywords
 @dataclasses.dataclass(kw_only=True, slots=True)
 class TextContent(_Record):
     """A piece of text inside a multimodal user message."""
@@ -434,6 +452,7 @@ class TextContent(_Record):
         _check_str("TextContent", "text", self.text)
 
 
+@_ignore_unknown_keywords
 @dataclasses.dataclass(kw_only=True, slots=True, repr=False)
 class ImageContent(_Record):
     """An image: a URL, a ``data:`` URI, raw base64, or ``{"type": "base64", "data": ...}``.
@@ -525,6 +544,7 @@ def _content_part(value: Any) -> TextContent | ImageContent:
     _fail("UserMessage", "content", "text, None or a list of TextContent/ImageContent", value)
 
 
+@_ignore_unknown_keywords
 @dataclasses.dataclass(kw_only=True, slots=True)
 class UserMessage(_Record):
     """A message from the user: text, ``None``, or a list of text and image parts."""
@@ -538,6 +558,7 @@ class UserMessage(_Record):
             self.content = _coerce_list("UserMessage", "content", self.content, _content_part)
 
 
+@_ignore_unknown_keywords
 @dataclasses.dataclass(kw_only=True, slots=True)
 class SystemMessage(_Record):
     """Instructions for the model."""
@@ -550,6 +571,7 @@ class SystemMessage(_Record):
         _check_str("SystemMessage", "content", self.content)
 
 
+@_ignore_unknown_keywords
 @dataclasses.dataclass(kw_only=True, slots=True)
 class AssistantToolCallFunction(_Record):
     """The function a tool call names, with its arguments as a JSON string."""
@@ -573,6 +595,7 @@ class AssistantToolCallFunction(_Record):
         return value
 
 
+@_ignore_unknown_keywords
 @dataclasses.dataclass(kw_only=True, slots=True)
 class AssistantToolCall(_Record):
     """A call the model asks the program to make."""
@@ -592,6 +615,7 @@ def _tool_call(value: Any) -> AssistantToolCall:
     return _coerce("AssistantMessage", "tool_calls", value, AssistantToolCall)
 
 
+@_ignore_unknown_keywords
 @dataclasses.dataclass(kw_only=True, slots=True)
 class AssistantMessage(_Record):
     """The model's reply.
@@ -619,6 +643,7 @@ class AssistantMessage(_Record):
         _check_str("AssistantMessage", "finish_reason", self.finish_reason, optional=True)
 
 
+@_ignore_unknown_keywords
 @dataclasses.dataclass(kw_only=True, slots=True)
 class ToolResultMessage(_Record):
     """The result of a tool call, sent back to the model."""
@@ -690,6 +715,7 @@ def _to_int(owner: str, field: str, value: Any) -> int:
     return value
 
 
+@_ignore_unknown_keywords
 @dataclasses.dataclass(kw_only=True, slots=True)
 class Usage(_Record):
     """Tokens a call used. ``total_tokens`` is their sum; usages add up with ``+``."""
@@ -724,6 +750,7 @@ def _usage(prompt: Any, completion: Any) -> Usage:
     return Usage(prompt_tokens=prompt or 0, completion_tokens=completion or 0)
 
 
+@_ignore_unknown_keywords
 @dataclasses.dataclass(kw_only=True, slots=True)
 class StreamChunk(_Record):
     """A piece of a streamed reply.
@@ -2630,36 +2657,45 @@ class _Aborted(Exception):
 
 
 class _Abort:
-    """Lets the event loop stop a worker: sets a flag and shuts the socket down."""
+    """Lets the event loop stop a worker: sets a flag and shuts its socket down.
 
-    __slots__ = ("_event", "_sock")
+    The socket is attached only while the worker uses it; one lock orders
+    ``abort`` against ``detach``, so a socket back in the pool is never shut.
+    """
+
+    __slots__ = ("_event", "_lock", "_sock")
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self._lock = threading.Lock()
         self._sock: Any = None
 
     @property
     def aborted(self) -> bool:
         return self._event.is_set()
 
-    def attach(self, conn: http.client.HTTPConnection) -> None:
-        self._sock = conn.sock
+    def attach(self, sock: Any) -> None:
+        with self._lock:
+            self._sock = sock
         if self._event.is_set():
             raise _Aborted()
 
-    def detach(self) -> None:
-        """The work is done: its connection may go back to the pool, out of reach."""
-        self._sock = None
+    def detach(self) -> bool:
+        """Take the socket out of reach; ``False`` when an abort already shut it."""
+        with self._lock:
+            self._sock = None
+            return not self._event.is_set()
 
     def abort(self) -> None:
-        self._event.set()
-        sock = self._sock
-        if sock is not None:
-            import socket
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        with self._lock:
+            self._event.set()
+            sock = self._sock
+            if sock is not None:
+                import socket
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def sleep(self, seconds: float) -> None:
         """Wait between retries; wakes at once when aborted."""
@@ -2804,9 +2840,10 @@ async def _aiter_blocking(produce: Callable[[_Abort], Generator[list[_T], None, 
     end = _Channel._END
 
     def job() -> None:
-        batches = produce(abort)
+        batches = None
         last: Any = end
         try:
+            batches = produce(abort)
             for batch in batches:
                 channel.put(batch, abort)
         except _Aborted:
@@ -2814,7 +2851,8 @@ async def _aiter_blocking(produce: Callable[[_Abort], Generator[list[_T], None, 
         except BaseException as exc:  # handed to the consumer
             last = exc
         finally:
-            batches.close()
+            if batches is not None:
+                batches.close()
         abort.detach()  # the connection may be back in the pool: out of the abort's reach
         try:
             channel.put(last, abort)
@@ -2892,7 +2930,7 @@ class _Request:
     url: str
     headers: dict[str, str]
     body: bytes | None
-    timeout: float
+    timeout: float | None
     max_retries: int = 2
     ssl_context: ssl.SSLContext | None = None
 
@@ -2980,7 +3018,7 @@ _pool = _Pool()
 class _Connection:
     """One exchange on a (maybe reused) connection; returns it to the pool when clean."""
 
-    __slots__ = ("conn", "key", "response", "reused")
+    __slots__ = ("abort", "conn", "headers", "key", "response", "reused", "target")
 
     def __init__(self, req: _Request, abort: _Abort | None, fresh: bool = False) -> None:
         import http.client
@@ -2993,40 +3031,57 @@ class _Connection:
         port = parts.port or (443 if scheme == "https" else 80)
         proxy = _proxy_for(scheme, host)
         context = (req.ssl_context or _ssl_context()) if scheme == "https" else None
+        self.abort = abort
         self.key = (scheme, host, port, proxy, id(context))
+        self.target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self.headers = dict(req.headers)
         pooled = None if fresh else _pool.acquire(self.key)
         self.reused = pooled is not None
-        target = parts.path or "/"
-        if parts.query:
-            target += "?" + parts.query
-        headers = dict(req.headers)
         if pooled is not None:
-            conn = pooled
+            self.conn = pooled
         elif proxy is None:
-            conn = (http.client.HTTPSConnection(host, port, timeout=req.timeout, context=context)
-                    if context else http.client.HTTPConnection(host, port, timeout=req.timeout))
+            self.conn = (
+                http.client.HTTPSConnection(host, port, timeout=req.timeout, context=context)
+                if context else http.client.HTTPConnection(host, port, timeout=req.timeout))
         else:
-            conn = _proxy_connection(proxy, scheme, host, port, req.timeout, context, headers)
+            self.conn = _proxy_connection(proxy, scheme, host, port, req.timeout, context)
         if proxy is not None and scheme == "http":
-            target = f"http://{host}:{port}{target}"
-        self.conn = conn
+            # A plain-http proxy gets the absolute URL and its credentials on every request.
+            self.target = f"http://{host}:{port}{self.target}"
+            self.headers.update(_proxy_auth(proxy))
+        if abort is not None:
+            self.conn._create_connection = functools.partial(  # type: ignore[attr-defined]
+                _connect_socket, abort=abort)
+
+    def send(self, req: _Request) -> None:
+        """Connect if needed, send the request and read the response head."""
+        conn = self.conn
         try:
             conn.timeout = req.timeout
-            if conn.sock is not None:
-                conn.sock.settimeout(req.timeout)
-            else:
+            if conn.sock is None:
                 conn.connect()
-            if abort is not None:
-                abort.attach(conn)
-            conn.request(req.method, target, body=req.body, headers=headers)
-            self.response = conn.getresponse()
+            else:
+                conn.sock.settimeout(req.timeout)
+            if self.abort is not None:
+                self.abort.attach(conn.sock)
+            conn.request(req.method, self.target, body=req.body, headers=self.headers)
+            try:
+                self.response = conn.getresponse()
+            except TimeoutError as exc:
+                # The request went out: a slow model is not asked again (the SDKs' retry
+                # of this case makes a 60 s timeout fail after 3 minutes, 3 generations).
+                raise APITimeoutError(f"timed out after {req.timeout:g}s waiting for a reply "
+                                      f"from {_redact_url(req.url)}") from exc
         except BaseException:
             conn.close()
             raise
 
     def finish(self) -> None:
         """Give the connection back if the response was read to its end, else close it."""
-        if self.response.isclosed() and not self.response.will_close:
+        clean = self.response.isclosed() and not self.response.will_close
+        if self.abort is not None and not self.abort.detach():
+            clean = False
+        if clean:
             _pool.release(self.key, self.conn)
         else:
             self.conn.close()
@@ -3035,24 +3090,65 @@ class _Connection:
         self.conn.close()
 
 
-def _proxy_connection(proxy: str, scheme: str, host: str, port: int, timeout: float,
-                      context: ssl.SSLContext | None,
-                      headers: dict[str, str]) -> http.client.HTTPConnection:
+def _connect_socket(address: tuple[str, int], timeout: float | None = None,
+                    source_address: Any = None, *, abort: _Abort) -> Any:
+    """``socket.create_connection`` that an abort interrupts: the socket is attached
+    before connecting, and the connect waits in short steps that check the flag."""
+    import errno
+    import select
+    import socket
+    error: OSError | None = None
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for family, kind, proto, _, sockaddr in socket.getaddrinfo(*address, 0, socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            abort.attach(sock)
+            sock.setblocking(False)
+            code = sock.connect_ex(sockaddr)
+            while code in (errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"connect timed out after {timeout:g}s")
+                if select.select([], [sock], [], 0.05)[1]:
+                    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if abort.aborted:
+                    raise _Aborted()
+            if code:
+                raise OSError(code, os.strerror(code))
+            sock.settimeout(timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+        except BaseException:
+            sock.close()
+            raise
+    raise error or OSError(f"no address for {address[0]!r}")
+
+
+def _proxy_auth(proxy: str) -> dict[str, str]:
+    """The Proxy-Authorization header for a proxy URL with credentials, else nothing."""
     import base64
-    import http.client
     from urllib.parse import unquote, urlsplit
     p = urlsplit(proxy)
-    auth = {}
-    if p.username:
-        token = f"{unquote(p.username)}:{unquote(p.password or '')}".encode()
-        auth["Proxy-Authorization"] = _Secret("Basic " + base64.b64encode(token).decode())
+    if not p.username:
+        return {}
+    token = f"{unquote(p.username)}:{unquote(p.password or '')}".encode()
+    return {"Proxy-Authorization": _Secret("Basic " + base64.b64encode(token).decode())}
+
+
+def _proxy_connection(proxy: str, scheme: str, host: str, port: int, timeout: float | None,
+                      context: ssl.SSLContext | None) -> http.client.HTTPConnection:
+    """A connection to ``proxy``: a CONNECT tunnel for https, plain HTTP for http."""
+    import http.client
+    from urllib.parse import urlsplit
+    p = urlsplit(proxy)
     proxy_port = p.port or (443 if p.scheme == "https" else 80)
     if scheme == "https":
         conn = http.client.HTTPSConnection(p.hostname or "", proxy_port, timeout=timeout,
                                            context=context)
-        conn.set_tunnel(host, port, headers=auth)
+        conn.set_tunnel(host, port, headers=_proxy_auth(proxy))
         return conn
-    headers.update(auth)
     return http.client.HTTPConnection(p.hostname or "", proxy_port, timeout=timeout)
 
 
@@ -3062,6 +3158,8 @@ def _open(req: _Request, abort: _Abort | None) -> _Connection:
     while True:
         try:
             exchange = _exchange(req, abort)
+        except APIError:
+            raise
         except (OSError, _http_exception()) as exc:
             if abort is not None and abort.aborted:
                 raise _Aborted() from exc
@@ -3095,15 +3193,19 @@ def _open(req: _Request, abort: _Abort | None) -> _Connection:
 
 
 def _exchange(req: _Request, abort: _Abort | None) -> _Connection:
-    """One attempt; a reused keep-alive connection the server already closed is retried once."""
+    """One attempt; a pooled connection the server had already closed is replaced once
+    (outside ``max_retries``: the request never reached the server)."""
+    exchange = _Connection(req, abort)
     try:
-        return _Connection(req, abort)
+        exchange.send(req)
     except (ConnectionError, _http_exception()) as exc:
         stale = isinstance(exc, (ConnectionResetError, BrokenPipeError)) or type(
             exc).__name__ in ("RemoteDisconnected", "BadStatusLine")
-        if not stale or (abort is not None and abort.aborted):
+        if not (exchange.reused and stale) or (abort is not None and abort.aborted):
             raise
-        return _Connection(req, abort, fresh=True)
+        exchange = _Connection(req, abort, fresh=True)
+        exchange.send(req)
+    return exchange
 
 
 def _http_exception() -> type[Exception]:
@@ -3334,7 +3436,7 @@ class _StreamState:
             out.append(_chunk(self._unwrap("".join(self._held))))
         calls = [AssistantToolCall(id=call_id or _new_call_id(),
                                    function=AssistantToolCallFunction(
-                                       name=name or "", arguments="".join(parts)))
+                                       name=name or "", arguments="".join(parts) or "{}"))
                  for call_id, name, parts in self.calls.values()] or None
         reason = self.reason or ("tool_calls" if calls else "stop")
         out.append(_chunk("", reason, calls, self.usage))
@@ -3456,7 +3558,7 @@ def _stream_batches(req: _Request, decoder: _SSEDecoder | _NDJSONDecoder, state:
             batch = state.feed(decoder.feed(data))
             if state.progress != seen:
                 seen, last = state.progress, time.monotonic()
-            elif time.monotonic() - last > req.timeout:
+            elif req.timeout is not None and time.monotonic() - last > req.timeout:
                 raise APITimeoutError(f"no events for {req.timeout:g}s from "
                                       f"{_redact_url(req.url)} (only keep-alives)")
             if batch:
@@ -3538,9 +3640,7 @@ def _check_address(host: str, port: int, allow_private: bool,
     addresses = []
     for info in infos:
         address = str(info[4][0]).split("%")[0]
-        ip = ipaddress.ip_address(address)
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
+        ip = _embedded_ipv4(ipaddress.ip_address(address))
         if (not allow_private and not ip.is_global) or ip.is_multicast or ip.is_unspecified:
             raise ImageFetchError(
                 f"refusing to fetch an image from {host!r}: it resolves to {ip}, which is "
@@ -3548,6 +3648,21 @@ def _check_address(host: str, port: int, allow_private: bool,
                 "your own network)")
         addresses.append(address)
     return addresses
+
+
+def _embedded_ipv4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address
+                   ) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The IPv4 address inside an IPv4-mapped, 6to4 or NAT64 (64:ff9b::/96) address:
+    Python counts the last two as global, yet they can reach a private IPv4 network."""
+    import ipaddress
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return ip
+    inner = ip.ipv4_mapped or ip.sixtofour
+    if inner is not None:
+        return inner
+    if ip in ipaddress.IPv6Network("64:ff9b::/96"):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return ip
 
 
 def _pinned_connection(scheme: str, host: str, port: int, address: str, timeout: float,
@@ -3580,8 +3695,10 @@ def _image_connection(scheme: str, host: str, port: int, timeout: float, allow_p
         return _pinned_connection(scheme, host, port, address, timeout, context), "", headers
     _check_address(host, port, allow_private, via_proxy=True)
     conn = _proxy_connection(proxy, scheme, host, port, timeout,
-                             (context or _ssl_context()) if scheme == "https" else None, headers)
-    return conn, (f"http://{host}:{port}" if scheme == "http" else ""), headers
+                             (context or _ssl_context()) if scheme == "https" else None)
+    if scheme == "https":
+        return conn, "", headers
+    return conn, f"http://{host}:{port}", {**headers, **_proxy_auth(proxy)}
 
 
 def _fetch_image_blocking(url: str, timeout: float = DEFAULT_TIMEOUT,
@@ -3796,14 +3913,18 @@ class _OpenAIStream(_StreamState):
             if not choices:
                 continue
             choice = choices[0]
+            if choice.get("index", 0) != 0:  # n > 1: the reply is the first choice
+                continue
             delta = choice.get("delta") or {}
             text = delta.get("content")
             if text:
                 self._text(out, text)
             for call in delta.get("tool_calls") or ():
                 function = call.get("function") or {}
+                arguments = function.get("arguments") or ""
                 self._call(call.get("index", len(self.calls)), call.get("id"),
-                           function.get("name"), function.get("arguments") or "")
+                           function.get("name"),
+                           arguments if isinstance(arguments, str) else json.dumps(arguments))
             if choice.get("finish_reason"):
                 self.reason = choice["finish_reason"]
                 self.complete = True  # some servers end without [DONE]
@@ -4270,11 +4391,12 @@ class _HTTPClient:
     _decoder: ClassVar[type[_SSEDecoder | _NDJSONDecoder]] = _SSEDecoder
     _endpoint: str
 
-    def __init__(self, *, timeout: float, max_retries: int, extra_kwargs: dict[str, Any] | None,
+    def __init__(self, *, timeout: float | None, max_retries: int,
+                 extra_kwargs: dict[str, Any] | None,
                  default_headers: dict[str, str] | None, ssl_context: ssl.SSLContext | None,
                  auth: dict[str, str]) -> None:
         owner = type(self).__name__
-        _check_number(owner, "timeout", timeout, optional=False, minimum=0.001)
+        _check_number(owner, "timeout", timeout, minimum=0.001)  # None: wait forever
         _check_int(owner, "max_retries", max_retries, optional=False)
         if extra_kwargs is not None and not isinstance(extra_kwargs, dict):
             _fail(owner, "extra_kwargs", "a dict or None", extra_kwargs)
@@ -4283,7 +4405,7 @@ class _HTTPClient:
             _fail(owner, "default_headers", "a dict of str -> str", default_headers)
         if ssl_context is not None and type(ssl_context).__name__ != "SSLContext":
             _fail(owner, "ssl_context", "an ssl.SSLContext", ssl_context)
-        self.timeout = float(timeout)
+        self.timeout = None if timeout is None else float(timeout)
         self.max_retries = max_retries
         self.extra_kwargs: dict[str, Any] = dict(extra_kwargs or {})
         self._ssl_context = ssl_context
@@ -4294,7 +4416,7 @@ class _HTTPClient:
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(url={_redact_url(self._endpoint)!r}, "
-                f"timeout={self.timeout:g})")
+                f"timeout={self.timeout})")
 
     def _body(self, model: str, messages: list[ChatMessage], fmt: _ResponseFormat,
               max_tokens: int | None, tools: list[Tool] | None, temperature: float | None,
@@ -4406,7 +4528,7 @@ class OpenAIClient(_HTTPClient):
     """
 
     def __init__(self, api_key: str | None = None, base_url: str | None = None,
-                 organization: str | None = None, timeout: float = 60.0,
+                 organization: str | None = None, timeout: float | None = 60.0,
                  extra_kwargs: dict[str, Any] | None = None, *, project: str | None = None,
                  max_retries: int = 2, default_headers: dict[str, str] | None = None,
                  ssl_context: ssl.SSLContext | None = None) -> None:
@@ -4455,7 +4577,7 @@ class AnthropicClient(_HTTPClient):
     """
 
     def __init__(self, api_key: str | None = None, base_url: str | None = None,
-                 timeout: float = 60.0, extra_kwargs: dict[str, Any] | None = None, *,
+                 timeout: float | None = 60.0, extra_kwargs: dict[str, Any] | None = None, *,
                  auth_token: str | None = None, max_retries: int = 2,
                  default_headers: dict[str, str] | None = None,
                  ssl_context: ssl.SSLContext | None = None) -> None:
@@ -4511,7 +4633,7 @@ class OllamaClient(_HTTPClient):
 
     _decoder = _NDJSONDecoder
 
-    def __init__(self, host: str | None = None, timeout: float = 60.0, *,
+    def __init__(self, host: str | None = None, timeout: float | None = 60.0, *,
                  api_key: str | None = None, extra_kwargs: dict[str, Any] | None = None,
                  max_retries: int = 2, default_headers: dict[str, str] | None = None,
                  ssl_context: ssl.SSLContext | None = None,
@@ -4856,7 +4978,7 @@ class ClientConfig:
     provider: Provider | str
     base_url: str | None = None
     api_key: str | None = None
-    timeout: float = 60.0
+    timeout: float | None = 60.0
     extra_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     name: str | None = None
     max_retries: int = 2
@@ -4866,7 +4988,7 @@ class ClientConfig:
         self.provider = _provider(self.provider)
         for field in ("base_url", "api_key", "name", "ca_bundle"):
             _check_str("ClientConfig", field, getattr(self, field), optional=True)
-        _check_number("ClientConfig", "timeout", self.timeout, optional=False, minimum=0.001)
+        _check_number("ClientConfig", "timeout", self.timeout, minimum=0.001)
         _check_int("ClientConfig", "max_retries", self.max_retries, optional=False)
         if not isinstance(self.extra_kwargs, dict):
             _fail("ClientConfig", "extra_kwargs", "a dict", self.extra_kwargs)

@@ -907,6 +907,13 @@ class TestMessages(unittest.TestCase):
                 self.assertIn(where, str(ctx.exception))
                 self.assertIsInstance(ctx.exception, ValueError)
 
+    def test_unknown_keywords_are_ignored(self):
+        """Keywords a message does not know are dropped, as pydantic's extra="ignore" does."""
+        reply = AssistantMessage(role="assistant", content="hi", refusal=None, annotations=[])
+        self.assertEqual(reply, AssistantMessage(content="hi"))
+        self.assertEqual(UserMessage(content="x", name="bob").to_dict(),
+                         {"role": "user", "content": "x"})
+
     def test_nested_dicts_are_coerced(self):
         """Dicts become content parts and tool calls, as pydantic coerces them."""
         msg = UserMessage(content=[{"type": "text", "text": "hi"},
@@ -2332,6 +2339,26 @@ class ProviderContract:
         with self.assertRaises(APITimeoutError):
             run_async(self.model(timeout=0.2, max_retries=0).chat([UserMessage(content="x")]))
 
+    def test_slow_reply_is_not_retried(self):
+        """A reply slower than ``timeout`` raises without asking the model again."""
+        self.fp.add(replace(self.text_reply("late"), delay=2), self.text_reply("again"))
+        with self.assertRaises(APITimeoutError):
+            run_async(self.model(timeout=0.2).chat([UserMessage(content="x")]))
+        self.assertEqual(len(self.fp.requests), 1)
+
+    def test_closed_without_reply_is_one_attempt(self):
+        """A fresh connection the server drops counts as one attempt: max_retries=0 sends once."""
+        self.fp.add(Reply(raw=b""), Reply(raw=b""))
+        with self.assertRaises(APIConnectionError):
+            run_async(self.model(max_retries=0).chat([UserMessage(content="x")]))
+        self.assertEqual(len(self.fp.requests), 1)
+
+    def test_stream_request_errors_raise(self):
+        """A request that cannot be built fails the stream at once (it never hangs)."""
+        with self.assertRaises(TypeError):
+            self.collect(self.model(), stop={"END"})  # a set is not JSON
+        self.assertEqual(self.fp.requests, [])
+
     def test_refused_connection(self):
         """Nothing listening raises APIConnectionError (a ConnectionError)."""
         model = Model(self.make_client(f"http://127.0.0.1:{free_port()}", max_retries=0), "m")
@@ -2643,6 +2670,53 @@ class TestOpenAIContract(ProviderContract, StructuredContract, ServerTest):
             {"type": "text", "text": "What?"},
             {"type": "image_url", "image_url": {"url": "data:image/png;base64," + PNG_B64}}]}
 
+    def test_empty_streamed_arguments(self):
+        """A streamed call with no argument fragments has arguments "{}", as in chat()."""
+        self.fp.add(openai_stream([], tool_calls=[("call_1", "now", [])]))
+        self.assertEqual(self.collect(self.model())[-1].tool_calls[0].function.arguments, "{}")
+
+    def test_proxy_credentials_on_every_request(self):
+        """An authenticating plain-http proxy gets its credentials on reused connections too."""
+        proxy = self.fp.url.replace("http://", "http://user:secret@")
+        self.fp.default = self.text_reply("ok")
+        with mock_env(HTTP_PROXY=proxy, http_proxy=proxy, NO_PROXY="", no_proxy=""):
+            model = Model(self.make_client("http://llm.example.test"), "m")
+            for _ in range(3):
+                run_async(model.chat([UserMessage(content="x")]))
+        self.assertEqual(self.fp.total_connections, 1)
+        self.assertEqual([r.headers.get("proxy-authorization") for r in self.fp.requests],
+                         ["Basic " + base64.b64encode(b"user:secret").decode()] * 3)
+
+    def test_cancel_in_a_retry_pause_spares_other_requests(self):
+        """Cancelling a call that waits to retry leaves the connection it returned to the
+        pool alone: another request using it meanwhile finishes."""
+        waiting = self.error_reply(429, "slow", headers={"retry-after": "5"})
+        other = self.stream_reply(["a", "b"])
+        other.hold_before = len(other.frames) - 2
+        self.fp.add(waiting, other)
+        model = self.model()
+
+        async def go():
+            first = asyncio.ensure_future(model.chat([UserMessage(content="x")]))
+            while len(self.fp.requests) < 1:
+                await asyncio.sleep(0.005)
+            stream = model.stream([UserMessage(content="y")])
+            await stream.__anext__()  # the second call now holds the pooled connection
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
+            other.release.set()
+            return [c async for c in stream]
+        rest = run_async(go())
+        self.assertEqual(rest[-1].finish_reason, "stop")
+        self.assertEqual(self.fp.total_connections, 1)
+
+    def test_no_timeout(self):
+        """timeout=None (as upstream allowed) waits as long as the server takes."""
+        self.fp.add(replace(self.text_reply("patient"), delay=0.1))
+        client = OpenAIClient(base_url=self.fp.url + "/v1", timeout=None)
+        self.assertEqual(Model(client, "m").chat_sync([UserMessage(content="x")]).content,
+                         "patient")
+
     def test_keyless_local_server(self):
         """A server that needs no key gets no Authorization header."""
         self.fp.add(self.text_reply("ok"))
@@ -2823,6 +2897,11 @@ class TestAnthropicContract(ProviderContract, StructuredContract, ServerTest):
             with self.assertRaisesRegex(ConfigurationError, "api_key=.*ANTHROPIC_API_KEY"):
                 AnthropicClient()
 
+    def test_empty_streamed_arguments(self):
+        """A streamed tool_use with no input fragments has arguments "{}", as in chat()."""
+        self.fp.add(anthropic_stream([], tool_uses=[("toolu_1", "now", [])]))
+        self.assertEqual(self.collect(self.model())[-1].tool_calls[0].function.arguments, "{}")
+
     def test_pings_and_unknown_events_are_skipped(self):
         """ping and unknown event types do not disturb the stream."""
         self.fp.add(self.stream_reply(["a", "b"], ping=True, unknown_event=True))
@@ -2957,6 +3036,35 @@ def self_signed_certificate(folder):
     return cert, key
 
 
+class TestCancelWhileConnecting(unittest.TestCase):
+    """A cancel frees the worker even while it is still connecting."""
+
+    def test_cancel_during_connect(self):
+        """Cancelling a call stuck in connect frees its worker at once, not at the timeout."""
+        server = socket.socket()
+        self.addCleanup(server.close)
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        port = server.getsockname()[1]
+        for _ in range(3):  # fill the accept queue: later connects wait for the timeout
+            sock = socket.socket()
+            self.addCleanup(sock.close)
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", port))
+        client = OpenAIClient(base_url=f"http://127.0.0.1:{port}/v1", timeout=30, max_retries=0)
+
+        async def go():
+            task = asyncio.ensure_future(Model(client, "m").chat([UserMessage(content="x")]))
+            await asyncio.sleep(0.3)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        run_async(go())
+        deadline = time.monotonic() + 3
+        while casual_llm._workers.busy and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertEqual(casual_llm._workers.busy, 0)
+
+
 class TestClientSetup(unittest.TestCase):
     """Client constructors check their arguments; TLS trusts what the user says."""
 
@@ -2980,7 +3088,7 @@ class TestClientSetup(unittest.TestCase):
             (lambda: AnthropicClient(api_key="k", timeout=0), "AnthropicClient.timeout",
              ValidationError),
             (lambda: OllamaClient(host=11434), "OllamaClient.host", ValidationError),
-            (lambda: OllamaClient(timeout=None), "OllamaClient.timeout", ValidationError),
+            (lambda: OllamaClient(timeout="slow"), "OllamaClient.timeout", ValidationError),
         ]
         for build, where, cls in cases:
             with self.subTest(where=where), self.assertRaisesRegex(cls, re.escape(where)):
