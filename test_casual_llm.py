@@ -2438,6 +2438,9 @@ class ProviderContract:
 
         def workers():
             return sum(t.name == "casual_llm-worker" for t in threading.enumerate())
+
+        def open_files():
+            return len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0
         for round_ in range(3):
             for _ in range(2):
                 reply = self.stream_reply(["a", "b"])
@@ -2446,9 +2449,11 @@ class ProviderContract:
             run_async(go())
             self.assertTrue(self.fp.wait_client_gone(timeout=5, count=2 * (round_ + 1)))
             self.assertTrue(self.wait_workers_idle())
+            self.assertTrue(self.fp.wait_idle(timeout=5))  # the server closed its side too
             if round_ == 0:
-                after_first = workers()
-        self.assertLessEqual(workers(), after_first)
+                after_first = workers(), open_files()
+        self.assertLessEqual(workers(), after_first[0])
+        self.assertLessEqual(open_files(), after_first[1])  # no socket left behind
 
     def test_cancel_chat_frees_the_thread(self):
         """Cancelling a waiting chat closes its connection."""
