@@ -263,6 +263,9 @@ ANTHROPIC_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096  # Anthropic requires max_tokens; upstream's default
 DEFAULT_TIMEOUT = 30.0  # image downloads
 MAX_IMAGE_SIZE = 10 * 1024 * 1024
+# Added where a provider needs the request itself to ask for JSON (OpenAI's JSON mode
+# refuses a conversation that never mentions it; Anthropic has no JSON mode).
+_JSON_INSTRUCTION = "You must respond with valid JSON only. No other text."
 _USER_AGENT = f"casual-llm/{__version__} (Python {sys.version_info[0]}.{sys.version_info[1]})"
 
 _T = TypeVar("_T")
@@ -500,6 +503,10 @@ class ImageContent(_Record):
             import mimetypes
             guessed = mimetypes.guess_type(os.fspath(path))[0]
             media_type = _sniff_media_type_bytes(data) or guessed
+            if not (media_type or "").startswith("image/"):
+                raise ValidationError(f"{os.fspath(path)!r} is not an image (PNG, JPEG, GIF or "
+                                      "WebP); pass media_type= to send it anyway",
+                                      field="path", value=os.fspath(path))
         return cls.from_bytes(data, media_type)
 
 
@@ -662,9 +669,9 @@ class ToolResultMessage(_Record):
 def _arguments_object(function: AssistantToolCallFunction) -> dict[str, Any]:
     """Arguments as the JSON object Anthropic and Ollama want.
 
-    Models sometimes write arguments that are not a JSON object; every converter
-    then sends ``{}`` and logs a warning, so one bad call does not sink the
-    conversation (OpenAI gets the string untouched: its wire form is a string).
+    Models sometimes write arguments that are not a JSON object; the Anthropic and
+    Ollama converters then send ``{}`` and log a warning, so one bad call does not
+    sink the conversation. OpenAI's wire form is the string itself, sent untouched.
     """
     try:
         return function.parse_arguments()
@@ -1035,7 +1042,10 @@ class _TypeSchemaBuilder:
         for name, hint in _type_hints(tp).items():
             # __required_keys__ misses Required/NotRequired written as strings (PEP 563), so the
             # resolved hint has the last word.
-            qualifier = typing.get_origin(hint)
+            bare = hint
+            while typing.get_origin(bare) is typing.Annotated:  # Annotated[NotRequired[X], ...]
+                bare = typing.get_args(bare)[0]
+            qualifier = typing.get_origin(bare)
             if qualifier in _TYPEDDICT_QUALIFIERS:
                 is_required = qualifier is getattr(typing, "Required", None)
             else:
@@ -1079,6 +1089,11 @@ def _schema_from_type(tp: Any, inline: bool = False) -> dict[str, Any]:
 
 
 def _strip_qualifiers(hint: Any) -> Any:
+    """A TypedDict hint without Required/NotRequired, inside Annotated too."""
+    if typing.get_origin(hint) is typing.Annotated:
+        inner = _strip_qualifiers(typing.get_args(hint)[0])
+        params = (inner, *hint.__metadata__)
+        return typing.Annotated[params]
     while typing.get_origin(hint) in _TYPEDDICT_QUALIFIERS:
         hint = typing.get_args(hint)[0]
     return hint
@@ -2335,7 +2350,8 @@ def _record_builder(tp: type) -> _Builder:
             names = ([(f.name, hints.get(f.name, f.type)) for f in dataclasses.fields(tp)
                       if f.init] if dataclasses.is_dataclass(tp) else
                      [(k, _strip_qualifiers(h)) for k, h in hints.items()])
-            fields.extend((name, _builder(hint)) for name, hint in names)
+            # Published in one step: another thread never sees half the fields.
+            fields[:] = [(name, _builder(hint)) for name, hint in names]
         built = {name: make(value[name]) for name, make in fields if name in value}
         if dataclasses.is_dataclass(tp):
             return tp(**built)
@@ -3170,6 +3186,8 @@ def _open(req: _Request, abort: _Abort | None) -> _Connection:
         else:
             resp = exchange.response
             status = resp.status
+            logger.debug("%s %s -> %d (request id %s)", req.method, _redact_url(req.url),
+                         status, resp.getheader("x-request-id") or resp.getheader("request-id"))
             if 200 <= status < 300:
                 return exchange
             if status in (301, 302, 303, 307, 308) and resp.getheader("location"):
@@ -3278,7 +3296,7 @@ def _status_error(exchange: _Connection, req: _Request) -> APIStatusError:
         raw = b""
         exchange.close()
     headers = {k.lower(): v for k, v in resp.getheaders()}
-    details = _error_details(raw, headers)
+    details = _error_details(_scrub_secrets(raw, req.headers), headers)
     text = details["provider_message"] or resp.reason or "no message"
     rid = details["request_id"]
     message = (f"{resp.status} from {req.method} {_redact_url(req.url)}: {text}"
@@ -3286,6 +3304,17 @@ def _status_error(exchange: _Connection, req: _Request) -> APIStatusError:
     return _status_error_class(resp.status)(
         message, status_code=resp.status, headers=headers, retry_after=_retry_after(resp),
         **details)
+
+
+def _scrub_secrets(raw: bytes, sent: dict[str, str]) -> bytes:
+    """An error body with the request's own credentials taken out: some servers echo
+    the key they refused, and the body becomes the exception's message."""
+    for value in sent.values():
+        if isinstance(value, _Secret):
+            for secret in {value, value.split()[-1]}:
+                if len(secret) >= 8:
+                    raw = raw.replace(secret.encode(), b"<redacted>")
+    return raw
 
 
 def _error_details(raw: bytes, headers: dict[str, str]) -> dict[str, Any]:
@@ -3865,6 +3894,9 @@ def _request_openai(model: str, messages: list[ChatMessage], fmt: _ResponseForma
         body["tools"] = tools_to_openai(tools)
     if fmt.kind == "json":
         body["response_format"] = {"type": "json_object"}
+        if not any("json" in json.dumps(m["content"]).lower() for m in body["messages"]):
+            # The API refuses json_object unless a message mentions JSON (HTTP 400).
+            body["messages"].insert(0, {"role": "system", "content": _JSON_INSTRUCTION})
     elif fmt.kind == "schema" and fmt.schema is not None:
         schema, _ = _wrap_root(fmt.schema)
         spec: dict[str, Any] = {"name": fmt.name, "schema": schema}
@@ -3992,10 +4024,15 @@ def _image_urls(messages: list[ChatMessage]) -> list[str]:
 
 
 def _messages_to_ollama(messages: list[ChatMessage], allow_private: bool = False,
-                        ssl_context: ssl.SSLContext | None = None) -> list[dict[str, Any]]:
-    """The blocking converter: image URLs are fetched in parallel on the workers."""
+                        ssl_context: ssl.SSLContext | None = None,
+                        fetch: bool = True) -> list[dict[str, Any]]:
+    """The blocking converter: image URLs are fetched in parallel on the workers
+    (``fetch=False``, for a dry run, leaves a placeholder naming the URL)."""
     checked = _check_messages(messages)
     urls = _image_urls(checked)
+    if not fetch:
+        images = {url: f"<base64 of {_redact_url(url)}, fetched when sent>" for url in urls}
+        return [_message_to_ollama(m, images) for m in checked]
     fetched = _parallel([functools.partial(_fetch_image_blocking, url, DEFAULT_TIMEOUT,
                                            MAX_IMAGE_SIZE, allow_private, ssl_context)
                          for url in urls])
@@ -4214,7 +4251,6 @@ def _usage_from_anthropic(usage: Any) -> Usage | None:
     return _usage(usage.get("input_tokens"), usage.get("output_tokens"))
 
 
-_JSON_INSTRUCTION = "You must respond with valid JSON only. No other text."
 
 
 def _request_anthropic(model: str, messages: list[ChatMessage], fmt: _ResponseFormat,
@@ -4238,7 +4274,9 @@ def _request_anthropic(model: str, messages: list[ChatMessage], fmt: _ResponseFo
         wire_tools.append({"name": _ANSWER_TOOL,
                            "description": f"Give the answer ({fmt.name}) in this shape.",
                            "input_schema": schema})
-        body["tool_choice"] = {"type": "tool", "name": _ANSWER_TOOL}
+        # With tools of the user's, the model may call one of them or answer.
+        body["tool_choice"] = ({"type": "any"} if tools else
+                               {"type": "tool", "name": _ANSWER_TOOL})
     if wire_tools:
         body["tools"] = wire_tools
     return body
@@ -4420,7 +4458,7 @@ class _HTTPClient:
 
     def _body(self, model: str, messages: list[ChatMessage], fmt: _ResponseFormat,
               max_tokens: int | None, tools: list[Tool] | None, temperature: float | None,
-              stream: bool) -> dict[str, Any]:
+              stream: bool, dry_run: bool = False) -> dict[str, Any]:
         raise NotImplementedError
 
     def _parse(self, body: Any, fmt: _ResponseFormat) -> tuple[AssistantMessage, Usage | None]:
@@ -4437,8 +4475,8 @@ class _HTTPClient:
             else:
                 body[key] = value
 
-    def _build_request(self, args: _CallArgs, extra: dict[str, Any],
-                       stream: bool) -> tuple[_Request, _ResponseFormat]:
+    def _build_request(self, args: _CallArgs, extra: dict[str, Any], stream: bool,
+                       dry_run: bool = False) -> tuple[_Request, _ResponseFormat]:
         """The HTTP request for one call: the same for chat and stream but ``stream``."""
         model, messages, response_format, max_tokens, tools, temperature = args
         owner = type(self).__name__
@@ -4446,7 +4484,7 @@ class _HTTPClient:
         tools = _check_call(owner, max_tokens, tools, temperature)
         fmt = _resolve_response_format(response_format)
         body = self._body(model, _check_messages(messages), fmt, max_tokens, tools,
-                          temperature, stream)
+                          temperature, stream, dry_run)
         self._merge_extra(body, {**self.extra_kwargs, **extra})
         data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
         return _Request("POST", self._endpoint, self._headers, data, self.timeout,
@@ -4503,10 +4541,11 @@ class _HTTPClient:
                  **extra: Any) -> dict[str, Any]:
         """The request a call would send, with credentials redacted (for ``--dry-run``)."""
         args = (model, messages, response_format, max_tokens, tools, temperature)
-        req, _ = self._build_request(args, extra, stream)
+        req, _ = self._build_request(args, extra, stream, dry_run=True)
         headers = {k: ("<redacted>" if isinstance(v, _Secret) or k.lower() in _SENSITIVE_HEADERS
                        else v) for k, v in req.headers.items()}
-        return {"method": req.method, "url": req.url, "headers": headers,
+        url = re.sub(r"^(\w+://)[^/@]*@", r"\1<redacted>@", req.url)
+        return {"method": req.method, "url": url, "headers": headers,
                 "body": json.loads(req.body or b"null")}
 
 
@@ -4557,7 +4596,7 @@ class OpenAIClient(_HTTPClient):
 
     def _body(self, model: str, messages: list[ChatMessage], fmt: _ResponseFormat,
               max_tokens: int | None, tools: list[Tool] | None, temperature: float | None,
-              stream: bool) -> dict[str, Any]:
+              stream: bool, dry_run: bool = False) -> dict[str, Any]:
         return _request_openai(model, messages, fmt, max_tokens, tools, temperature, stream,
                                self._token_field)
 
@@ -4602,7 +4641,7 @@ class AnthropicClient(_HTTPClient):
 
     def _body(self, model: str, messages: list[ChatMessage], fmt: _ResponseFormat,
               max_tokens: int | None, tools: list[Tool] | None, temperature: float | None,
-              stream: bool) -> dict[str, Any]:
+              stream: bool, dry_run: bool = False) -> dict[str, Any]:
         return _request_anthropic(model, messages, fmt, max_tokens, tools, temperature, stream)
 
     def _parse(self, body: Any, fmt: _ResponseFormat) -> tuple[AssistantMessage, Usage | None]:
@@ -4650,8 +4689,9 @@ class OllamaClient(_HTTPClient):
 
     def _body(self, model: str, messages: list[ChatMessage], fmt: _ResponseFormat,
               max_tokens: int | None, tools: list[Tool] | None, temperature: float | None,
-              stream: bool) -> dict[str, Any]:
-        wire = _messages_to_ollama(messages, self.allow_private_image_urls, self._ssl_context)
+              stream: bool, dry_run: bool = False) -> dict[str, Any]:
+        wire = _messages_to_ollama(messages, self.allow_private_image_urls, self._ssl_context,
+                                   fetch=not dry_run)
         return _request_ollama(model, wire, fmt, max_tokens, tools, temperature, stream)
 
     def _merge_extra(self, body: dict[str, Any], extra: dict[str, Any]) -> None:
@@ -4818,11 +4858,12 @@ class Model:
         """Usage summed over every call this model made (re-asks included)."""
         return self._total_usage
 
-    def _record(self, usage: Usage | None) -> None:
-        self._last_usage = usage
+    def _record(self, usage: Usage | None, earlier: Usage | None = None) -> None:
+        """Keep a call's usage; ``earlier`` is what its previous attempts spent."""
         if usage is not None:
             with self._lock:
                 self._total_usage = self._total_usage + usage
+        self._last_usage = usage if earlier is None else earlier + (usage or _usage(0, 0))
 
     def _call(self, messages: Any, response_format: Any, max_tokens: Any, tools: Any,
               temperature: Any, extra: dict[str, Any]) -> dict[str, Any]:
@@ -4850,8 +4891,9 @@ class Model:
         fmt = _resolve_response_format(call["response_format"])
         messages = call["messages"]
         for attempt in range(validation_retries + 1):
+            earlier = self._last_usage if attempt else None
             message, usage = yield {**call, "messages": messages}
-            self._record(usage)
+            self._record(usage, earlier)
             if fmt.parse is None or message.tool_calls:
                 return message
             try:
@@ -5418,6 +5460,12 @@ class _Session:
     def __init__(self, opts: argparse.Namespace, prog: str) -> None:
         self.opts, self.prog = opts, prog
         self.stdin, self.out, self.err = sys.stdin, sys.stdout, sys.stderr
+        for stream in (self.out, self.err):
+            # A reply may hold characters the terminal's encoding cannot show (a Windows
+            # console, a cp1252 pipe): show a replacement instead of failing the chat.
+            reconfigure = getattr(stream, "reconfigure", None)
+            if reconfigure is not None:
+                reconfigure(errors="replace")
         self.initial = self.target = _initial_target(opts)
         self.format = _response_format(opts)
         self.client, self.model = _connect(self.target, opts)

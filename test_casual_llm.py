@@ -993,6 +993,10 @@ class TestMessages(unittest.TestCase):
             path = pathlib.Path(tmp, "x.gif")
             path.write_bytes(b"GIF89a" + b"\0" * 10)
             self.assertEqual(ImageContent.from_path(path).media_type, "image/gif")
+            text = pathlib.Path(tmp, "notes.txt")
+            text.write_text("secret")
+            with self.assertRaisesRegex(ValidationError, "is not an image"):
+                ImageContent.from_path(text)
         self.assertEqual(strip_base64_prefix("data:image/png;base64,QUJD"), "QUJD")
         self.assertEqual(strip_base64_prefix("QUJD"), "QUJD")
         self.assertEqual(add_base64_prefix("QUJD"), "data:image/png;base64,QUJD")
@@ -1791,6 +1795,22 @@ GOLDEN_OLLAMA = {
 }
 
 
+class TestTypedDictQualifiers(unittest.TestCase):
+    """Required/NotRequired work inside Annotated too (PEP 655 allows both orders)."""
+
+    @unittest.skipUnless(hasattr(typing, "NotRequired"), "typing.NotRequired needs Python 3.11")
+    def test_annotated_qualifiers(self):
+        """The schema and the built value see through Annotated[NotRequired[X], ...]."""
+        class Note(TypedDict, total=False):
+            text: typing.Annotated[typing.Required[str], "the text"]
+            n: typing.Annotated[typing.NotRequired[int], "a count"]
+
+        schema = casual_llm._schema_from_type(Note)
+        self.assertEqual(schema["required"], ["text"])
+        self.assertEqual(schema["properties"]["n"], {"type": "integer", "description": "a count"})
+        self.assertEqual(casual_llm._build_typed({"text": "t", "n": 2}, Note), {"text": "t", "n": 2})
+
+
 class TestGoldenWire(unittest.TestCase):
     """Message list in, exact provider JSON out, for every provider."""
 
@@ -2485,8 +2505,8 @@ class ProviderContract:
             self.assertNotIn("sk-test-secret", json.dumps(other.requests[0].headers))
 
     def test_key_never_in_reprs_or_errors(self):
-        """The key is in no repr and no exception."""
-        self.fp.add(self.error_reply(401, "bad key"))
+        """The key is in no repr and no exception, even when the server echoes it."""
+        self.fp.add(self.error_reply(401, "Incorrect API key provided: sk-test-secret."))
         client = self.make_client(self.fp.url, api_key="sk-test-secret", max_retries=0)
         self.assertNotIn("sk-test-secret", repr(client))
         self.assertNotIn("sk-test-secret", repr(client.__dict__))
@@ -2584,6 +2604,7 @@ class StructuredContract:
                                      validation_retries=1))
         self.assertEqual(reply.parsed, Point(1, 2))
         self.assertEqual(model.total_usage.total_tokens, 2 * 15)
+        self.assertEqual(model.get_usage().total_tokens, 2 * 15)  # the call, every attempt
         self.assertIn("$.x", json.dumps(self.fp.requests[1].json["messages"]))
 
 
@@ -2674,6 +2695,14 @@ class TestOpenAIContract(ProviderContract, StructuredContract, ServerTest):
         return {"role": "user", "content": [
             {"type": "text", "text": "What?"},
             {"type": "image_url", "image_url": {"url": "data:image/png;base64," + PNG_B64}}]}
+
+    def test_json_mode_mentions_json(self):
+        """JSON mode adds an instruction when no message mentions JSON (the API asks for it)."""
+        self.fp.add(self.text_reply('{"a": 1}'))
+        run_async(self.model().chat([UserMessage(content="Name a colour")],
+                                    response_format="json"))
+        self.assertEqual(self.fp.requests[0].json["messages"][0],
+                         {"role": "system", "content": casual_llm._JSON_INSTRUCTION})
 
     def test_empty_streamed_arguments(self):
         """A streamed call with no argument fragments has arguments "{}", as in chat()."""
@@ -2902,6 +2931,17 @@ class TestAnthropicContract(ProviderContract, StructuredContract, ServerTest):
             with self.assertRaisesRegex(ConfigurationError, "api_key=.*ANTHROPIC_API_KEY"):
                 AnthropicClient()
 
+    def test_schema_with_tools_lets_the_model_choose(self):
+        """With the user's tools and a schema, the model may call a tool or answer."""
+        self.fp.add(self.answer(Point, {"x": 1, "y": 2}))
+        tool = Tool(name="lookup", description="Look up")
+        reply = run_async(self.model().chat([UserMessage(content="go")], response_format=Point,
+                                            tools=[tool]))
+        self.assertEqual(reply.parsed, Point(1, 2))
+        body = self.fp.requests[0].json
+        self.assertEqual(body["tool_choice"], {"type": "any"})
+        self.assertEqual([t["name"] for t in body["tools"]], ["lookup", "structured_answer"])
+
     def test_empty_streamed_arguments(self):
         """A streamed tool_use with no input fragments has arguments "{}", as in chat()."""
         self.fp.add(anthropic_stream([], tool_uses=[("toolu_1", "now", [])]))
@@ -3007,6 +3047,15 @@ class TestOllamaContract(ProviderContract, StructuredContract, ServerTest):
         model = self.model()
         run_async(model.chat([UserMessage(content="x")]))
         self.assertEqual(model.get_usage(), Usage(prompt_tokens=0, completion_tokens=4))
+
+    def test_dry_run_fetches_nothing(self):
+        """A dry run shows the request without fetching images or showing URL credentials."""
+        client = OllamaClient(host=self.fp.url.replace("http://", "http://bob:pw@"))
+        request = client._dry_run("m", [UserMessage(content=[
+            ImageContent(source="https://images.example.test/cat.png")])])
+        self.assertNotIn("pw", request["url"])
+        self.assertIn("images.example.test/cat.png", request["body"]["messages"][0]["images"][0])
+        self.assertEqual(self.fp.requests, [])
 
     def test_options_extras(self):
         """Model parameters among the extras go into ``options``; others stay top level."""
@@ -3730,6 +3779,15 @@ class TestCommandLineProcess(ServerTest):
         self.assertEqual(proc.wait(10), 141)
         self.assertEqual(proc.stderr.read(), b"")
         proc.stderr.close()
+
+    def test_output_the_encoding_cannot_show(self):
+        """A reply the output encoding cannot show (a cp1252 pipe) is printed with
+        replacements, not a failure."""
+        self.fp.add(openai_stream(["smile ", "\U0001F600"]))
+        run = subprocess.run([sys.executable, "-m", "casual_llm", "hi"], cwd=HERE,
+                             env=self.env(PYTHONIOENCODING="cp1252"), input=b"",
+                             capture_output=True, timeout=30, check=False)
+        self.assertEqual((run.returncode, run.stdout, run.stderr), (0, b"smile ?\n", b""))
 
 
 # =============================================================================

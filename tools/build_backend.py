@@ -21,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULE = "casual_llm.py"
 SDIST_FILES = ("pyproject.toml", MODULE, "README.md", "CHANGELOG.md", "LICENSE",
                "test_casual_llm.py", "tools/build_backend.py")
+SDIST_FOLDERS = ("examples",)  # the tests run them, so the sdist's tests need them
 # 1980-01-01, the earliest date a zip can hold, unless SOURCE_DATE_EPOCH says otherwise.
 _EPOCH = int(os.environ.get("SOURCE_DATE_EPOCH", "315532800"))
 
@@ -193,7 +194,10 @@ def build_sdist(sdist_directory: str, config_settings: dict | None = None) -> st
     _, stem = _names(project)
     filename = f"{stem}.tar.gz"
     members = {f"{stem}/PKG-INFO": _metadata(project).encode()}
-    for name in SDIST_FILES:
+    folders = [f"{folder}/{entry}" for folder in SDIST_FOLDERS
+               for entry in sorted(os.listdir(os.path.join(ROOT, folder)))
+               if os.path.isfile(os.path.join(ROOT, folder, entry))]
+    for name in (*SDIST_FILES, *folders):
         with open(os.path.join(ROOT, name), "rb") as f:
             members[f"{stem}/{name}"] = f.read()
     with tarfile.open(os.path.join(sdist_directory, filename), "w:gz",
