@@ -95,6 +95,12 @@ __all__ = [
 
 
 
+def _debugging() -> bool:
+    """Whether debug records would go anywhere (cheap: checked per request)."""
+    logging = sys.modules.get("logging")
+    return logging is not None and logging.getLogger("casual_llm").isEnabledFor(logging.DEBUG)
+
+
 class _LazyLogger:
     """The ``casual_llm`` logger, made on first use: importing logging costs start-up time."""
 
@@ -3186,8 +3192,9 @@ def _open(req: _Request, abort: _Abort | None) -> _Connection:
         else:
             resp = exchange.response
             status = resp.status
-            logger.debug("%s %s -> %d (request id %s)", req.method, _redact_url(req.url),
-                         status, resp.getheader("x-request-id") or resp.getheader("request-id"))
+            if _debugging():
+                logger.debug("%s %s -> %d (request id %s)", req.method, _redact_url(req.url),
+                             status, resp.getheader("x-request-id") or resp.getheader("request-id"))
             if 200 <= status < 300:
                 return exchange
             if status in (301, 302, 303, 307, 308) and resp.getheader("location"):
