@@ -53,6 +53,16 @@ CHILD_TIMEOUT = 120.0  # no child outlives this, whatever the server does
 
 # === The fake provider ============================================================================
 
+# The rows of the two stream scripts: row -> (label, its SDK twin).
+STREAM_ROWS: dict[str, tuple[str, str | None]] = {
+    "floor": ("floor http.client read1 + json.loads", None),
+    "casual_async": ("casual_llm async for in Model.stream", "sdk_async"),
+    "casual_sync": ("casual_llm for in Model.stream_sync", "sdk_sync"),
+    "sdk_async": ("SDK async stream", None),
+    "sdk_sync": ("SDK sync stream", None),
+}
+
+
 @contextlib.contextmanager
 def fake_provider(mode: str, lifetime: float = 300.0) -> Iterator[str]:
     """Start ``_server.py MODE`` in its own process and yield its URL; stop it on exit."""

@@ -75,24 +75,15 @@ def _raw_round(fmt: str, url: str, calls: int, socks: list[socket.socket]) -> No
 def child(row: str, fmt: str, url: str, calls: int, rounds: int) -> dict[str, Any]:
     walls: list[float] = []
     cpus: list[float] = []
-    if row == "raw":
-        socks: list[socket.socket] = []
+    if row in ("raw", "floor"):
+        one_round = _raw_round if row == "raw" else _floor_round
+        kept: list[Any] = []  # the sockets or connections, alive across rounds
         if rounds > 1:
-            _raw_round(fmt, url, 1, socks)
+            one_round(fmt, url, 1, kept)
         before = h.rss_mb()
         for _ in range(rounds):
             t0, c0 = time.perf_counter(), time.process_time()
-            _raw_round(fmt, url, calls, socks)
-            walls.append(time.perf_counter() - t0)
-            cpus.append(time.process_time() - c0)
-    elif row == "floor":
-        conns: list[h.Floor] = []
-        if rounds > 1:
-            _floor_round(fmt, url, 1, conns)
-        before = h.rss_mb()
-        for _ in range(rounds):
-            t0, c0 = time.perf_counter(), time.process_time()
-            _floor_round(fmt, url, calls, conns)
+            one_round(fmt, url, calls, kept)
             walls.append(time.perf_counter() - t0)
             cpus.append(time.process_time() - c0)
     else:

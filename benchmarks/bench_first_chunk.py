@@ -21,13 +21,7 @@ from typing import Any
 import _harness as h
 
 TARGET_MS = 2.0
-ROWS = {  # row -> (label, SDK twin)
-    "floor": ("floor http.client read1 + json.loads", None),
-    "casual_async": ("casual_llm async for in Model.stream", "sdk_async"),
-    "casual_sync": ("casual_llm for in Model.stream_sync", "sdk_sync"),
-    "sdk_async": ("SDK async stream", None),
-    "sdk_sync": ("SDK sync stream", None),
-}
+ROWS = h.STREAM_ROWS
 
 
 def _gap(text: str) -> float:
