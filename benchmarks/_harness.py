@@ -95,6 +95,15 @@ def sdk_available(fmt: str) -> bool:
     return importlib.util.find_spec(fmt) is not None
 
 
+def skip_reason(row: str, fmt: str, args: argparse.Namespace) -> str:
+    """Why an SDK row is not measured (``""`` when it is)."""
+    if not row.startswith("sdk"):
+        return ""
+    if args.no_sdk:
+        return "skipped: --no-sdk"
+    return "" if sdk_available(fmt) else f"skipped: no {fmt} package"
+
+
 def casual_model(fmt: str, url: str) -> Any:
     """A ``casual_llm.Model`` on the fake provider."""
     import casual_llm

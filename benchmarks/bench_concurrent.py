@@ -124,9 +124,7 @@ def main() -> None:
     with h.fake_provider("delay") as url:
         for fmt in args.formats:
             for row, (label, twin) in ROWS.items():
-                skip = ""
-                if row.startswith("sdk") and (args.no_sdk or not h.sdk_available(fmt)):
-                    skip = "skipped: --no-sdk" if args.no_sdk else f"skipped: no {fmt} package"
+                skip = h.skip_reason(row, fmt, args)
                 result = skip or h.run_child(__file__, row=row, fmt=fmt, url=url, calls=calls,
                                              rounds=1 if args.quick else 2,
                                              profile=row in args.profile)

@@ -91,9 +91,7 @@ def main() -> None:
     with h.fake_provider("first") as url:
         for fmt in args.formats:
             for row, (label, twin) in ROWS.items():
-                skip = ""
-                if row.startswith("sdk") and (args.no_sdk or not h.sdk_available(fmt)):
-                    skip = "skipped: --no-sdk" if args.no_sdk else f"skipped: no {fmt} package"
+                skip = h.skip_reason(row, fmt, args)
                 result = skip or h.run_child(__file__, row=row, fmt=fmt, url=url,
                                              streams=streams, profile=row in args.profile)
                 if isinstance(result, str):

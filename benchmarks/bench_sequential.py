@@ -74,13 +74,9 @@ def main() -> None:
     with h.fake_provider("plain") as url:
         for fmt in args.formats:
             for row, (label, twin) in ROWS.items():
-                if row.startswith("sdk") and (args.no_sdk or not h.sdk_available(fmt)):
-                    note = "skipped: --no-sdk" if args.no_sdk else f"skipped: no {fmt} package"
-                    rows.append(h.Row(fmt, row, label, None, "", target=None,
-                                      higher_is_better=True, note=note))
-                    continue
-                result = h.run_child(__file__, row=row, fmt=fmt, url=url, seconds=seconds,
-                                     profile=row in args.profile)
+                result = h.skip_reason(row, fmt, args) or h.run_child(
+                    __file__, row=row, fmt=fmt, url=url, seconds=seconds,
+                    profile=row in args.profile)
                 if isinstance(result, str):
                     rows.append(h.Row(fmt, row, label, None, "", target=None,
                                       higher_is_better=True, note=result))

@@ -80,9 +80,7 @@ def main() -> None:
     with h.fake_provider(f"stream:{chunks}") as url:
         for fmt in args.formats:
             for row, (label, twin) in ROWS.items():
-                skip = ""
-                if row.startswith("sdk") and (args.no_sdk or not h.sdk_available(fmt)):
-                    skip = "skipped: --no-sdk" if args.no_sdk else f"skipped: no {fmt} package"
+                skip = h.skip_reason(row, fmt, args)
                 repeats = 1 if args.quick or row.startswith("sdk") else 3
                 result = skip or h.run_child(__file__, row=row, fmt=fmt, url=url, chunks=chunks,
                                              repeats=repeats, profile=row in args.profile)
