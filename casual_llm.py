@@ -3972,13 +3972,11 @@ class _OpenAIStream(_StreamState):
 
 def _stream_error(error: Any) -> StreamError:
     """An error event inside a stream that already answered 200."""
-    if isinstance(error, dict):
-        message = error.get("message") or "an error occurred during streaming"
-        err = StreamError(f"error in stream: {message}", provider_message=message,
-                          error_type=error.get("type"), error_code=error.get("code"))
-    else:
-        err = StreamError(f"error in stream: {error}", provider_message=str(error))
-    return err
+    if not isinstance(error, dict):
+        return StreamError(f"error in stream: {error}", provider_message=str(error))
+    message = error.get("message") or "an error occurred during streaming"
+    return StreamError(f"error in stream: {message}", provider_message=message,
+                       error_type=error.get("type"), error_code=error.get("code"))
 
 
 # === 9. Wire format: Ollama ==================================================
