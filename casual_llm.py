@@ -60,8 +60,8 @@ __all__ = [
     # clients and factories
     "LLMClient", "OpenAIClient", "AnthropicClient", "OllamaClient",
     "create_client", "create_model", "ScriptedClient",
-    # model
-    "Model",
+    # model and its options
+    "Model", "ChatOptions",
     # messages
     "ChatMessage", "UserMessage", "AssistantMessage", "SystemMessage",
     "ToolResultMessage", "AssistantToolCall", "AssistantToolCallFunction",
@@ -77,7 +77,7 @@ __all__ = [
     "convert_messages_to_openai", "convert_messages_to_anthropic",
     "convert_messages_to_ollama", "convert_tool_calls_from_openai",
     "convert_tool_calls_from_anthropic", "convert_tool_calls_from_ollama",
-    "extract_system_message",
+    "extract_system_message", "extract_system_messages", "merge_system_messages",
     # structured output
     "validate_json_schema",
     # images
@@ -273,6 +273,33 @@ MAX_IMAGE_SIZE = 10 * 1024 * 1024
 # refuses a conversation that never mentions it; Anthropic has no JSON mode).
 _JSON_INSTRUCTION = "You must respond with valid JSON only. No other text."
 _USER_AGENT = f"casual-llm/{__version__} (Python {sys.version_info[0]}.{sys.version_info[1]})"
+
+
+
+@dataclasses.dataclass(frozen=True)
+class _ProviderFacts:
+    """What casual_llm knows of a provider, declared once: its client reads the variables
+    and the URL, the command line its help and errors, the transport which headers
+    carry keys (never logged, never sent to another origin). The default URLs are the
+    public constants above."""
+
+    name: str           # the Provider value, and the command line's PROVIDER: prefix
+    about: str          # for help texts
+    key_env: str
+    url_env: str
+    key_headers: tuple[str, ...]
+    default_model: str  # the command line's choice when -m names no model
+
+
+_PROVIDERS: dict[str, _ProviderFacts] = {facts.name: facts for facts in (
+    _ProviderFacts("openai", "OpenAI, or any OpenAI-compatible server", "OPENAI_API_KEY",
+                   "OPENAI_BASE_URL", ("authorization", "openai-organization", "openai-project"),
+                   "gpt-4o-mini"),
+    _ProviderFacts("ollama", f"Ollama (default {OLLAMA_HOST})", "OLLAMA_API_KEY", "OLLAMA_HOST",
+                   ("authorization",), "llama3.2"),
+    _ProviderFacts("anthropic", "Anthropic", "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL",
+                   ("x-api-key", "authorization"), "claude-haiku-4-5"),
+)}
 
 _T = TypeVar("_T")
 _R = TypeVar("_R", bound="_Record")
@@ -716,6 +743,23 @@ def _check_messages(messages: Any) -> list[ChatMessage]:
     return [message_from_dict(m) for m in messages]
 
 
+def merge_system_messages(messages: list[ChatMessage]) -> list[ChatMessage]:
+    """Upstream 0.8's ``system_message_handling="merge"``: system messages stripped, the
+    empty ones dropped and, when more than one is left, joined by a blank line into one
+    system message at the front."""
+    return _merge_system(_check_messages(messages))
+
+
+def _merge_system(checked: list[ChatMessage]) -> list[ChatMessage]:
+    texts = [m.content.strip() for m in checked if isinstance(m, SystemMessage)]
+    kept = [t for t in texts if t]
+    if len(kept) > 1:
+        return [SystemMessage(content="\n\n".join(kept)),
+                *(m for m in checked if not isinstance(m, SystemMessage))]
+    return [SystemMessage(content=m.content.strip()) if isinstance(m, SystemMessage) else m
+            for m in checked if not (isinstance(m, SystemMessage) and not m.content.strip())]
+
+
 def _to_int(owner: str, field: str, value: Any) -> int:
     """Token counts: ``"3"`` and ``3.0`` become 3 (pydantic's lax mode); bad values fail."""
     if isinstance(value, bool):
@@ -728,17 +772,37 @@ def _to_int(owner: str, field: str, value: Any) -> int:
     return value
 
 
+_USAGE_DETAILS = ("cached_tokens", "cache_write_tokens", "reasoning_tokens")
+
+
 @_ignore_unknown_keywords
-@dataclasses.dataclass(kw_only=True, slots=True)
+@dataclasses.dataclass(kw_only=True, slots=True, repr=False)
 class Usage(_Record):
-    """Tokens a call used. ``total_tokens`` is their sum; usages add up with ``+``."""
+    """Tokens a call used. ``total_tokens`` is their sum; usages add up with ``+``.
+
+    ``prompt_tokens`` counts the whole prompt, cached parts included. Where the
+    provider reports them, ``cached_tokens`` (read from the prompt cache),
+    ``cache_write_tokens`` (written to it) and ``reasoning_tokens`` (thinking, a
+    part of ``completion_tokens``) say more; ``None`` means not reported.
+    """
 
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int | None = None
+    cache_write_tokens: int | None = None
+    reasoning_tokens: int | None = None
 
     def __post_init__(self) -> None:
         self.prompt_tokens = _to_int("Usage", "prompt_tokens", self.prompt_tokens)
         self.completion_tokens = _to_int("Usage", "completion_tokens", self.completion_tokens)
+        for name in _USAGE_DETAILS:
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, _to_int("Usage", name, value))
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={v}" for k, v in self.to_dict().items() if k != "total_tokens")
+        return f"Usage({shown})"
 
     @property
     def total_tokens(self) -> int:
@@ -746,21 +810,31 @@ class Usage(_Record):
         return self.prompt_tokens + self.completion_tokens
 
     def to_dict(self, *, exclude_none: bool = False) -> dict[str, Any]:
-        """The counts and their total."""
-        return {"prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens,
-                "total_tokens": self.total_tokens}
+        """The counts and their total; the details only when reported."""
+        out = {"prompt_tokens": self.prompt_tokens,
+               "completion_tokens": self.completion_tokens,
+               "total_tokens": self.total_tokens}
+        for name in _USAGE_DETAILS:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
 
     def __add__(self, other: Usage) -> Usage:
         if not isinstance(other, Usage):
             return NotImplemented
+        details = [None if a is None and b is None else (a or 0) + (b or 0)
+                   for a, b in ((getattr(self, n), getattr(other, n)) for n in _USAGE_DETAILS)]
         return _usage(self.prompt_tokens + other.prompt_tokens,
-                      self.completion_tokens + other.completion_tokens)
+                      self.completion_tokens + other.completion_tokens, *details)
 
 
-def _usage(prompt: Any, completion: Any) -> Usage:
+def _usage(prompt: Any, completion: Any, cached: Any = None, cache_write: Any = None,
+           reasoning: Any = None) -> Usage:
     """Usage from a provider's counts; a missing (``null``) count is 0, not a crash."""
-    return Usage(prompt_tokens=prompt or 0, completion_tokens=completion or 0)
+    return Usage(prompt_tokens=prompt or 0, completion_tokens=completion or 0,
+                 cached_tokens=cached, cache_write_tokens=cache_write,
+                 reasoning_tokens=reasoning)
 
 
 @_ignore_unknown_keywords
@@ -2401,13 +2475,18 @@ class _ResponseFormat:
 
     ``kind`` is "text", "json" (any JSON value) or "schema"; ``schema`` is shared and read-only;
     ``name`` matches OpenAI's ``[a-zA-Z0-9_-]{1,64}``; ``parse(raw_text)`` returns the typed value
-    or raises SchemaValidationError with ``raw_text`` and JSON paths.
+    or raises SchemaValidationError with ``raw_text`` and JSON paths; ``unwrap`` is ``None``
+    when the reply needs no unwrapping.
     """
 
     kind: str
     schema: dict[str, Any] | None = None
     name: str = "response"
     parse: Callable[[str], Any] | None = None
+    # The plan for the wire, decided once: the schema to send (its root wrapped as an
+    # object where that is needed, see _wrap_root) and how to unwrap the reply's text.
+    wire_schema: dict[str, Any] | None = None
+    unwrap: Callable[[str], str] | None = None
 
 
 _ACCEPTED_FORMATS = ("'text', 'json', a JSON Schema dict, a dataclass, a TypedDict, an Enum, a "
@@ -2462,6 +2541,13 @@ _TEXT_FORMAT = _ResponseFormat("text")
 _JSON_FORMAT = _ResponseFormat("json", None, "response", _load_reply_json)
 
 
+def _schema_format(schema: dict[str, Any], name: str, parse: Callable[[str], Any]
+                   ) -> _ResponseFormat:
+    wire, unwrap = _wrap_root(schema)
+    return _ResponseFormat("schema", schema, name, parse, wire,
+                           None if unwrap is _unwrap_identity else unwrap)
+
+
 def _format_from_schema(schema: dict[str, Any]) -> _ResponseFormat:
     node = _compiled_validator(schema)      # compiles now: a malformed schema fails early
 
@@ -2470,7 +2556,7 @@ def _format_from_schema(schema: dict[str, Any]) -> _ResponseFormat:
         _check_reply(node, value, text)
         return value
 
-    return _ResponseFormat("schema", schema, _format_name(schema.get("title")), parse)
+    return _schema_format(schema, _format_name(schema.get("title")), parse)
 
 
 @functools.lru_cache(maxsize=128)
@@ -2484,7 +2570,7 @@ def _format_from_type(tp: Any) -> _ResponseFormat:
         return _build_typed(value, tp)
 
     name = tp.__name__ if _is_named_type(tp) else "response"
-    return _ResponseFormat("schema", schema, _format_name(name), parse)
+    return _schema_format(schema, _format_name(name), parse)
 
 
 def _is_pydantic_model(tp: Any) -> bool:
@@ -2519,7 +2605,7 @@ def _format_from_pydantic(model: Any) -> _ResponseFormat:
         except (ValueError, TypeError) as exc:      # pydantic's ValidationError is a ValueError
             raise _pydantic_failure(exc, text) from exc
 
-    return _ResponseFormat("schema", schema, _format_name(model.__name__), parse)
+    return _schema_format(schema, _format_name(model.__name__), parse)
 
 
 def _resolve_response_format(response_format: Any) -> _ResponseFormat:
@@ -2661,6 +2747,202 @@ def _strict_node_ok(schema: Any, nesting: int, totals: dict[str, int],
     return all(_strict_node_ok(child, level, totals) for child, level in children)
 
 
+# --- 5f. The call: ChatOptions, merged and checked once -----------------------
+# Whichever face a call came through (0.5 keywords, 0.7 ``options=``, a model's
+# defaults, a client's extras), it becomes one ``_Call`` that Model, the clients and
+# the wire formats all read.
+
+_TOOL_CHOICES = ("auto", "none", "required")
+_SYSTEM_HANDLINGS = ("passthrough", "merge")
+
+
+@dataclasses.dataclass
+class ChatOptions:
+    """The settings of one call, as upstream 0.7/0.8 define them.
+
+    Give them per call (``chat(messages, options=...)``) or as a model's
+    ``default_options``; fields left ``None`` take the defaults below them, and
+    ``extra`` dicts (raw provider fields, sent as they are) merge, the call's
+    keys winning. ``tool_choice`` is ``"auto"``, ``"none"``, ``"required"`` or a
+    tool's name; ``system_message_handling="merge"`` joins the system messages
+    into one. ``parallel_tool_calls`` is casual_llm's own addition. Each provider
+    gets the options in its own form; one it does not take is left out, with a
+    warning naming it.
+    """
+
+    response_format: Any = "text"
+    max_tokens: int | None = None
+    tools: list[Tool] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] | None = None
+    tool_choice: str | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    seed: int | None = None
+    top_k: int | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    system_message_handling: Literal["passthrough", "merge"] | None = None
+    parallel_tool_calls: bool | None = None
+
+    def __post_init__(self) -> None:
+        fields = {name: getattr(self, name) for name in _OPTION_NAMES}
+        fields["extra"] = self.extra
+        _check_options("ChatOptions", fields)
+        for name, value in fields.items():
+            setattr(self, name, value)
+
+
+_OPTION_NAMES = ("response_format", "max_tokens", "tools", "temperature", "top_p", "stop",
+                 "tool_choice", "frequency_penalty", "presence_penalty", "seed", "top_k",
+                 "system_message_handling", "parallel_tool_calls")
+
+
+def _check_tools(owner: str, field: str, value: Any) -> list[Tool]:
+    if not isinstance(value, (list, tuple)):
+        _fail(owner, field, "a list of Tool", value)
+    return [t if isinstance(t, Tool) else _coerce(owner, field, t, Tool) for t in value]
+
+
+def _check_stop(owner: str, field: str, value: Any) -> list[str]:
+    stop = [value] if isinstance(value, str) else value
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        _fail(owner, field, "a string or a list of strings", value)
+    return list(stop)
+
+
+def _check_choice(owner: str, field: str, value: Any, choices: tuple[str, ...]) -> Any:
+    if value not in choices:
+        _fail(owner, field, " or ".join(repr(c) for c in choices), value)
+    return value
+
+
+def _check_format(owner: str, field: str, value: Any) -> Any:
+    try:
+        _resolve_response_format(value)
+    except TypeError as exc:
+        raise ValidationError(f"{owner}.{field}: {exc}", field=field, value=value) from None
+    return value
+
+
+def _checked(check: Callable[..., None], **kw: Any) -> Callable[[str, str, Any], Any]:
+    """A ``_check_*`` function that returns the value it accepted."""
+    def run(owner: str, field: str, value: Any) -> Any:
+        check(owner, field, value, **kw)
+        return value
+    return run
+
+
+def _check_tool_choice(owner: str, field: str, value: Any) -> Any:
+    if not isinstance(value, str) or not value:
+        _fail(owner, field, "'auto', 'none', 'required' or a tool's name", value)
+    return value
+
+
+def _check_bool(owner: str, field: str, value: Any) -> Any:
+    if not isinstance(value, bool):
+        _fail(owner, field, "True, False or None", value)
+    return value
+
+
+_OPTION_CHECKS: dict[str, Callable[[str, str, Any], Any]] = {
+    "response_format": _check_format,
+    "max_tokens": _checked(_check_int, minimum=1),
+    "tools": _check_tools,
+    "temperature": _checked(_check_number, minimum=0),
+    "top_p": _checked(_check_number, minimum=0),
+    "stop": _check_stop,
+    "tool_choice": _check_tool_choice,
+    "frequency_penalty": _checked(_check_number),
+    "presence_penalty": _checked(_check_number),
+    "seed": _checked(_check_int, minimum=-(1 << 63)),
+    "top_k": _checked(_check_int, minimum=1),
+    "system_message_handling": lambda o, f, v: _check_choice(o, f, v, _SYSTEM_HANDLINGS),
+    "parallel_tool_calls": _check_bool,
+}
+
+
+def _check_options(owner: str, fields: dict[str, Any]) -> None:
+    """Check and normalise option values in place (``None`` is always accepted)."""
+    for name, value in fields.items():
+        if value is not None and name != "extra":
+            fields[name] = _OPTION_CHECKS[name](owner, name, value)
+    extra = fields.get("extra")
+    if not isinstance(extra, dict) or not all(isinstance(k, str) for k in extra):
+        _fail(owner, "extra", "a dict with string keys", extra)
+    # One reply per call, without log probabilities: refused rather than dropped.
+    n = extra.get("n")
+    if n not in (None, 1):
+        raise ValidationError(f"{owner}: n={n!r} is not supported: casual_llm returns one reply "
+                              "per call; make n calls instead", field="n", value=n)
+    for key in ("logprobs", "top_logprobs"):
+        if extra.get(key):
+            raise ValidationError(f"{owner}: {key}={extra[key]!r} is not supported: casual_llm "
+                                  "does not return log probabilities", field=key, value=extra[key])
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Call:
+    """One call, checked once; ``options`` is the merged ChatOptions, never changed."""
+
+    model: str
+    messages: list[ChatMessage]
+    options: ChatOptions
+    fmt: _ResponseFormat
+
+
+def _layer_items(layer: ChatOptions | dict[str, Any]
+                 ) -> tuple[dict[str, Any], dict[str, Any], set[str]]:
+    """``(named options, raw extras, the options named by an extra)`` of one layer: a
+    ChatOptions, or a dict of options with the extras under ``"extra"``."""
+    if isinstance(layer, ChatOptions):
+        named = {name: getattr(layer, name) for name in _OPTION_NAMES}
+        raw = layer.extra
+    else:
+        named = {k: v for k, v in layer.items() if k != "extra"}
+        raw = layer.get("extra") or {}
+    lifted = {k for k in raw if k in _OPTION_CHECKS and named.get(k) is None}
+    if lifted:
+        # An extra named like an option (``seed=1`` as a 0.5 keyword, or in ``extra``)
+        # is that option, so it is mapped to each provider's form.
+        named.update((k, raw[k]) for k in lifted)
+        raw = {k: v for k, v in raw.items() if k not in lifted}
+    return named, raw, lifted
+
+
+def _new_call(owner: str, model: Any, messages: Any,
+              layers: Iterable[ChatOptions | dict[str, Any] | None]) -> _Call:
+    """Merge ``layers`` (lowest first: client, model, per-call options, keywords) into one
+    checked ``_Call``: a field that is set wins over the layers below, extras merge."""
+    _check_str(owner, "model", model)
+    fields: dict[str, Any] = {}
+    from_extra: dict[str, bool] = {}  # where each field's value came from
+    extra: dict[str, Any] = {}
+    for layer in layers:
+        if not layer:
+            continue
+        named, raw, lifted = _layer_items(layer)
+        for name, value in named.items():
+            # "text" is the default response_format: it does not override a default's.
+            if value is None or (name == "response_format" and isinstance(value, str)
+                                 and value == "text"):
+                continue
+            if from_extra.get(name) and name not in lifted:
+                logger.warning("extra %r ignored: the call sets %s", name, name)
+            fields[name], from_extra[name] = value, name in lifted
+        extra.update(raw)
+    fields["extra"] = extra
+    _check_options(owner, fields)
+    options = object.__new__(ChatOptions)  # checked above: skip checking again
+    for name in _OPTION_NAMES:
+        setattr(options, name, fields.get(name))
+    options.extra = extra
+    if options.response_format is None:
+        options.response_format = "text"
+    return _Call(model, _check_messages(messages), options,
+                 _resolve_response_format(options.response_format))
+
+
 # === 6. Transport ============================================================
 # The only code that touches sockets and threads. http.client (what urllib uses
 # underneath) keeps connections alive; urllib.request supplies the proxy rules.
@@ -2668,8 +2950,8 @@ def _strict_node_ok(schema: Any, nesting: int, totals: dict[str, int],
 # ``_run_blocking`` (one result) and ``_aiter_blocking`` (a stream of batches).
 
 _RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
-_SENSITIVE_HEADERS = frozenset({"authorization", "x-api-key", "api-key", "proxy-authorization",
-                                "cookie", "openai-organization", "openai-project"})
+_SENSITIVE_HEADERS = frozenset({"authorization", "api-key", "proxy-authorization", "cookie"}
+                               ).union(*(facts.key_headers for facts in _PROVIDERS.values()))
 _MAX_REDIRECTS = 5
 _MAX_ERROR_BODY = 1 << 20
 
@@ -3429,6 +3711,15 @@ class _NDJSONDecoder:
         return [tail] if tail.strip() else []
 
 
+def _stream_error(error: Any) -> StreamError:
+    """An error event inside a stream that already answered 200."""
+    if not isinstance(error, dict):
+        return StreamError(f"error in stream: {error}", provider_message=str(error))
+    message = error.get("message") or "an error occurred during streaming"
+    return StreamError(f"error in stream: {message}", provider_message=message,
+                       error_type=error.get("type"), error_code=error.get("code"))
+
+
 class _StreamState:
     """What every provider's stream parser shares: the reply being assembled.
 
@@ -3850,7 +4141,11 @@ def _message_to_openai(message: ChatMessage) -> dict[str, Any]:
 
 def convert_messages_to_openai(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     """Messages in OpenAI Chat Completions form (every system message kept in place)."""
-    return [_message_to_openai(m) for m in _check_messages(messages)]
+    return _messages_to_openai(_check_messages(messages))
+
+
+def _messages_to_openai(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    return [_message_to_openai(m) for m in messages]
 
 
 def convert_tool_calls_from_openai(tool_calls: Iterable[Any]) -> list[AssistantToolCall]:
@@ -3879,38 +4174,80 @@ def tools_to_openai(tools: list[Tool]) -> list[dict[str, Any]]:
     return [tool_to_openai(t) for t in tools]
 
 
+# Sampling options Chat Completions takes under their own names.
+_SAMPLING_OPENAI = ("temperature", "top_p", "frequency_penalty", "presence_penalty", "seed",
+                    "stop")
+
+
+def _options_to_openai(options: ChatOptions, body: dict[str, Any], official: bool) -> list[str]:
+    """The portable options in Chat Completions form; returns the names left out."""
+    left_out = []
+    for name in _SAMPLING_OPENAI:
+        value = getattr(options, name)
+        if value is not None:
+            body[name] = value
+    if options.top_k is not None:
+        # api.openai.com refuses fields it does not know (HTTP 400); vLLM, llama.cpp
+        # and LM Studio take top_k.
+        if official:
+            left_out.append("top_k")
+        else:
+            body["top_k"] = options.top_k
+    choice = options.tool_choice
+    if body.get("tools"):
+        if choice is not None:
+            body["tool_choice"] = choice if choice in _TOOL_CHOICES else {
+                "type": "function", "function": {"name": choice}}
+        if options.parallel_tool_calls is not None:
+            body["parallel_tool_calls"] = options.parallel_tool_calls
+    else:  # both are refused without tools ("only allowed when 'tools' are specified")
+        left_out += ["tool_choice"] * (choice not in (None, "auto", "none"))
+        left_out += ["parallel_tool_calls"] * (options.parallel_tool_calls is not None)
+    return left_out
+
+
 def _usage_from_openai(usage: Any) -> Usage | None:
     if not isinstance(usage, dict):
         return None
-    return _usage(usage.get("prompt_tokens"), usage.get("completion_tokens"))
+    prompt = usage.get("prompt_tokens_details")
+    prompt = prompt if isinstance(prompt, dict) else {}
+    completion = usage.get("completion_tokens_details")
+    completion = completion if isinstance(completion, dict) else {}
+    cached = prompt.get("cached_tokens")
+    if cached is None:  # DeepSeek reports its cache hits beside the prompt count
+        cached = usage.get("prompt_cache_hit_tokens")
+    # prompt_tokens already includes the cached tokens; cache_write_tokens is OpenRouter's.
+    return _usage(usage.get("prompt_tokens"), usage.get("completion_tokens"), cached,
+                  prompt.get("cache_write_tokens"), completion.get("reasoning_tokens"))
 
 
-def _request_openai(model: str, messages: list[ChatMessage], fmt: _ResponseFormat,
-                    max_tokens: int | None, tools: list[Tool] | None,
-                    temperature: float | None, stream: bool,
-                    token_field: str = "max_tokens") -> dict[str, Any]:
-    body: dict[str, Any] = {"model": model, "messages": convert_messages_to_openai(messages)}
+def _request_openai(call: _Call, messages: list[ChatMessage], stream: bool,
+                    official: bool) -> tuple[dict[str, Any], list[str]]:
+    """The Chat Completions body, and the options it leaves out."""
+    options, fmt = call.options, call.fmt
+    body: dict[str, Any] = {"model": call.model,
+                            "messages": _messages_to_openai(messages)}
     if stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
-    if temperature is not None:
-        body["temperature"] = temperature
-    if max_tokens is not None:
-        body[token_field] = max_tokens
-    if tools:
-        body["tools"] = tools_to_openai(tools)
+    if options.max_tokens is not None:
+        # The official API deprecated max_tokens (reasoning models reject it); other
+        # servers may only know max_tokens.
+        body["max_completion_tokens" if official else "max_tokens"] = options.max_tokens
+    if options.tools:
+        body["tools"] = tools_to_openai(options.tools)
+    left_out = _options_to_openai(options, body, official)
     if fmt.kind == "json":
         body["response_format"] = {"type": "json_object"}
         if not any("json" in json.dumps(m["content"]).lower() for m in body["messages"]):
             # The API refuses json_object unless a message mentions JSON (HTTP 400).
             body["messages"].insert(0, {"role": "system", "content": _JSON_INSTRUCTION})
-    elif fmt.kind == "schema" and fmt.schema is not None:
-        schema, _ = _wrap_root(fmt.schema)
-        spec: dict[str, Any] = {"name": fmt.name, "schema": schema}
-        if _openai_strict_ok(schema):
+    elif fmt.wire_schema is not None:
+        spec: dict[str, Any] = {"name": fmt.name, "schema": fmt.wire_schema}
+        if _openai_strict_ok(fmt.wire_schema):
             spec["strict"] = True
         body["response_format"] = {"type": "json_schema", "json_schema": spec}
-    return body
+    return body, left_out
 
 
 def _reply_from_openai(body: Any, fmt: _ResponseFormat) -> tuple[AssistantMessage, Usage | None]:
@@ -3921,8 +4258,8 @@ def _reply_from_openai(body: Any, fmt: _ResponseFormat) -> tuple[AssistantMessag
     message = choice.get("message") or {}
     calls = message.get("tool_calls")
     content = message.get("content") or ""
-    if fmt.kind == "schema" and fmt.schema is not None:
-        content = _wrap_root(fmt.schema)[1](content)
+    if fmt.unwrap is not None:
+        content = fmt.unwrap(content)
     return (AssistantMessage(
         content=content,
         tool_calls=convert_tool_calls_from_openai(calls) if calls else None,
@@ -3968,15 +4305,6 @@ class _OpenAIStream(_StreamState):
                 self.reason = choice["finish_reason"]
                 self.complete = True  # some servers end without [DONE]
         return out
-
-
-def _stream_error(error: Any) -> StreamError:
-    """An error event inside a stream that already answered 200."""
-    if not isinstance(error, dict):
-        return StreamError(f"error in stream: {error}", provider_message=str(error))
-    message = error.get("message") or "an error occurred during streaming"
-    return StreamError(f"error in stream: {message}", provider_message=message,
-                       error_type=error.get("type"), error_code=error.get("code"))
 
 
 # === 9. Wire format: Ollama ==================================================
@@ -4088,23 +4416,40 @@ def _usage_from_ollama(body: dict[str, Any]) -> Usage:
     return _usage(body.get("prompt_eval_count"), body.get("eval_count"))
 
 
-def _request_ollama(model: str, messages: list[dict[str, Any]], fmt: _ResponseFormat,
-                    max_tokens: int | None, tools: list[Tool] | None,
-                    temperature: float | None, stream: bool) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": model, "messages": messages, "stream": stream}
-    options: dict[str, Any] = {}
-    if temperature is not None:
-        options["temperature"] = temperature
-    if max_tokens is not None:
-        options["num_predict"] = max_tokens
-    body["options"] = options
-    if tools:
-        body["tools"] = tools_to_ollama(tools)
+# Sampling options Ollama reads from "options" under the portable names.
+_SAMPLING_OLLAMA = ("temperature", "top_p", "top_k", "seed", "stop", "frequency_penalty",
+                    "presence_penalty")
+
+
+def _options_to_ollama(options: ChatOptions, body: dict[str, Any]) -> list[str]:
+    """The portable options in ``/api/chat`` form; returns the names left out."""
+    sampling = body["options"]
+    for name in _SAMPLING_OLLAMA:
+        value = getattr(options, name)
+        if value is not None:
+            sampling[name] = value
+    # Ollama has no tool_choice: "none" is kept by sending no tools, the others can't be.
+    left_out = ["tool_choice"] * (options.tool_choice not in (None, "auto", "none"))
+    return left_out + ["parallel_tool_calls"] * (options.parallel_tool_calls is not None)
+
+
+def _request_ollama(call: _Call, messages: list[dict[str, Any]], stream: bool
+                    ) -> tuple[dict[str, Any], list[str]]:
+    """The ``/api/chat`` body (``messages`` already in wire form), and the options it
+    leaves out."""
+    options, fmt = call.options, call.fmt
+    body: dict[str, Any] = {"model": call.model, "messages": messages, "stream": stream,
+                            "options": {}}
+    if options.max_tokens is not None:
+        body["options"]["num_predict"] = options.max_tokens
+    if options.tools and options.tool_choice != "none":
+        body["tools"] = tools_to_ollama(options.tools)
+    left_out = _options_to_ollama(options, body)
     if fmt.kind == "json":
         body["format"] = "json"
     elif fmt.kind == "schema":
         body["format"] = fmt.schema
-    return body
+    return body, left_out
 
 
 def _finish_from_ollama(reason: Any, has_calls: bool) -> str:
@@ -4157,6 +4502,10 @@ _STOP_REASONS_ANTHROPIC = {"end_turn": "stop", "stop_sequence": "stop", "max_tok
                            "model_context_window_exceeded": "length"}
 
 
+def _finish_from_anthropic(reason: Any) -> str | None:
+    return _STOP_REASONS_ANTHROPIC.get(reason, reason) if isinstance(reason, str) else None
+
+
 def _image_to_anthropic(image: ImageContent) -> dict[str, Any]:
     kind, value, media = _image_source(image)
     if kind == "url":
@@ -4193,9 +4542,13 @@ def convert_messages_to_anthropic(messages: list[ChatMessage]) -> list[dict[str,
     assistant turn share one user message); messages left with no content are
     dropped, since the API rejects empty text and empty turns.
     """
+    return _messages_to_anthropic(_check_messages(messages))
+
+
+def _messages_to_anthropic(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     previous_was_result = False
-    for message in _check_messages(messages):
+    for message in messages:
         if isinstance(message, SystemMessage):
             continue
         blocks = _blocks_to_anthropic(message)
@@ -4215,6 +4568,14 @@ def extract_system_message(messages: list[ChatMessage]) -> str | None:
         if isinstance(message, SystemMessage):
             return message.content
     return None
+
+
+def extract_system_messages(messages: list[ChatMessage]) -> list[dict[str, Any]] | None:
+    """Every non-empty system message as Anthropic ``system`` text blocks, or ``None``
+    (upstream 0.8's successor of ``extract_system_message``)."""
+    blocks = [{"type": "text", "text": m.content} for m in _check_messages(messages)
+              if isinstance(m, SystemMessage) and m.content.strip()]
+    return blocks or None
 
 
 def _system_to_anthropic(messages: list[ChatMessage], extra: list[str]) -> Any:
@@ -4250,41 +4611,83 @@ def tools_to_anthropic(tools: list[Tool]) -> list[dict[str, Any]]:
     return [tool_to_anthropic(t) for t in tools]
 
 
+# Sampling options the Messages API takes under their own names (stop is stop_sequences).
+_SAMPLING_ANTHROPIC = ("temperature", "top_p", "top_k")
+# Options the Messages API refuses (an unknown field is HTTP 400).
+_REFUSED_ANTHROPIC = ("seed", "frequency_penalty", "presence_penalty")
+
+
+def _tool_choice_to_anthropic(options: ChatOptions, schema: bool) -> dict[str, Any] | None:
+    """``tool_choice`` in Messages form; with a schema, an answer (the answer tool) or
+    one of the user's tools is always called."""
+    choice, tools = options.tool_choice, options.tools
+    if schema:
+        if not tools or choice == "none":
+            return {"type": "tool", "name": _ANSWER_TOOL}
+        if choice not in (None, *_TOOL_CHOICES):
+            return {"type": "tool", "name": choice}
+        return {"type": "any"}
+    if choice is None:
+        return None
+    return {"auto": {"type": "auto"}, "required": {"type": "any"},
+            "none": {"type": "none"}}.get(choice) or {"type": "tool", "name": choice}
+
+
+def _options_to_anthropic(options: ChatOptions, body: dict[str, Any], schema: bool) -> list[str]:
+    """The portable options in Messages form; returns the names left out."""
+    for name in _SAMPLING_ANTHROPIC:
+        value = getattr(options, name)
+        if value is not None:
+            body[name] = value
+    if options.stop is not None:
+        body["stop_sequences"] = options.stop
+    left_out = [name for name in _REFUSED_ANTHROPIC if getattr(options, name) is not None]
+    choice = _tool_choice_to_anthropic(options, schema)
+    if options.parallel_tool_calls is False:
+        if "tools" in body and (choice or {}).get("type") != "none":
+            choice = {**(choice or {"type": "auto"}), "disable_parallel_tool_use": True}
+        elif "tools" not in body:
+            left_out.append("parallel_tool_calls")
+    if choice is not None:
+        if "tools" in body:
+            body["tool_choice"] = choice
+        elif choice["type"] not in ("auto", "none"):
+            left_out.append("tool_choice")
+    return left_out
+
+
 def _usage_from_anthropic(usage: Any) -> Usage | None:
     if not isinstance(usage, dict):
         return None
-    return _usage(usage.get("input_tokens"), usage.get("output_tokens"))
+    # input_tokens counts only what came after the last cache breakpoint: the whole
+    # prompt is input + cache reads + cache writes.
+    read, write = usage.get("cache_read_input_tokens"), usage.get("cache_creation_input_tokens")
+    prompt = (usage.get("input_tokens") or 0) + (read or 0) + (write or 0)
+    return _usage(prompt, usage.get("output_tokens"), read, write)
 
 
-
-
-def _request_anthropic(model: str, messages: list[ChatMessage], fmt: _ResponseFormat,
-                       max_tokens: int | None, tools: list[Tool] | None,
-                       temperature: float | None, stream: bool) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": model,
-                            "max_tokens": DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
-                            "messages": convert_messages_to_anthropic(messages)}
+def _request_anthropic(call: _Call, messages: list[ChatMessage], stream: bool
+                       ) -> tuple[dict[str, Any], list[str]]:
+    """The Messages body, and the options it leaves out."""
+    options, fmt = call.options, call.fmt
+    max_tokens = DEFAULT_MAX_TOKENS if options.max_tokens is None else options.max_tokens
+    body: dict[str, Any] = {"model": call.model, "max_tokens": max_tokens,
+                            "messages": _messages_to_anthropic(messages)}
     system = _system_to_anthropic(messages, [_JSON_INSTRUCTION] if fmt.kind == "json" else [])
     if system is not None:
         body["system"] = system
     if stream:
         body["stream"] = True
-    if temperature is not None:
-        body["temperature"] = temperature
-    wire_tools = tools_to_anthropic(tools or [])
-    if fmt.kind == "schema" and fmt.schema is not None:
+    wire_tools = tools_to_anthropic(options.tools or [])
+    if fmt.wire_schema is not None:
         # A forced tool call: works on every Claude model that has tools, and the
         # answer arrives as an already-parsed object (the tool's input).
-        schema, _ = _wrap_root(fmt.schema)
         wire_tools.append({"name": _ANSWER_TOOL,
                            "description": f"Give the answer ({fmt.name}) in this shape.",
-                           "input_schema": schema})
-        # With tools of the user's, the model may call one of them or answer.
-        body["tool_choice"] = ({"type": "any"} if tools else
-                               {"type": "tool", "name": _ANSWER_TOOL})
+                           "input_schema": fmt.wire_schema})
     if wire_tools:
         body["tools"] = wire_tools
-    return body
+    return body, _options_to_anthropic(options, body, fmt.wire_schema is not None)
 
 
 def _reply_from_anthropic(body: Any, fmt: _ResponseFormat
@@ -4294,13 +4697,11 @@ def _reply_from_anthropic(body: Any, fmt: _ResponseFormat
     blocks = body.get("content") or []
     text = "".join(b.get("text", "") for b in blocks if b.get("type") == "text")
     uses = [b for b in blocks if b.get("type") == "tool_use"]
-    raw_reason = body.get("stop_reason")
-    reason = _STOP_REASONS_ANTHROPIC.get(raw_reason, raw_reason) if isinstance(
-        raw_reason, str) else None
+    reason = _finish_from_anthropic(body.get("stop_reason"))
     answer = [b for b in uses if b.get("name") == _ANSWER_TOOL] if fmt.kind == "schema" else []
     if answer:
-        unwrap = _wrap_root(fmt.schema or {})[1]
-        text = unwrap(json.dumps(answer[0].get("input") or {}, ensure_ascii=False))
+        text = json.dumps(answer[0].get("input") or {}, ensure_ascii=False)
+        text = fmt.unwrap(text) if fmt.unwrap else text
         uses, reason = [], "stop"
     return (AssistantMessage(content=text,
                              tool_calls=convert_tool_calls_from_anthropic(uses) if uses else None,
@@ -4318,7 +4719,7 @@ class _AnthropicStream(_StreamState):
         super().__init__(unwrap)
         self._answer_tool = answer_tool
         self._answer_blocks: set[Any] = set()
-        self._input = 0
+        self._usage: dict[str, Any] = {}  # the latest of each count
 
     def feed(self, frames: list[bytes]) -> list[StreamChunk]:
         out: list[StreamChunk] = []
@@ -4333,9 +4734,7 @@ class _AnthropicStream(_StreamState):
             elif kind == "content_block_start":
                 self._start(out, event.get("index"), event.get("content_block") or {})
             elif kind == "message_start":
-                usage = (event.get("message") or {}).get("usage") or {}
-                self._input = usage.get("input_tokens") or 0
-                self.usage = _usage(self._input, usage.get("output_tokens"))
+                self._count((event.get("message") or {}).get("usage"))
             elif kind == "message_delta":
                 self._message_delta(event)
             elif kind == "message_stop":
@@ -4366,14 +4765,17 @@ class _AnthropicStream(_StreamState):
     def _message_delta(self, event: dict[str, Any]) -> None:
         reason = (event.get("delta") or {}).get("stop_reason")
         if reason:
-            self.reason = _STOP_REASONS_ANTHROPIC.get(reason, reason)
+            self.reason = _finish_from_anthropic(reason)
             if self._answer_blocks and reason == "tool_use":
                 self.reason = "stop"
-        usage = event.get("usage") or {}
-        if usage:
-            # output_tokens is cumulative: replace, never add.
-            self.usage = _usage(usage.get("input_tokens") or self._input,
-                                usage.get("output_tokens"))
+        self._count(event.get("usage"))
+
+    def _count(self, usage: Any) -> None:
+        # Counts are cumulative: the latest replaces, never adds. message_start has the
+        # input and cache counts; message_delta the output, and on some servers the rest.
+        if isinstance(usage, dict) and usage:
+            self._usage.update((k, v) for k, v in usage.items() if v is not None)
+            self.usage = _usage_from_anthropic(self._usage)
 
 
 # === 11. Clients =============================================================
@@ -4384,36 +4786,48 @@ class LLMClient(Protocol):
 
     ``_chat`` returns the reply and its usage (``None`` when unknown);
     ``_stream`` is an async generator of ``StreamChunk``s whose last chunk carries
-    ``finish_reason``, ``tool_calls`` and ``usage``. Both take the model name,
-    the messages, ``response_format`` (``"text"``, ``"json"`` or a schema type),
-    ``max_tokens``, ``tools`` and ``temperature``; ``Model`` passes provider
-    extras as further keyword arguments only when some are set. The built-in
-    clients also offer blocking twins, ``_chat_sync`` and ``_stream_sync``.
+    ``finish_reason``, ``tool_calls`` and ``usage``. Both take the model name, the
+    messages and the call's ``ChatOptions`` (upstream 0.7's protocol). A client
+    written for 0.5, ``_chat(model, messages, response_format, max_tokens, tools,
+    temperature)``, works too: ``Model`` tells the two apart once, by signature,
+    and passes the other options that are set as keyword arguments. The built-in
+    clients take either form and offer blocking twins, ``_chat_sync`` and
+    ``_stream_sync``.
     """
 
-    async def _chat(self, model: str, messages: list[ChatMessage], response_format: Any = "text",
-                    max_tokens: int | None = None, tools: list[Tool] | None = None,
-                    temperature: float | None = None) -> tuple[AssistantMessage, Usage | None]:
+    async def _chat(self, model: str, messages: list[ChatMessage],
+                    options: ChatOptions) -> tuple[AssistantMessage, Usage | None]:
         ...
 
-    def _stream(self, model: str, messages: list[ChatMessage], response_format: Any = "text",
-                max_tokens: int | None = None, tools: list[Tool] | None = None,
-                temperature: float | None = None) -> AsyncIterator[StreamChunk]:
+    def _stream(self, model: str, messages: list[ChatMessage],
+                options: ChatOptions) -> AsyncIterator[StreamChunk]:
         ...
 
 
-_CallArgs = tuple[str, list[ChatMessage], Any, "int | None", "list[Tool] | None", "float | None"]
+_LEGACY_PARAMETERS = ("response_format", "max_tokens", "tools", "temperature")
 
 
-def _check_call(owner: str, max_tokens: Any, tools: Any, temperature: Any) -> list[Tool] | None:
-    """Per-call arguments, checked before anything is sent."""
-    _check_int(owner, "max_tokens", max_tokens, minimum=1)
-    _check_number(owner, "temperature", temperature, minimum=0)
-    if tools is None:
-        return None
-    if not isinstance(tools, (list, tuple)):
-        _fail(owner, "tools", "a list of Tool", tools)
-    return [t if isinstance(t, Tool) else _coerce(owner, "tools", t, Tool) for t in tools]
+def _client_call(client: Any, model: Any, messages: Any, options: Any, args: tuple[Any, ...],
+                 keywords: dict[str, Any]) -> _Call:
+    """The call a built-in client's ``_chat``/``_stream`` was given: a ``_Call`` from
+    ``Model`` as it is, else upstream 0.7's ``(model, messages, options)`` or 0.5's
+    ``(model, messages, response_format, max_tokens, tools, temperature, **extra)``
+    merged over the client's own defaults."""
+    if isinstance(options, _Call):
+        return options
+    owner = type(client).__name__
+    per_call = keywords.pop("options", None)
+    if not isinstance(options, ChatOptions):  # 0.5: the third argument is response_format
+        if len(args) > len(_LEGACY_PARAMETERS) - 1:
+            raise ValidationError(f"{owner}: too many positional arguments", value=args)
+        named = {**dict(zip(_LEGACY_PARAMETERS, (options, *args), strict=False)),
+                 **{k: keywords.pop(k) for k in _LEGACY_PARAMETERS if k in keywords}}
+        keywords, options = {**named, "extra": keywords}, per_call
+    else:
+        keywords = {"extra": keywords}
+    if options is not None and not isinstance(options, ChatOptions):
+        _fail(owner, "options", "a ChatOptions or None", options)
+    return _new_call(owner, model, messages, (client._layer(), options, keywords))
 
 
 def _base_url(value: str | None, env: str, default: str, owner: str) -> str:
@@ -4427,17 +4841,19 @@ def _base_url(value: str | None, env: str, default: str, owner: str) -> str:
 class _HTTPClient:
     """The machinery the three clients share: headers, request building, sending.
 
-    A subclass supplies its endpoint, body builder, reply parser and stream
-    parser; the request is built once and used by ``_chat`` and ``_stream`` alike.
+    A subclass supplies its provider's facts, endpoint, body builder, reply parser
+    and stream parser; the request is built once and used by ``_chat`` and
+    ``_stream`` alike.
     """
 
+    _facts: ClassVar[_ProviderFacts]
     _decoder: ClassVar[type[_SSEDecoder | _NDJSONDecoder]] = _SSEDecoder
     _endpoint: str
 
     def __init__(self, *, timeout: float | None, max_retries: int,
                  extra_kwargs: dict[str, Any] | None,
                  default_headers: dict[str, str] | None, ssl_context: ssl.SSLContext | None,
-                 auth: dict[str, str]) -> None:
+                 auth: dict[str, str], system_message_handling: str | None = None) -> None:
         owner = type(self).__name__
         _check_number(owner, "timeout", timeout, minimum=0.001)  # None: wait forever
         _check_int(owner, "max_retries", max_retries, optional=False)
@@ -4448,9 +4864,13 @@ class _HTTPClient:
             _fail(owner, "default_headers", "a dict of str -> str", default_headers)
         if ssl_context is not None and type(ssl_context).__name__ != "SSLContext":
             _fail(owner, "ssl_context", "an ssl.SSLContext", ssl_context)
+        if system_message_handling is not None:
+            _check_choice(owner, "system_message_handling", system_message_handling,
+                          _SYSTEM_HANDLINGS)
         self.timeout = None if timeout is None else float(timeout)
         self.max_retries = max_retries
         self.extra_kwargs: dict[str, Any] = dict(extra_kwargs or {})
+        self.system_message_handling = system_message_handling
         self._ssl_context = ssl_context
         self._headers: dict[str, str] = {
             "Content-Type": "application/json", "Accept": "application/json",
@@ -4461,9 +4881,14 @@ class _HTTPClient:
         return (f"{type(self).__name__}(url={_redact_url(self._endpoint)!r}, "
                 f"timeout={self.timeout})")
 
-    def _body(self, model: str, messages: list[ChatMessage], fmt: _ResponseFormat,
-              max_tokens: int | None, tools: list[Tool] | None, temperature: float | None,
-              stream: bool, dry_run: bool = False) -> dict[str, Any]:
+    def _layer(self) -> dict[str, Any]:
+        """The client's defaults, the lowest layer of every call made through it."""
+        return {"extra": self.extra_kwargs,
+                "system_message_handling": self.system_message_handling}
+
+    def _body(self, call: _Call, messages: list[ChatMessage], stream: bool,
+              dry_run: bool) -> tuple[dict[str, Any], list[str]]:
+        """The provider's request body, and the options it leaves out."""
         raise NotImplementedError
 
     def _parse(self, body: Any, fmt: _ResponseFormat) -> tuple[AssistantMessage, Usage | None]:
@@ -4473,92 +4898,74 @@ class _HTTPClient:
         raise NotImplementedError
 
     def _merge_extra(self, body: dict[str, Any], extra: dict[str, Any]) -> None:
-        """Provider extras join the body; they never replace what the call set."""
+        """Provider extras join the body; they never replace what the call set, nor
+        ``stream``, which the transport decides."""
         for key, value in extra.items():
-            if key in body:
+            if key in body or key == "stream":
                 logger.warning("extra %r ignored: the request already sets it", key)
             else:
                 body[key] = value
 
-    def _build_request(self, args: _CallArgs, extra: dict[str, Any], stream: bool,
-                       dry_run: bool = False) -> tuple[_Request, _ResponseFormat]:
+    def _build_request(self, call: _Call, stream: bool, dry_run: bool = False) -> _Request:
         """The HTTP request for one call: the same for chat and stream but ``stream``."""
-        model, messages, response_format, max_tokens, tools, temperature = args
-        owner = type(self).__name__
-        _check_str(owner, "model", model)
-        tools = _check_call(owner, max_tokens, tools, temperature)
-        fmt = _resolve_response_format(response_format)
-        body = self._body(model, _check_messages(messages), fmt, max_tokens, tools,
-                          temperature, stream, dry_run)
-        self._merge_extra(body, {**self.extra_kwargs, **extra})
+        messages = call.messages
+        if call.options.system_message_handling == "merge":
+            messages = _merge_system(messages)
+        body, left_out = self._body(call, messages, stream, dry_run)
+        if left_out:
+            logger.warning("%s does not take %s: left out of the request",
+                           self._facts.name, ", ".join(left_out))
+        self._merge_extra(body, call.options.extra)
         data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
         return _Request("POST", self._endpoint, self._headers, data, self.timeout,
-                        self.max_retries, self._ssl_context), fmt
+                        self.max_retries, self._ssl_context)
 
-    def _chat_blocking(self, abort: _Abort | None, args: _CallArgs,
-                       extra: dict[str, Any]) -> tuple[AssistantMessage, Usage | None]:
-        req, fmt = self._build_request(args, extra, stream=False)
-        body, _ = _request_json(req, abort)
-        return self._parse(body, fmt)
+    def _chat_blocking(self, abort: _Abort | None,
+                       call: _Call) -> tuple[AssistantMessage, Usage | None]:
+        body, _ = _request_json(self._build_request(call, stream=False), abort)
+        return self._parse(body, call.fmt)
 
-    def _stream_blocking(self, abort: _Abort | None, args: _CallArgs,
-                         extra: dict[str, Any]) -> Generator[list[StreamChunk], None, None]:
-        req, fmt = self._build_request(args, extra, stream=True)
-        return _stream_batches(req, self._decoder(), self._stream_state(fmt), abort)
+    def _stream_blocking(self, abort: _Abort | None,
+                         call: _Call) -> Generator[list[StreamChunk], None, None]:
+        req = self._build_request(call, stream=True)
+        return _stream_batches(req, self._decoder(), self._stream_state(call.fmt), abort)
 
-    async def _chat(self, model: str, messages: list[ChatMessage], response_format: Any = "text",
-                    max_tokens: int | None = None, tools: list[Tool] | None = None,
-                    temperature: float | None = None,
-                    **extra: Any) -> tuple[AssistantMessage, Usage | None]:
-        """See :class:`LLMClient`; ``extra`` keys join the request body."""
-        args = (model, messages, response_format, max_tokens, tools, temperature)
-        return await _run_blocking(lambda abort: self._chat_blocking(abort, args, extra))
+    async def _chat(self, model: str, messages: list[ChatMessage], options: Any = None,
+                    *args: Any, **keywords: Any) -> tuple[AssistantMessage, Usage | None]:
+        """See :class:`LLMClient`; 0.5's arguments and provider extras are taken too."""
+        call = _client_call(self, model, messages, options, args, keywords)
+        return await _run_blocking(lambda abort: self._chat_blocking(abort, call))
 
-    async def _stream(self, model: str, messages: list[ChatMessage],
-                      response_format: Any = "text", max_tokens: int | None = None,
-                      tools: list[Tool] | None = None, temperature: float | None = None,
-                      **extra: Any) -> AsyncIterator[StreamChunk]:
+    async def _stream(self, model: str, messages: list[ChatMessage], options: Any = None,
+                      *args: Any, **keywords: Any) -> AsyncIterator[StreamChunk]:
         """See :class:`LLMClient`."""
-        args = (model, messages, response_format, max_tokens, tools, temperature)
-        async for chunk in _aiter_blocking(lambda abort: self._stream_blocking(abort, args, extra)):
+        call = _client_call(self, model, messages, options, args, keywords)
+        async for chunk in _aiter_blocking(lambda abort: self._stream_blocking(abort, call)):
             yield chunk
 
-    def _chat_sync(self, model: str, messages: list[ChatMessage], response_format: Any = "text",
-                   max_tokens: int | None = None, tools: list[Tool] | None = None,
-                   temperature: float | None = None,
-                   **extra: Any) -> tuple[AssistantMessage, Usage | None]:
+    def _chat_sync(self, model: str, messages: list[ChatMessage], options: Any = None,
+                   *args: Any, **keywords: Any) -> tuple[AssistantMessage, Usage | None]:
         """Blocking ``_chat``: no event loop involved."""
-        args = (model, messages, response_format, max_tokens, tools, temperature)
-        return self._chat_blocking(None, args, extra)
+        return self._chat_blocking(None, _client_call(self, model, messages, options, args,
+                                                      keywords))
 
-    def _stream_sync(self, model: str, messages: list[ChatMessage],
-                     response_format: Any = "text", max_tokens: int | None = None,
-                     tools: list[Tool] | None = None, temperature: float | None = None,
-                     **extra: Any) -> Iterator[StreamChunk]:
+    def _stream_sync(self, model: str, messages: list[ChatMessage], options: Any = None,
+                     *args: Any, **keywords: Any) -> Iterator[StreamChunk]:
         """Blocking ``_stream``; closing the generator closes the connection."""
-        args = (model, messages, response_format, max_tokens, tools, temperature)
-        for batch in self._stream_blocking(None, args, extra):
+        call = _client_call(self, model, messages, options, args, keywords)
+        for batch in self._stream_blocking(None, call):
             yield from batch
 
-    def _dry_run(self, model: str, messages: list[ChatMessage], response_format: Any = "text",
-                 max_tokens: int | None = None, tools: list[Tool] | None = None,
-                 temperature: float | None = None, stream: bool = False,
-                 **extra: Any) -> dict[str, Any]:
+    def _dry_run(self, model: str, messages: list[ChatMessage], options: Any = None,
+                 *args: Any, stream: bool = False, **keywords: Any) -> dict[str, Any]:
         """The request a call would send, with credentials redacted (for ``--dry-run``)."""
-        args = (model, messages, response_format, max_tokens, tools, temperature)
-        req, _ = self._build_request(args, extra, stream, dry_run=True)
+        call = _client_call(self, model, messages, options, args, keywords)
+        req = self._build_request(call, stream, dry_run=True)
         headers = {k: ("<redacted>" if isinstance(v, _Secret) or k.lower() in _SENSITIVE_HEADERS
                        else v) for k, v in req.headers.items()}
         url = re.sub(r"^(\w+://)[^/@]*@", r"\1<redacted>@", req.url)
         return {"method": req.method, "url": url, "headers": headers,
                 "body": json.loads(req.body or b"null")}
-
-
-def _unwrapper(fmt: _ResponseFormat) -> Callable[[str], str] | None:
-    if fmt.kind != "schema" or fmt.schema is None:
-        return None
-    unwrap = _wrap_root(fmt.schema)[1]
-    return None if unwrap is _unwrap_identity else unwrap
 
 
 class OpenAIClient(_HTTPClient):
@@ -4567,24 +4974,29 @@ class OpenAIClient(_HTTPClient):
 
     The key comes from ``api_key`` or ``OPENAI_API_KEY`` and the URL from
     ``base_url`` or ``OPENAI_BASE_URL``; a local server that needs no key gets no
-    ``Authorization`` header. ``max_retries``, ``default_headers`` and
-    ``ssl_context`` (e.g. a corporate CA bundle) are extras every client takes.
+    ``Authorization`` header. ``max_retries``, ``default_headers``,
+    ``ssl_context`` (e.g. a corporate CA bundle) and ``system_message_handling``
+    are extras every client takes.
     """
+
+    _facts = _PROVIDERS["openai"]
 
     def __init__(self, api_key: str | None = None, base_url: str | None = None,
                  organization: str | None = None, timeout: float | None = 60.0,
                  extra_kwargs: dict[str, Any] | None = None, *, project: str | None = None,
                  max_retries: int = 2, default_headers: dict[str, str] | None = None,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None,
+                 system_message_handling: Literal["passthrough", "merge"] | None = None) -> None:
         for name, value in (("api_key", api_key), ("base_url", base_url),
                             ("organization", organization), ("project", project)):
             _check_str("OpenAIClient", name, value, optional=True)
-        self.base_url = _base_url(base_url, "OPENAI_BASE_URL", OPENAI_BASE_URL, "OpenAIClient")
-        key = api_key or _env("OPENAI_API_KEY")
-        official = self.base_url.startswith(OPENAI_BASE_URL)
-        if key is None and official:
+        facts = self._facts
+        self.base_url = _base_url(base_url, facts.url_env, OPENAI_BASE_URL, "OpenAIClient")
+        key = api_key or _env(facts.key_env)
+        self._official = self.base_url.startswith(OPENAI_BASE_URL)
+        if key is None and self._official:
             raise ConfigurationError("OpenAIClient needs an API key for api.openai.com: pass "
-                                     "api_key=... or set OPENAI_API_KEY")
+                                     f"api_key=... or set {facts.key_env}")
         auth = {"Authorization": f"Bearer {key}"} if key else {}
         organization = organization or _env("OPENAI_ORG_ID")
         project = project or _env("OPENAI_PROJECT_ID")
@@ -4592,24 +5004,20 @@ class OpenAIClient(_HTTPClient):
             auth["OpenAI-Organization"] = organization
         if project:
             auth["OpenAI-Project"] = project
-        # The official API deprecated max_tokens (reasoning models reject it); other
-        # servers may only know max_tokens.
-        self._token_field = "max_completion_tokens" if official else "max_tokens"
         self._endpoint = self.base_url + "/chat/completions"
         super().__init__(timeout=timeout, max_retries=max_retries, extra_kwargs=extra_kwargs,
-                         default_headers=default_headers, ssl_context=ssl_context, auth=auth)
+                         default_headers=default_headers, ssl_context=ssl_context, auth=auth,
+                         system_message_handling=system_message_handling)
 
-    def _body(self, model: str, messages: list[ChatMessage], fmt: _ResponseFormat,
-              max_tokens: int | None, tools: list[Tool] | None, temperature: float | None,
-              stream: bool, dry_run: bool = False) -> dict[str, Any]:
-        return _request_openai(model, messages, fmt, max_tokens, tools, temperature, stream,
-                               self._token_field)
+    def _body(self, call: _Call, messages: list[ChatMessage], stream: bool,
+              dry_run: bool) -> tuple[dict[str, Any], list[str]]:
+        return _request_openai(call, messages, stream, self._official)
 
     def _parse(self, body: Any, fmt: _ResponseFormat) -> tuple[AssistantMessage, Usage | None]:
         return _reply_from_openai(body, fmt)
 
     def _stream_state(self, fmt: _ResponseFormat) -> _StreamState:
-        return _OpenAIStream(_unwrapper(fmt))
+        return _OpenAIStream(fmt.unwrap)
 
 
 class AnthropicClient(_HTTPClient):
@@ -4620,21 +5028,24 @@ class AnthropicClient(_HTTPClient):
     ``ANTHROPIC_BASE_URL``. Every system message is sent, not only the first.
     """
 
+    _facts = _PROVIDERS["anthropic"]
+
     def __init__(self, api_key: str | None = None, base_url: str | None = None,
                  timeout: float | None = 60.0, extra_kwargs: dict[str, Any] | None = None, *,
                  auth_token: str | None = None, max_retries: int = 2,
                  default_headers: dict[str, str] | None = None,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None,
+                 system_message_handling: Literal["passthrough", "merge"] | None = None) -> None:
         for name, value in (("api_key", api_key), ("base_url", base_url),
                             ("auth_token", auth_token)):
             _check_str("AnthropicClient", name, value, optional=True)
-        self.base_url = _base_url(base_url, "ANTHROPIC_BASE_URL", ANTHROPIC_BASE_URL,
-                                  "AnthropicClient")
-        key = api_key or _env("ANTHROPIC_API_KEY")
+        facts = self._facts
+        self.base_url = _base_url(base_url, facts.url_env, ANTHROPIC_BASE_URL, "AnthropicClient")
+        key = api_key or _env(facts.key_env)
         token = auth_token or _env("ANTHROPIC_AUTH_TOKEN")
         if key is None and token is None and self.base_url == ANTHROPIC_BASE_URL:
             raise ConfigurationError("AnthropicClient needs an API key: pass api_key=... or "
-                                     "set ANTHROPIC_API_KEY")
+                                     f"set {facts.key_env}")
         auth = {"x-api-key": key} if key else {}
         if token:
             auth["Authorization"] = f"Bearer {token}"
@@ -4642,23 +5053,23 @@ class AnthropicClient(_HTTPClient):
         super().__init__(timeout=timeout, max_retries=max_retries, extra_kwargs=extra_kwargs,
                          default_headers={"anthropic-version": ANTHROPIC_VERSION,
                                           **(default_headers or {})},
-                         ssl_context=ssl_context, auth=auth)
+                         ssl_context=ssl_context, auth=auth,
+                         system_message_handling=system_message_handling)
 
-    def _body(self, model: str, messages: list[ChatMessage], fmt: _ResponseFormat,
-              max_tokens: int | None, tools: list[Tool] | None, temperature: float | None,
-              stream: bool, dry_run: bool = False) -> dict[str, Any]:
-        return _request_anthropic(model, messages, fmt, max_tokens, tools, temperature, stream)
+    def _body(self, call: _Call, messages: list[ChatMessage], stream: bool,
+              dry_run: bool) -> tuple[dict[str, Any], list[str]]:
+        return _request_anthropic(call, messages, stream)
 
     def _parse(self, body: Any, fmt: _ResponseFormat) -> tuple[AssistantMessage, Usage | None]:
         return _reply_from_anthropic(body, fmt)
 
     def _stream_state(self, fmt: _ResponseFormat) -> _StreamState:
-        return _AnthropicStream(_unwrapper(fmt), answer_tool=fmt.kind == "schema")
+        return _AnthropicStream(fmt.unwrap, answer_tool=fmt.kind == "schema")
 
 
 def _ollama_host(host: str | None) -> str:
     """``OLLAMA_HOST`` rules: a bare host gets ``http://`` and port 11434."""
-    value = (host or _env("OLLAMA_HOST") or OLLAMA_HOST).strip().rstrip("/")
+    value = (host or _env(_PROVIDERS["ollama"].url_env) or OLLAMA_HOST).strip().rstrip("/")
     if "://" not in value:
         value = "http://" + value
         if not re.search(r":\d+$", value):
@@ -4675,36 +5086,43 @@ class OllamaClient(_HTTPClient):
     ``allow_private_image_urls=True``.
     """
 
+    _facts = _PROVIDERS["ollama"]
     _decoder = _NDJSONDecoder
 
     def __init__(self, host: str | None = None, timeout: float | None = 60.0, *,
                  api_key: str | None = None, extra_kwargs: dict[str, Any] | None = None,
                  max_retries: int = 2, default_headers: dict[str, str] | None = None,
                  ssl_context: ssl.SSLContext | None = None,
-                 allow_private_image_urls: bool = False) -> None:
+                 allow_private_image_urls: bool = False,
+                 system_message_handling: Literal["passthrough", "merge"] | None = None) -> None:
         _check_str("OllamaClient", "host", host, optional=True)
         _check_str("OllamaClient", "api_key", api_key, optional=True)
-        self.host = _base_url(_ollama_host(host), "OLLAMA_HOST", OLLAMA_HOST, "OllamaClient")
+        facts = self._facts
+        self.host = _base_url(_ollama_host(host), facts.url_env, OLLAMA_HOST, "OllamaClient")
         self.allow_private_image_urls = bool(allow_private_image_urls)
-        key = api_key or _env("OLLAMA_API_KEY")
+        key = api_key or _env(facts.key_env)
         self._endpoint = self.host + "/api/chat"
         super().__init__(timeout=timeout, max_retries=max_retries, extra_kwargs=extra_kwargs,
                          default_headers=default_headers, ssl_context=ssl_context,
-                         auth={"Authorization": f"Bearer {key}"} if key else {})
+                         auth={"Authorization": f"Bearer {key}"} if key else {},
+                         system_message_handling=system_message_handling)
 
-    def _body(self, model: str, messages: list[ChatMessage], fmt: _ResponseFormat,
-              max_tokens: int | None, tools: list[Tool] | None, temperature: float | None,
-              stream: bool, dry_run: bool = False) -> dict[str, Any]:
+    def _body(self, call: _Call, messages: list[ChatMessage], stream: bool,
+              dry_run: bool) -> tuple[dict[str, Any], list[str]]:
         wire = _messages_to_ollama(messages, self.allow_private_image_urls, self._ssl_context,
                                    fetch=not dry_run)
-        return _request_ollama(model, wire, fmt, max_tokens, tools, temperature, stream)
+        return _request_ollama(call, wire, stream)
 
     def _merge_extra(self, body: dict[str, Any], extra: dict[str, Any]) -> None:
-        """Model parameters (``top_p``, ``seed``, ``num_ctx``...) go into ``options``."""
-        options = {k: v for k, v in extra.items() if k in _OLLAMA_OPTIONS}
-        for key, value in options.items():
-            body["options"].setdefault(key, value)
-        super()._merge_extra(body, {k: v for k, v in extra.items() if k not in options})
+        """Model parameters (``num_ctx``, ``min_p``...) and a raw ``options`` dict go into
+        ``options``; the call's own values win."""
+        def inside(key: str) -> bool:
+            return key in _OLLAMA_OPTIONS or (key == "options" and isinstance(extra[key], dict))
+        for key, value in extra.items():
+            for name, item in (value.items() if key == "options" else [(key, value)]):
+                if inside(key):
+                    body["options"].setdefault(name, item)
+        super()._merge_extra(body, {k: v for k, v in extra.items() if not inside(k)})
 
     def _parse(self, body: Any, fmt: _ResponseFormat) -> tuple[AssistantMessage, Usage | None]:
         return _reply_from_ollama(body, fmt)
@@ -4748,13 +5166,21 @@ class ScriptedClient:
             self.replies.append(reply)
         return self
 
-    def _next(self, stream: bool, args: dict[str, Any]) -> tuple[AssistantMessage, Usage | None,
-                                                                   list[StreamChunk] | None]:
-        self.calls.append({"stream": stream, **args})
+    def _layer(self) -> dict[str, Any]:
+        return {}
+
+    def _next(self, stream: bool, call: _Call) -> tuple[AssistantMessage, Usage | None,
+                                                         list[StreamChunk] | None]:
+        options = call.options
+        self.calls.append({"stream": stream, "model": call.model, "messages": list(call.messages),
+                           "response_format": options.response_format,
+                           "max_tokens": options.max_tokens, "tools": options.tools,
+                           "temperature": options.temperature, "extra": options.extra,
+                           "options": options})
         if self.replies:
             reply = self.replies.popleft()
         elif self.echo:
-            users = [m for m in args["messages"] if isinstance(m, UserMessage)]
+            users = [m for m in call.messages if isinstance(m, UserMessage)]
             text = users[-1].content if users else ""
             reply = text if isinstance(text, str) else " ".join(
                 p.text for p in text or [] if isinstance(p, TextContent))
@@ -4777,32 +5203,23 @@ class ScriptedClient:
                 "finish_reason": "tool_calls" if message.tool_calls else "stop"})
         return message.model_copy(), usage, None
 
-    def _chat_sync(self, model: str, messages: list[ChatMessage], response_format: Any = "text",
-                   max_tokens: int | None = None, tools: list[Tool] | None = None,
-                   temperature: float | None = None,
-                   **extra: Any) -> tuple[AssistantMessage, Usage | None]:
+    def _chat_sync(self, model: str, messages: list[ChatMessage], options: Any = None,
+                   *args: Any, **keywords: Any) -> tuple[AssistantMessage, Usage | None]:
         """Take the next reply."""
-        message, usage, _ = self._next(False, dict(
-            model=model, messages=list(messages), response_format=response_format,
-            max_tokens=max_tokens, tools=tools, temperature=temperature, extra=extra))
+        call = _client_call(self, model, messages, options, args, keywords)
+        message, usage, _ = self._next(False, call)
         return message, usage
 
-    async def _chat(self, model: str, messages: list[ChatMessage], response_format: Any = "text",
-                    max_tokens: int | None = None, tools: list[Tool] | None = None,
-                    temperature: float | None = None,
-                    **extra: Any) -> tuple[AssistantMessage, Usage | None]:
+    async def _chat(self, model: str, messages: list[ChatMessage], options: Any = None,
+                    *args: Any, **keywords: Any) -> tuple[AssistantMessage, Usage | None]:
         """Take the next reply."""
-        return self._chat_sync(model, messages, response_format, max_tokens, tools,
-                               temperature, **extra)
+        return self._chat_sync(model, messages, options, *args, **keywords)
 
-    def _stream_sync(self, model: str, messages: list[ChatMessage],
-                     response_format: Any = "text", max_tokens: int | None = None,
-                     tools: list[Tool] | None = None, temperature: float | None = None,
-                     **extra: Any) -> Iterator[StreamChunk]:
+    def _stream_sync(self, model: str, messages: list[ChatMessage], options: Any = None,
+                     *args: Any, **keywords: Any) -> Iterator[StreamChunk]:
         """Take the next reply, in chunks."""
-        message, usage, chunks = self._next(True, dict(
-            model=model, messages=list(messages), response_format=response_format,
-            max_tokens=max_tokens, tools=tools, temperature=temperature, extra=extra))
+        call = _client_call(self, model, messages, options, args, keywords)
+        message, usage, chunks = self._next(True, call)
         if chunks is not None:
             yield from chunks
             return
@@ -4810,13 +5227,10 @@ class ScriptedClient:
             yield _chunk(piece)
         yield _chunk("", message.finish_reason, message.tool_calls, usage)
 
-    async def _stream(self, model: str, messages: list[ChatMessage],
-                      response_format: Any = "text", max_tokens: int | None = None,
-                      tools: list[Tool] | None = None, temperature: float | None = None,
-                      **extra: Any) -> AsyncIterator[StreamChunk]:
+    async def _stream(self, model: str, messages: list[ChatMessage], options: Any = None,
+                      *args: Any, **keywords: Any) -> AsyncIterator[StreamChunk]:
         """Take the next reply, in chunks."""
-        for chunk in self._stream_sync(model, messages, response_format, max_tokens, tools,
-                                       temperature, **extra):
+        for chunk in self._stream_sync(model, messages, options, *args, **keywords):
             yield chunk
 
 
@@ -4824,29 +5238,73 @@ class ScriptedClient:
 
 _REASK = ("Your previous reply did not match the required JSON schema:\n{errors}\n"
           "Reply again with only the corrected JSON.")
+_Arguments = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def _client_protocol(client: Any) -> str:
+    """How ``Model`` calls ``client``, decided once: ``"call"`` (a built-in client takes
+    the checked ``_Call``), ``"options"`` (upstream 0.7's ``_chat(model, messages,
+    options)``) or ``"keywords"`` (0.5's ``_chat(model, messages, response_format, ...)``)."""
+    if isinstance(client, (_HTTPClient, ScriptedClient)):
+        return "call"
+    try:
+        parameters = inspect.signature(client._chat).parameters
+    except (TypeError, ValueError):
+        return "keywords"
+    return "options" if "options" in parameters and "response_format" not in parameters else (
+        "keywords")
+
+
+def _client_arguments(protocol: str, call: _Call) -> _Arguments:
+    """The arguments of ``_chat``/``_stream`` for a client of ``protocol``."""
+    if protocol == "call":
+        return (call.model, call.messages, call), {}
+    if protocol == "options":
+        return (call.model, call.messages, call.options), {}
+    options = call.options
+    # 0.5's clients take four options by name; any other that is set goes as an extra.
+    extra = {name: getattr(options, name) for name in _OPTION_NAMES[len(_LEGACY_PARAMETERS):]
+             if getattr(options, name) is not None}
+    return (), {"model": call.model, "messages": call.messages,
+                **{name: getattr(options, name) for name in _LEGACY_PARAMETERS},
+                **extra, **options.extra}
 
 
 class Model:
     """A model on a client: ``chat``, ``stream`` and usage tracking.
 
-    ``temperature`` and ``extra_kwargs`` are the model's defaults; a per-call
-    ``temperature`` wins. ``get_usage()`` is the last call's usage (streams
-    included) and ``total_usage`` the sum over every call. ``chat_sync`` and
-    ``stream_sync`` are the blocking faces for scripts and notebooks.
+    The model's defaults for every call are ``temperature`` and ``extra_kwargs``
+    (casual-llm 0.5), ``default_options`` (a ``ChatOptions``, 0.7) and
+    ``system_message_handling`` (0.8); a call's own settings, as keywords or
+    ``options=``, win over them. ``get_usage()`` is the last call's usage
+    (streams included) and ``total_usage`` the sum over every call. ``chat_sync``
+    and ``stream_sync`` are the blocking faces for scripts and notebooks.
     """
 
     def __init__(self, client: LLMClient, name: str, temperature: float | None = None,
-                 extra_kwargs: dict[str, Any] | None = None) -> None:
+                 extra_kwargs: dict[str, Any] | None = None, *,
+                 default_options: ChatOptions | None = None,
+                 system_message_handling: Literal["passthrough", "merge"] | None = None) -> None:
+        if isinstance(temperature, ChatOptions) and default_options is None:
+            temperature, default_options = None, temperature  # 0.7: Model(client, name, options)
         if not (hasattr(client, "_chat") and hasattr(client, "_stream")):
             _fail("Model", "client", "an LLMClient (an object with _chat and _stream)", client)
         _check_str("Model", "name", name)
         _check_number("Model", "temperature", temperature, minimum=0)
         if extra_kwargs is not None and not isinstance(extra_kwargs, dict):
             _fail("Model", "extra_kwargs", "a dict or None", extra_kwargs)
+        if default_options is not None and not isinstance(default_options, ChatOptions):
+            _fail("Model", "default_options", "a ChatOptions or None", default_options)
+        if system_message_handling is not None:
+            _check_choice("Model", "system_message_handling", system_message_handling,
+                          _SYSTEM_HANDLINGS)
         self._client = client
         self.name = name
         self.temperature = temperature
         self.extra_kwargs: dict[str, Any] = dict(extra_kwargs or {})
+        self.default_options = default_options
+        self.system_message_handling = system_message_handling
+        self._protocol = _client_protocol(client)
         self._last_usage: Usage | None = None
         self._total_usage = Usage(prompt_tokens=0, completion_tokens=0)
         self._lock = threading.Lock()
@@ -4871,95 +5329,99 @@ class Model:
         self._last_usage = usage if earlier is None else earlier + (usage or _usage(0, 0))
 
     def _call(self, messages: Any, response_format: Any, max_tokens: Any, tools: Any,
-              temperature: Any, extra: dict[str, Any]) -> dict[str, Any]:
-        """The keyword arguments for the client, checked; extras only when set."""
-        call = {"model": self.name, "messages": _check_messages(messages),
-                "response_format": response_format, "max_tokens": max_tokens,
-                "tools": _check_call("Model", max_tokens, tools, temperature),
-                "temperature": self.temperature if temperature is None else temperature}
-        _resolve_response_format(response_format)  # a bad format fails before any request
-        extras = {**self.extra_kwargs, **extra}
-        for key in extras.keys() & call.keys():
-            logger.warning("extra %r ignored: it is a parameter of chat() and stream()", key)
-            del extras[key]
-        return {**call, **extras}
+              temperature: Any, options: Any, extra: dict[str, Any]) -> _Call:
+        """The call, merged from the client's, the model's and this call's settings
+        (lowest first) and checked once."""
+        if isinstance(response_format, ChatOptions) and options is None:
+            response_format, options = "text", response_format  # 0.7: chat(messages, options)
+        if options is not None and not isinstance(options, ChatOptions):
+            _fail("Model", "options", "a ChatOptions or None", options)
+        model = {"temperature": self.temperature, "extra": self.extra_kwargs,
+                 "system_message_handling": self.system_message_handling}
+        layer = getattr(self._client, "_layer", None)
+        keywords = {"response_format": response_format, "max_tokens": max_tokens,
+                    "tools": tools, "temperature": temperature, "extra": extra}
+        return _new_call("Model", self.name, messages, (
+            layer() if layer else None, model, self.default_options, options, keywords))
 
-    def _chat_steps(self, call: dict[str, Any], validation_retries: int
-                    ) -> typing.Generator[dict[str, Any], tuple[AssistantMessage, Usage | None],
+    def _chat_steps(self, call: _Call, validation_retries: int
+                    ) -> typing.Generator[_Arguments, tuple[AssistantMessage, Usage | None],
                                           AssistantMessage]:
-        """The chat logic without I/O: yields client calls, receives their replies.
+        """The chat logic without I/O: yields client arguments, receives their replies.
 
         The reply is parsed into the ``response_format`` type; an invalid reply is
         re-asked up to ``validation_retries`` times with the errors attached.
         """
         _check_int("Model", "validation_retries", validation_retries, optional=False)
-        fmt = _resolve_response_format(call["response_format"])
-        messages = call["messages"]
         for attempt in range(validation_retries + 1):
             earlier = self._last_usage if attempt else None
-            message, usage = yield {**call, "messages": messages}
+            message, usage = yield _client_arguments(self._protocol, call)
             self._record(usage, earlier)
-            if fmt.parse is None or message.tool_calls:
+            if call.fmt.parse is None or message.tool_calls:
                 return message
             try:
-                message.parsed = fmt.parse(message.content or "")
+                message.parsed = call.fmt.parse(message.content or "")
                 return message
             except SchemaValidationError as exc:
                 if attempt == validation_retries:
                     raise
                 errors = "\n".join(f"- {path}: {text}" for path, text in exc.errors) or str(exc)
-                messages = [*messages, message,
-                            UserMessage(content=_REASK.format(errors=errors))]
+                call = dataclasses.replace(call, messages=[
+                    *call.messages, message, UserMessage(content=_REASK.format(errors=errors))])
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def chat(self, messages: list[ChatMessage], response_format: Any = "text",
                    max_tokens: int | None = None, tools: list[Tool] | None = None,
-                   temperature: float | None = None, *, validation_retries: int = 0,
-                   **extra: Any) -> AssistantMessage:
+                   temperature: float | None = None, *, options: ChatOptions | None = None,
+                   validation_retries: int = 0, **extra: Any) -> AssistantMessage:
         """Send the conversation and return the reply.
 
         ``response_format`` is ``"text"``, ``"json"``, a JSON Schema dict or a type
         (dataclass, TypedDict, Enum, ``list[X]``..., a pydantic class): the reply's
         ``content`` is then the JSON text and ``parsed`` the validated value.
-        Further keyword arguments are provider extras (``top_p``, ``seed``...).
+        ``options`` is a ``ChatOptions``; further keyword arguments are options
+        (``top_p``, ``seed``, ``stop``...) or provider extras, sent as they are.
         """
         steps = self._chat_steps(self._call(messages, response_format, max_tokens, tools,
-                                            temperature, extra), validation_retries)
-        call = next(steps)
+                                            temperature, options, extra), validation_retries)
+        args, kwargs = next(steps)
         while True:
             try:
-                call = steps.send(await self._client._chat(**call))
+                args, kwargs = steps.send(await self._client._chat(*args, **kwargs))
             except StopIteration as done:
                 result: AssistantMessage = done.value
                 return result
 
     def chat_sync(self, messages: list[ChatMessage], response_format: Any = "text",
                   max_tokens: int | None = None, tools: list[Tool] | None = None,
-                  temperature: float | None = None, *, validation_retries: int = 0,
-                  **extra: Any) -> AssistantMessage:
+                  temperature: float | None = None, *, options: ChatOptions | None = None,
+                  validation_retries: int = 0, **extra: Any) -> AssistantMessage:
         """Blocking :meth:`chat`, for scripts and notebooks; same errors and usage."""
         blocking = getattr(self._client, "_chat_sync", None)
         steps = self._chat_steps(self._call(messages, response_format, max_tokens, tools,
-                                            temperature, extra), validation_retries)
-        call = next(steps)
+                                            temperature, options, extra), validation_retries)
+        args, kwargs = next(steps)
         while True:
-            reply = blocking(**call) if blocking else _run_coroutine(self._client._chat(**call))
+            reply = (blocking(*args, **kwargs) if blocking
+                     else _run_coroutine(self._client._chat(*args, **kwargs)))
             try:
-                call = steps.send(reply)
+                args, kwargs = steps.send(reply)
             except StopIteration as done:
                 result: AssistantMessage = done.value
                 return result
 
     async def stream(self, messages: list[ChatMessage], response_format: Any = "text",
                      max_tokens: int | None = None, tools: list[Tool] | None = None,
-                     temperature: float | None = None,
+                     temperature: float | None = None, *, options: ChatOptions | None = None,
                      **extra: Any) -> AsyncIterator[StreamChunk]:
         """Stream the reply: text chunks as they arrive, then a final chunk with
         ``finish_reason``, ``tool_calls`` and ``usage`` (also kept for ``get_usage()``)."""
-        call = self._call(messages, response_format, max_tokens, tools, temperature, extra)
+        call = self._call(messages, response_format, max_tokens, tools, temperature, options,
+                          extra)
+        args, kwargs = _client_arguments(self._protocol, call)
         usage: list[Usage | None] = [None]
         try:
-            async for chunk in self._client._stream(**call):
+            async for chunk in self._client._stream(*args, **kwargs):
                 usage[0] = chunk.usage or usage[0]
                 yield chunk
         finally:
@@ -4967,11 +5429,15 @@ class Model:
 
     def stream_sync(self, messages: list[ChatMessage], response_format: Any = "text",
                     max_tokens: int | None = None, tools: list[Tool] | None = None,
-                    temperature: float | None = None, **extra: Any) -> Iterator[StreamChunk]:
+                    temperature: float | None = None, *, options: ChatOptions | None = None,
+                    **extra: Any) -> Iterator[StreamChunk]:
         """Blocking :meth:`stream`: ``for chunk in model.stream_sync(...)``."""
-        call = self._call(messages, response_format, max_tokens, tools, temperature, extra)
+        call = self._call(messages, response_format, max_tokens, tools, temperature, options,
+                          extra)
+        args, kwargs = _client_arguments(self._protocol, call)
         blocking = getattr(self._client, "_stream_sync", None)
-        chunks = blocking(**call) if blocking else _iter_blocking(self._client._stream(**call))
+        chunks = (blocking(*args, **kwargs) if blocking
+                  else _iter_blocking(self._client._stream(*args, **kwargs)))
         usage = None
         try:
             for chunk in chunks:
@@ -5030,6 +5496,7 @@ class ClientConfig:
     name: str | None = None
     max_retries: int = 2
     ca_bundle: str | None = None
+    system_message_handling: Literal["passthrough", "merge"] | None = None
 
     def __post_init__(self) -> None:
         self.provider = _provider(self.provider)
@@ -5039,12 +5506,16 @@ class ClientConfig:
         _check_int("ClientConfig", "max_retries", self.max_retries, optional=False)
         if not isinstance(self.extra_kwargs, dict):
             _fail("ClientConfig", "extra_kwargs", "a dict", self.extra_kwargs)
+        if self.system_message_handling is not None:
+            _check_choice("ClientConfig", "system_message_handling",
+                          self.system_message_handling, _SYSTEM_HANDLINGS)
 
     def __repr__(self) -> str:
         return (f"ClientConfig(provider={self.provider}, base_url={self.base_url!r}, "
                 f"api_key={_mask(self.api_key)}, timeout={self.timeout}, "
                 f"extra_kwargs={self.extra_kwargs!r}, name={self.name!r}, "
-                f"max_retries={self.max_retries}, ca_bundle={self.ca_bundle!r})")
+                f"max_retries={self.max_retries}, ca_bundle={self.ca_bundle!r}, "
+                f"system_message_handling={self.system_message_handling!r})")
 
     def resolved_api_key(self) -> str | None:
         """``api_key``, else ``<NAME>_API_KEY`` when ``name`` is set, else ``None``."""
@@ -5057,17 +5528,30 @@ class ClientConfig:
 
 @dataclasses.dataclass
 class ModelConfig:
-    """How to build a ``Model``: its name and defaults."""
+    """How to build a ``Model``: its name and defaults, as 0.5 (``temperature``,
+    ``extra_kwargs``) or 0.7/0.8 (``default_options``, ``system_message_handling``)
+    give them; ``ModelConfig(name, ChatOptions(...))`` works too."""
 
     name: str
     temperature: float | None = None
     extra_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    default_options: ChatOptions | None = None
+    system_message_handling: Literal["passthrough", "merge"] | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.temperature, ChatOptions) and self.default_options is None:
+            self.temperature, self.default_options = None, self.temperature  # 0.7's order
         _check_str("ModelConfig", "name", self.name)
         _check_number("ModelConfig", "temperature", self.temperature, minimum=0)
         if not isinstance(self.extra_kwargs, dict):
             _fail("ModelConfig", "extra_kwargs", "a dict", self.extra_kwargs)
+        if self.default_options is not None and not isinstance(self.default_options,
+                                                               ChatOptions):
+            _fail("ModelConfig", "default_options", "a ChatOptions or None",
+                  self.default_options)
+        if self.system_message_handling is not None:
+            _check_choice("ModelConfig", "system_message_handling",
+                          self.system_message_handling, _SYSTEM_HANDLINGS)
 
 
 def _client_options(config: ClientConfig) -> dict[str, Any]:
@@ -5080,24 +5564,24 @@ def _client_options(config: ClientConfig) -> dict[str, Any]:
             raise ConfigurationError(f"ca_bundle {config.ca_bundle!r}: {exc}") from exc
     return {"api_key": config.resolved_api_key(), "timeout": config.timeout,
             "extra_kwargs": config.extra_kwargs or None, "max_retries": config.max_retries,
-            "ssl_context": context}
-
-
-def _build_openai(config: ClientConfig) -> OpenAIClient:
-    return OpenAIClient(base_url=config.base_url, **_client_options(config))
-
-
-def _build_anthropic(config: ClientConfig) -> AnthropicClient:
-    return AnthropicClient(base_url=config.base_url, **_client_options(config))
+            "ssl_context": context, "system_message_handling": config.system_message_handling}
 
 
 def _build_ollama(config: ClientConfig) -> OllamaClient:
     return OllamaClient(host=config.base_url, **_client_options(config))
 
 
+def _url_builder(cls: type[OpenAIClient] | type[AnthropicClient]
+             ) -> Callable[[ClientConfig], _HTTPClient]:
+    return lambda config: cls(base_url=config.base_url, **_client_options(config))
+
+
+# The provider registry: its facts are in _PROVIDERS (section 2), its wire format in
+# sections 8-10, its client in section 11; this table and everything derived from it
+# (create_client, the command line's help, choices and errors) make it a provider.
 _CLIENT_BUILDERS: dict[Provider, Callable[[ClientConfig], _HTTPClient]] = {
-    Provider.OPENAI: _build_openai,
-    Provider.ANTHROPIC: _build_anthropic,
+    Provider.OPENAI: _url_builder(OpenAIClient),
+    Provider.ANTHROPIC: _url_builder(AnthropicClient),
     Provider.OLLAMA: _build_ollama,
 }
 
@@ -5117,7 +5601,9 @@ def create_model(client: LLMClient, config: ModelConfig) -> Model:
     if not isinstance(config, ModelConfig):
         _fail("create_model", "config", "a ModelConfig", config)
     return Model(client=client, name=config.name, temperature=config.temperature,
-                 extra_kwargs=config.extra_kwargs or None)
+                 extra_kwargs=config.extra_kwargs or None,
+                 default_options=config.default_options,
+                 system_message_handling=config.system_message_handling)
 
 
 # === 14. Command line ========================================================
@@ -5129,23 +5615,15 @@ def create_model(client: LLMClient, config: ModelConfig) -> Model:
 if typing.TYPE_CHECKING:  # pragma: no cover
     import argparse
 
-_DEFAULT_MODELS: dict[Provider, str] = {
-    Provider.OLLAMA: "llama3.2",
-    Provider.OPENAI: "gpt-4o-mini",
-    Provider.ANTHROPIC: "claude-haiku-4-5",
-}
-_KEY_VARIABLES: dict[Provider, str] = {
-    Provider.OPENAI: "OPENAI_API_KEY",
-    Provider.ANTHROPIC: "ANTHROPIC_API_KEY",
-    Provider.OLLAMA: "OLLAMA_API_KEY",
-}
+def _facts(provider: Provider) -> _ProviderFacts:
+    return _PROVIDERS[provider.value]
+
+
 _ENVIRONMENT: dict[str, str] = {
     "CASUAL_LLM_MODEL": "the model when -m is not given: PROVIDER:MODEL or a bare name",
     "CASUAL_LLM_PROVIDER": "the provider of bare model names (default: CASUAL_LLM_MODEL's)",
     "CASUAL_LLM_BASE_URL": "the server of that provider (openai when none is named)",
-    "OPENAI_API_KEY, OPENAI_BASE_URL": "OpenAI, or any OpenAI-compatible server",
-    "ANTHROPIC_API_KEY, ANTHROPIC_BASE_URL": "Anthropic",
-    "OLLAMA_HOST, OLLAMA_API_KEY": f"Ollama (default {OLLAMA_HOST})",
+    **{f"{_facts(p).key_env}, {_facts(p).url_env}": _facts(p).about for p in _CLIENT_BUILDERS},
     "HTTPS_PROXY, HTTP_PROXY, NO_PROXY": "proxies",
     "NO_COLOR": "no colour in the chat",
     "CASUAL_LLM_HISTORY": "the chat's line history file (default ~/.casual_llm_history)",
@@ -5236,8 +5714,10 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("prompt", nargs="*", help="the prompt (after piped stdin, if any)")
     group = parser.add_argument_group("model")
     group.add_argument("-m", "--model", metavar="[PROVIDER:]MODEL",
-                       help="openai:gpt-4o-mini, anthropic:..., ollama:llama3.2, or a bare name "
-                            "for the default provider (CASUAL_LLM_MODEL; else a local Ollama)")
+                       help=", ".join(f"{p.value}:{_facts(p).default_model}"
+                                      for p in _CLIENT_BUILDERS)
+                       + ", or a bare name for the default provider (CASUAL_LLM_MODEL; else a "
+                         "local Ollama)")
     group.add_argument("--base-url", metavar="URL",
                        help="the server: an OpenAI-compatible one (the provider then defaults "
                             "to openai) or an Ollama host")
@@ -5360,7 +5840,7 @@ def _initial_target(opts: argparse.Namespace) -> _Target:
     provider, model = _split_model(opts.model) if opts.model else (env_provider, env_model)
     provider = provider or default
     base_url = opts.base_url or (env_url if provider is default else None)
-    return _Target(provider, model or _DEFAULT_MODELS[provider], base_url, opts.api_key_env)
+    return _Target(provider, model or _facts(provider).default_model, base_url, opts.api_key_env)
 
 
 def _connect(target: _Target, opts: argparse.Namespace) -> tuple[_HTTPClient, Model]:
@@ -5392,13 +5872,13 @@ def _check_ollama(timeout: float, model: str) -> None:
         socket.create_connection((parts.hostname or "localhost", parts.port or 80),
                                  timeout=min(timeout, 3.0)).close()
     except OSError as exc:
-        choices = [(f"-m {p.value}:{_DEFAULT_MODELS[p]}", f"with {_KEY_VARIABLES[p]} set")
-                   for p in (Provider.OPENAI, Provider.ANTHROPIC)]
+        choices = [(f"-m {p.value}:{_facts(p).default_model}", f"with {_facts(p).key_env} set")
+                   for p in _CLIENT_BUILDERS if p is not Provider.OLLAMA]
         choices.append(("--base-url URL", "an OpenAI-compatible server"))
         raise ConfigurationError(_NO_OLLAMA.format(
             url=url, reason=exc.strerror or exc, model=model,
             choices="\n".join(f"  {flag:<32} {text}" for flag, text in choices),
-            openai=_DEFAULT_MODELS[Provider.OPENAI])) from None
+            openai=_facts(Provider.OPENAI).default_model)) from None
 
 
 def _response_format(opts: argparse.Namespace) -> Any:
@@ -5589,11 +6069,10 @@ class _Session:
         return AssistantMessage(content="".join(pieces), finish_reason=reason)
 
     def _dry_run(self, user: UserMessage) -> int:
-        # Model._call is what chat and stream hand the client, extras merged and checked.
+        # Model._call is what chat and stream hand the client, merged and checked.
         call = self.model._call([*self._messages(), user], self.format, self.opts.max_tokens,
-                                None, None, {})
-        call.pop("stream", None)  # an -o stream=... extra is ignored when sending too
-        request = self.client._dry_run(**call, stream=self.streaming)
+                                None, None, None, {})
+        request = self.client._dry_run(call.model, call.messages, call, stream=self.streaming)
         if self.opts.output_json:
             self._write(json.dumps(request, ensure_ascii=False, indent=2) + "\n")
             return 0
@@ -5746,7 +6225,7 @@ class _Session:
             provider, name = _split_model(arg)
             provider = provider or self.target.provider
             same = provider is self.initial.provider  # --base-url and --api-key-env go with it
-            target = _Target(provider, name or _DEFAULT_MODELS[provider],
+            target = _Target(provider, name or _facts(provider).default_model,
                              self.initial.base_url if same else None,
                              self.initial.key_env if same else None)
             self.client, self.model = _connect(target, self.opts)

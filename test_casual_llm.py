@@ -1853,8 +1853,8 @@ class TestGoldenWire(unittest.TestCase):
         messages = _conversations()["empty_content"]
         self.assertEqual(extract_system_message(messages), "First")
         self.assertIsNone(extract_system_message([UserMessage(content="x")]))
-        body = casual_llm._request_anthropic("m", messages, casual_llm._resolve_response_format(
-            "text"), None, None, None, False)
+        call = casual_llm._new_call("test", "m", messages, ())
+        body, _ = casual_llm._request_anthropic(call, call.messages, False)
         self.assertEqual(body["system"], [{"type": "text", "text": "First"},
                                           {"type": "text", "text": "Second"}])
 
