@@ -5935,8 +5935,15 @@ def _user_message(text: str, images: list[ImageContent]) -> UserMessage:
 def _usage_text(usage: Usage | None) -> str:
     if usage is None:
         return "not reported"
-    return (f"{usage.prompt_tokens} in + {usage.completion_tokens} out = "
-            f"{usage.total_tokens} tokens")
+
+    def details(*parts: tuple[int | None, str]) -> str:
+        shown = [f"{count} {what}" for count, what in parts if count]
+        return f" ({', '.join(shown)})" if shown else ""
+    return (f"{usage.prompt_tokens} in"
+            + details((usage.cached_tokens, "cached"),
+                      (usage.cache_write_tokens, "written to cache"))
+            + f" + {usage.completion_tokens} out" + details((usage.reasoning_tokens, "reasoning"))
+            + f" = {usage.total_tokens} tokens")
 
 
 class _Session:

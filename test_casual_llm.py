@@ -9,6 +9,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import copy
 import dataclasses
 import enum
 import io
@@ -503,6 +504,8 @@ _OPENAI_REQUEST_ID = "req_test123"
 
 
 def _openai_usage(usage):
+    if isinstance(usage, dict):
+        return usage
     prompt, completion = usage
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion}
@@ -627,7 +630,8 @@ def anthropic_reply(text="Hello!", tool_uses=None, stop_reason=None, usage=(10, 
             "content": content,
             "stop_reason": stop_reason or ("tool_use" if tool_uses else "end_turn"),
             "stop_sequence": None,
-            "usage": {"input_tokens": usage[0], "output_tokens": usage[1]}}
+            "usage": usage if isinstance(usage, dict) else {"input_tokens": usage[0],
+                                                            "output_tokens": usage[1]}}
     return _reply(200, _dumps(body).encode("utf-8"), "application/json", **reply_kw)
 
 
@@ -640,12 +644,15 @@ def anthropic_stream(pieces=("Hello", "!"), tool_uses=None, stop_reason=None, us
     """A Messages SSE stream: message_start (input tokens), a text block (start, ping,
     text_delta per piece, stop), tool_use blocks (tool_uses: [(id, name, [partial_json
     fragments])]) with input_json_delta fragments, message_delta (stop reason, cumulative
-    output tokens), message_stop.  unknown_event adds an event a parser must skip."""
+    output tokens), message_stop.  unknown_event adds an event a parser must skip.  usage
+    may also be a pair of dicts: the usage of message_start and of message_delta."""
     ev = _anthropic_event
+    start_usage, delta_usage = usage if isinstance(usage[0], dict) else (
+        {"input_tokens": usage[0], "output_tokens": 1}, {"output_tokens": usage[1]})
     frames = [ev({"type": "message_start", "message": {
         "id": _ANTHROPIC_ID, "type": "message", "role": "assistant", "model": model,
         "content": [], "stop_reason": None, "stop_sequence": None,
-        "usage": {"input_tokens": usage[0], "output_tokens": 1}}})]
+        "usage": start_usage}})]
     extras = [ev({"type": "ping"})] if ping else []
     if unknown_event:
         extras.append(ev({"type": "future_event", "detail": {"x": 1}}))
@@ -674,7 +681,7 @@ def anthropic_stream(pieces=("Hello", "!"), tool_uses=None, stop_reason=None, us
                       "delta": {"stop_reason": stop_reason
                                 or ("tool_use" if tool_uses else "end_turn"),
                                 "stop_sequence": None},
-                      "usage": {"output_tokens": usage[1]}}))
+                      "usage": delta_usage}))
     frames.append(ev({"type": "message_stop"}))
     return _reply(200, frames, "text/event-stream; charset=utf-8", stream=True, **reply_kw)
 
@@ -2613,7 +2620,383 @@ def replace(reply, **changes):
     return dataclasses.replace(reply, **changes)
 
 
-class TestOpenAIContract(ProviderContract, StructuredContract, ServerTest):
+class Upstream08Contract:
+    """Code written for casual-llm 0.7/0.8 (ChatOptions, default_options, options=,
+    system_message_handling="merge"), run against each provider's fake."""
+
+    def system_of(self, body):
+        """The system texts a body carries, in either wire's place for them."""
+        if "system" in body or self.provider == "anthropic":
+            system = body.get("system")
+            return [system] if isinstance(system, str) else [b["text"] for b in system or []]
+        return [m["content"] for m in body["messages"] if m["role"] == "system"]
+
+    def test_08_default_and_per_call_options(self):
+        """Per-call fields that are set win over default_options; extra dicts merge."""
+        self.fp.add(self.text_reply("ok"), self.text_reply("ok"))
+        model = Model(self.make_client(self.fp.url), "m", default_options=ChatOptions(
+            temperature=0.2, max_tokens=20, extra={"a_raw": 1, "b_raw": 1}))
+        messages = [SystemMessage(content="Be nice."), UserMessage(content="Hi")]
+        run_async(model.chat(messages, options=ChatOptions(temperature=0.7,
+                                                           extra={"b_raw": 2})))
+        model.chat_sync(messages, ChatOptions(max_tokens=30))  # 0.7 passes it second
+        first, second = (r.json for r in self.fp.requests)
+        self.check_options(first, temperature=0.7, max_tokens=20)
+        self.assertEqual((first["a_raw"], first["b_raw"]), (1, 2))
+        self.check_options(second, temperature=0.2, max_tokens=30)
+
+    def test_08_stream_with_options(self):
+        """stream(messages, options=...) sends the options; the usage is kept."""
+        self.fp.add(self.stream_reply(["a", "b"], usage=(4, 2)))
+        model = Model(self.make_client(self.fp.url), "m", ChatOptions(temperature=0.5))
+        chunks = self.collect(model, [SystemMessage(content="Be nice."),
+                                      UserMessage(content="x")],
+                              options=ChatOptions(max_tokens=9))
+        self.assertEqual("".join(c.content for c in chunks), "ab")
+        body = dict(self.fp.requests[0].json, stream=False)  # check_options is for chat
+        self.check_options(body, temperature=0.5, max_tokens=9)
+        self.assertEqual(model.get_usage(), Usage(prompt_tokens=4, completion_tokens=2))
+
+    def test_08_model_config(self):
+        """create_model takes ModelConfig(name, default_options=...)."""
+        self.fp.add(self.text_reply("ok"))
+        model = create_model(self.make_client(self.fp.url), ModelConfig(
+            name="m", default_options=ChatOptions(temperature=0.4, max_tokens=7)))
+        run_async(model.chat([SystemMessage(content="Be nice."), UserMessage(content="x")]))
+        self.check_options(self.fp.requests[0].json, temperature=0.4, max_tokens=7)
+
+    def test_08_system_message_merge(self):
+        """"merge" (client, model or call) sends one stripped system message, first;
+        a call's "passthrough" sends them as the default does."""
+        for _ in range(4):
+            self.fp.add(self.text_reply("ok"))
+        messages = [SystemMessage(content=" Be nice. "), UserMessage(content="Hi"),
+                    SystemMessage(content="  "), SystemMessage(content="Be brief.")]
+        merging = Model(self.make_client(self.fp.url, system_message_handling="merge"), "m")
+        run_async(merging.chat(messages))
+        Model(self.make_client(self.fp.url), "m",
+              system_message_handling="merge").chat_sync(messages)
+        run_async(merging.chat(messages, options=ChatOptions(
+            system_message_handling="passthrough")))
+        Model(self.make_client(self.fp.url), "m").chat_sync(messages)
+        bodies = [r.json for r in self.fp.requests]
+        for body in bodies[:2]:
+            self.assertEqual(self.system_of(body), ["Be nice.\n\nBe brief."])
+        self.assertEqual(bodies[2], bodies[3])
+        self.assertIn("Be brief.", self.system_of(bodies[2]))
+
+
+class TestUpstream08Protocols(unittest.TestCase):
+    """Custom clients in 0.5's and 0.7's protocols, told apart once by signature."""
+
+    class Client07:
+        """A client written for upstream 0.7: ``_chat(model, messages, options)``."""
+
+        def __init__(self):
+            self.options = []
+
+        async def _chat(self, model, messages, options):
+            self.options.append(options)
+            return AssistantMessage(content="seven"), Usage(prompt_tokens=2, completion_tokens=1)
+
+        async def _stream(self, model, messages, options):
+            self.options.append(options)
+            yield StreamChunk(content="se")
+            yield StreamChunk(content="ven", finish_reason="stop",
+                              usage=Usage(prompt_tokens=2, completion_tokens=1))
+
+    def test_07_client_gets_merged_options(self):
+        """A 0.7 client gets one ChatOptions: defaults under the call's, extras merged."""
+        client = self.Client07()
+        model = Model(client, "m", default_options=ChatOptions(temperature=0.1,
+                                                               extra={"x": 1}))
+        self.assertEqual(model.chat_sync([UserMessage(content="hi")], top_p=0.5,
+                                         options=ChatOptions(extra={"y": 2})).content, "seven")
+        self.assertEqual("".join(c.content for c in model.stream_sync(
+            [UserMessage(content="hi")], options=ChatOptions(seed=3))), "seven")
+        first, second = client.options
+        self.assertIsInstance(first, ChatOptions)
+        self.assertEqual((first.temperature, first.top_p, first.extra), (0.1, 0.5,
+                                                                        {"x": 1, "y": 2}))
+        self.assertEqual((second.temperature, second.seed), (0.1, 3))
+        self.assertEqual(model.total_usage, Usage(prompt_tokens=4, completion_tokens=2))
+
+    def test_05_client_gets_keywords(self):
+        """A 0.5 client gets its six keywords; other options that are set come as extras."""
+        client = ExtrasClient()
+        model = Model(client, "m", default_options=ChatOptions(top_k=4))
+        run_async(model.chat([UserMessage(content="x")], options=ChatOptions(stop=["END"])))
+        self.assertEqual(client.calls[-1], {"top_k": 4, "stop": ["END"]})
+        plain = MyCustomClient()
+        run_async(Model(plain, "m", ChatOptions(temperature=0.6)).chat(
+            [UserMessage(content="x")]))
+        self.assertEqual(plain.calls[-1]["temperature"], 0.6)
+
+    def test_options_are_checked_and_named(self):
+        """A bad option fails at construction, naming the field; n and logprobs are refused."""
+        for kwargs, name in (({"temperature": "hot"}, "temperature"), ({"top_k": 0}, "top_k"),
+                              ({"stop": [1]}, "stop"), ({"tool_choice": 3}, "tool_choice"),
+                              ({"response_format": 42}, "response_format"),
+                              ({"system_message_handling": "join"}, "system_message_handling"),
+                              ({"parallel_tool_calls": "no"}, "parallel_tool_calls"),
+                              ({"extra": []}, "extra")):
+            with self.subTest(field=name), self.assertRaisesRegex(
+                    ValidationError, rf"ChatOptions\.{name}"):
+                ChatOptions(**kwargs)
+        self.assertEqual(ChatOptions(stop="END").stop, ["END"])
+        model = Model(MyCustomClient(), "m")
+        with self.assertRaisesRegex(ValidationError, "n=2 is not supported.*make n calls"):
+            model.chat_sync([UserMessage(content="x")], n=2)
+        with self.assertRaisesRegex(ValidationError, "logprobs=True is not supported"):
+            model.chat_sync([UserMessage(content="x")], options=ChatOptions(
+                extra={"logprobs": True}))
+        with self.assertRaisesRegex(ValidationError, "Model.options"):
+            model.chat_sync([UserMessage(content="x")], options={"temperature": 1})
+        with self.assertRaisesRegex(ValidationError, "Model.default_options"):
+            Model(MyCustomClient(), "m", default_options={"temperature": 1})
+
+    def test_system_message_helpers(self):
+        """merge_system_messages and extract_system_messages as upstream 0.8 has them."""
+        messages = [SystemMessage(content=" A "), UserMessage(content="u"),
+                    SystemMessage(content=""), SystemMessage(content="B")]
+        self.assertEqual(merge_system_messages(messages),
+                         [SystemMessage(content="A\n\nB"), UserMessage(content="u")])
+        self.assertEqual(merge_system_messages(messages[:3]),
+                         [SystemMessage(content="A"), UserMessage(content="u")])
+        self.assertEqual(extract_system_messages(messages),
+                         [{"type": "text", "text": " A "}, {"type": "text", "text": "B"}])
+        self.assertIsNone(extract_system_messages([UserMessage(content="u")]))
+
+
+def _hi():
+    return [UserMessage(content="hi")]
+
+
+_WEATHER = Tool(name="get_weather", description="Weather", parameters={
+    "city": ToolParameter(type="string")}, required=["city"])
+_BASE_BODIES = {
+    "openai": {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+    "anthropic": {"model": "m", "max_tokens": 4096, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]}]},
+    "ollama": {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": False,
+               "options": {}},
+}
+# Each portable option on each wire: (options, {provider: what the body gains}); an option
+# a provider refuses gains nothing there (and warns). Sources: the Chat Completions
+# reference (tool_choice, parallel_tool_calls need tools), the Messages API reference
+# (stop_sequences, tool_choice objects, disable_parallel_tool_use; unknown fields are a
+# 400), Ollama's api.md ("options" holds the model parameters; no tool_choice).
+_OPTION_TABLE = [
+    ({"top_p": 0.9}, {"openai": {"top_p": 0.9}, "anthropic": {"top_p": 0.9},
+                      "ollama": {"options": {"top_p": 0.9}}}),
+    ({"top_k": 40}, {"openai": {"top_k": 40}, "anthropic": {"top_k": 40},
+                     "ollama": {"options": {"top_k": 40}}}),
+    ({"stop": ["END"]}, {"openai": {"stop": ["END"]}, "anthropic": {"stop_sequences": ["END"]},
+                         "ollama": {"options": {"stop": ["END"]}}}),
+    ({"seed": 7}, {"openai": {"seed": 7}, "anthropic": {},
+                   "ollama": {"options": {"seed": 7}}}),
+    ({"frequency_penalty": 0.5}, {"openai": {"frequency_penalty": 0.5}, "anthropic": {},
+                                  "ollama": {"options": {"frequency_penalty": 0.5}}}),
+    ({"presence_penalty": 0.25}, {"openai": {"presence_penalty": 0.25}, "anthropic": {},
+                                  "ollama": {"options": {"presence_penalty": 0.25}}}),
+    ({"temperature": 0.3, "max_tokens": 50}, {
+        "openai": {"temperature": 0.3, "max_tokens": 50},
+        "anthropic": {"temperature": 0.3, "max_tokens": 50},
+        "ollama": {"options": {"temperature": 0.3, "num_predict": 50}}}),
+    ({"tools": [_WEATHER], "tool_choice": "auto"}, {
+        "openai": {"tools": tools_to_openai([_WEATHER]), "tool_choice": "auto"},
+        "anthropic": {"tools": tools_to_anthropic([_WEATHER]), "tool_choice": {"type": "auto"}},
+        "ollama": {"tools": tools_to_ollama([_WEATHER])}}),
+    ({"tools": [_WEATHER], "tool_choice": "required"}, {
+        "openai": {"tools": tools_to_openai([_WEATHER]), "tool_choice": "required"},
+        "anthropic": {"tools": tools_to_anthropic([_WEATHER]), "tool_choice": {"type": "any"}},
+        "ollama": {"tools": tools_to_ollama([_WEATHER])}}),
+    ({"tools": [_WEATHER], "tool_choice": "none"}, {
+        "openai": {"tools": tools_to_openai([_WEATHER]), "tool_choice": "none"},
+        "anthropic": {"tools": tools_to_anthropic([_WEATHER]), "tool_choice": {"type": "none"}},
+        "ollama": {}}),
+    ({"tools": [_WEATHER], "tool_choice": "get_weather"}, {
+        "openai": {"tools": tools_to_openai([_WEATHER]), "tool_choice": {
+            "type": "function", "function": {"name": "get_weather"}}},
+        "anthropic": {"tools": tools_to_anthropic([_WEATHER]),
+                      "tool_choice": {"type": "tool", "name": "get_weather"}},
+        "ollama": {"tools": tools_to_ollama([_WEATHER])}}),
+    ({"tools": [_WEATHER], "parallel_tool_calls": False}, {
+        "openai": {"tools": tools_to_openai([_WEATHER]), "parallel_tool_calls": False},
+        "anthropic": {"tools": tools_to_anthropic([_WEATHER]), "tool_choice": {
+            "type": "auto", "disable_parallel_tool_use": True}},
+        "ollama": {"tools": tools_to_ollama([_WEATHER])}}),
+    ({"tools": [_WEATHER], "tool_choice": "required", "parallel_tool_calls": False}, {
+        "openai": {"tools": tools_to_openai([_WEATHER]), "tool_choice": "required",
+                   "parallel_tool_calls": False},
+        "anthropic": {"tools": tools_to_anthropic([_WEATHER]), "tool_choice": {
+            "type": "any", "disable_parallel_tool_use": True}},
+        "ollama": {"tools": tools_to_ollama([_WEATHER])}}),
+]
+_REFUSED = {("anthropic", "seed"), ("anthropic", "frequency_penalty"),
+            ("anthropic", "presence_penalty"), ("ollama", "tool_choice"),
+            ("ollama", "parallel_tool_calls")}
+
+
+class TestOptionMapping(unittest.TestCase):
+    """Golden wire tables: every portable option on every provider, through ChatOptions
+    and through 0.5 keywords, to the exact body."""
+
+    clients = {"openai": lambda: OpenAIClient(base_url="http://127.0.0.1:9/v1"),
+               "anthropic": lambda: AnthropicClient(base_url="http://127.0.0.1:9"),
+               "ollama": lambda: OllamaClient(host="http://127.0.0.1:9")}
+
+    def body(self, provider, client=None, **options):
+        """The body Model sends, once via ChatOptions and once via keywords (they agree)."""
+        client = client or self.clients[provider]()
+        model = Model(client, "m")
+        legacy = [options.get(k) for k in ("response_format", "max_tokens", "tools",
+                                           "temperature")]
+        keywords = {**{k: v for k, v in options.items() if k != "extra" and k not in (
+            "response_format", "max_tokens", "tools", "temperature")}, **options.get("extra", {})}
+        faces = (model._call(_hi(), "text", None, None, None, ChatOptions(**options), {}),
+                 model._call(_hi(), *legacy, None, keywords))
+        bodies = [client._dry_run(c.model, c.messages, c)["body"] for c in faces]
+        self.assertEqual(bodies[0], bodies[1])
+        return bodies[0]
+
+    def test_table(self):
+        """Each option lands in each provider's own form; refused ones are left out."""
+        for options, wires in _OPTION_TABLE:
+            for provider, gained in wires.items():
+                with self.subTest(provider=provider, options=options):
+                    refused = sorted(k for k in options if (provider, k) in _REFUSED and not (
+                        k == "tool_choice" and options[k] in ("auto", "none")))
+                    expected = copy.deepcopy(_BASE_BODIES[provider])
+                    for key, value in gained.items():
+                        if isinstance(value, dict) and key == "options":
+                            expected["options"].update(value)
+                        else:
+                            expected[key] = value
+                    if refused:
+                        with self.assertLogs("casual_llm", "WARNING") as logs:
+                            body = self.body(provider, **options)
+                        self.assertIn(f"{provider} does not take ", logs.output[0])
+                        for name in refused:
+                            self.assertIn(name, logs.output[0])
+                    else:
+                        body = self.body(provider, **options)
+                    self.assertEqual(body, expected)
+
+    def test_openai_official_endpoint(self):
+        """api.openai.com gets max_completion_tokens and no top_k (it refuses unknown fields)."""
+        client = OpenAIClient(api_key="sk-test-key")
+        with self.assertLogs("casual_llm", "WARNING") as logs:
+            body = self.body("openai", client, top_k=5, max_tokens=9)
+        self.assertEqual(body, {**_BASE_BODIES["openai"], "max_completion_tokens": 9})
+        self.assertIn("openai does not take top_k", logs.output[0])
+
+    def test_tool_options_without_tools(self):
+        """tool_choice and parallel_tool_calls need tools: without them they are left out."""
+        for provider in self.clients:
+            with self.subTest(provider=provider), self.assertLogs("casual_llm", "WARNING"):
+                body = self.body(provider, tool_choice="required", parallel_tool_calls=True)
+            self.assertEqual(body, _BASE_BODIES[provider])
+
+    def test_anthropic_schema_and_tool_choice(self):
+        """With a schema, Anthropic always calls a tool: the answer tool unless the user's
+        tools may be called (any) or one is named."""
+        def choice(**options):
+            return self.body("anthropic", response_format=Point, **options)["tool_choice"]
+        answer = {"type": "tool", "name": "structured_answer"}
+        self.assertEqual(choice(), answer)
+        self.assertEqual(choice(tools=[_WEATHER], tool_choice="none"), answer)
+        self.assertEqual(choice(tools=[_WEATHER]), {"type": "any"})
+        self.assertEqual(choice(tools=[_WEATHER], tool_choice="get_weather"),
+                         {"type": "tool", "name": "get_weather"})
+
+    def test_extras_pass_through_and_ollama_options(self):
+        """Raw fields pass through; Ollama's model parameters and options dict join options."""
+        self.assertEqual(self.body("openai", extra={"user": "u1"})["user"], "u1")
+        body = self.body("ollama", temperature=0.2, extra={"num_ctx": 4096, "keep_alive": "5m",
+                                                           "options": {"min_p": 0.1}})
+        self.assertEqual(body["options"], {"temperature": 0.2, "num_ctx": 4096, "min_p": 0.1})
+        self.assertEqual(body["keep_alive"], "5m")
+
+
+class TestUsageTables(ServerTest):
+    """Replies and streams to the exact Usage: the whole prompt, with cache and thinking
+    counts where the provider reports them."""
+
+    def chat_and_stream(self, client, reply, stream):
+        self.fp.add(reply, stream)
+        model = Model(client, "m")
+        model.chat_sync(_hi())
+        chat = model.get_usage()
+        list(model.stream_sync(_hi()))
+        return chat, model.get_usage()
+
+    def test_openai(self):
+        """OpenAI's details (and OpenRouter's, and DeepSeek's) fill the optional counts."""
+        table = [
+            ({"prompt_tokens": 3050, "completion_tokens": 20, "total_tokens": 3070,
+              "prompt_tokens_details": {"cached_tokens": 2000},
+              "completion_tokens_details": {"reasoning_tokens": 12}},
+             Usage(prompt_tokens=3050, completion_tokens=20, cached_tokens=2000,
+                   reasoning_tokens=12)),
+            # OpenRouter's usage accounting: cache writes beside the reads
+            ({"prompt_tokens": 194, "completion_tokens": 2, "prompt_tokens_details": {
+                "cached_tokens": 0, "cache_write_tokens": 100}},
+             Usage(prompt_tokens=194, completion_tokens=2, cached_tokens=0,
+                   cache_write_tokens=100)),
+            # DeepSeek: prompt_cache_hit_tokens / prompt_cache_miss_tokens
+            ({"prompt_tokens": 30, "completion_tokens": 4, "prompt_cache_hit_tokens": 24,
+              "prompt_cache_miss_tokens": 6},
+             Usage(prompt_tokens=30, completion_tokens=4, cached_tokens=24)),
+            ({"prompt_tokens": 5, "completion_tokens": 1},
+             Usage(prompt_tokens=5, completion_tokens=1)),
+        ]
+        client = OpenAIClient(base_url=self.fp.url + "/v1")
+        for usage, expected in table:
+            with self.subTest(usage=usage):
+                got = self.chat_and_stream(client, openai_reply("ok", usage=usage),
+                                           openai_stream(["ok"], usage=usage))
+                self.assertEqual(got, (expected, expected))
+
+    def test_anthropic_cache_read_and_write(self):
+        """The whole prompt is input + cache reads + cache writes, in chat and stream."""
+        usage = {"input_tokens": 50, "cache_creation_input_tokens": 1000,
+                 "cache_read_input_tokens": 2000, "output_tokens": 20}
+        expected = Usage(prompt_tokens=3050, completion_tokens=20, cached_tokens=2000,
+                         cache_write_tokens=1000)
+        client = AnthropicClient(base_url=self.fp.url, api_key="sk-test-key")
+        start = {k: (1 if k == "output_tokens" else v) for k, v in usage.items()}
+        got = self.chat_and_stream(client, anthropic_reply("ok", usage=usage),
+                                   anthropic_stream(["ok"], usage=(start, {"output_tokens": 20})))
+        self.assertEqual(got, (expected, expected))
+        # Some gateways (and llama.cpp) report the cache counts on message_delta instead.
+        got = self.chat_and_stream(client, anthropic_reply("ok", usage=usage), anthropic_stream(
+            ["ok"], usage=({"input_tokens": 50, "output_tokens": 1}, usage)))
+        self.assertEqual(got, (expected, expected))
+        self.assertEqual(expected + expected, Usage(
+            prompt_tokens=6100, completion_tokens=40, cached_tokens=4000,
+            cache_write_tokens=2000))
+
+    def test_ollama(self):
+        """Ollama reports prompt_eval_count and eval_count, and no cache counts."""
+        client = OllamaClient(host=self.fp.url)
+        got = self.chat_and_stream(client, ollama_reply("ok", usage=(12, 3)),
+                                   ollama_stream(["ok"], usage=(12, 3)))
+        self.assertEqual(got, (Usage(prompt_tokens=12, completion_tokens=3),) * 2)
+
+    def test_usage_round_trip_and_cli_text(self):
+        """The optional counts survive to_dict/from_dict and show in the CLI's -u text."""
+        usage = Usage(prompt_tokens=3050, completion_tokens=20, cached_tokens=2000,
+                      cache_write_tokens=1000, reasoning_tokens=12)
+        self.assertEqual(Usage.from_dict(usage.to_dict()), usage)
+        self.assertEqual(usage.to_dict()["total_tokens"], 3070)
+        self.assertNotIn("cached_tokens", Usage(prompt_tokens=1, completion_tokens=1).to_dict())
+        self.assertEqual(casual_llm._usage_text(usage),
+                         "3050 in (2000 cached, 1000 written to cache) + 20 out (12 reasoning) "
+                         "= 3070 tokens")
+
+
+class TestOpenAIContract(ProviderContract, StructuredContract, Upstream08Contract, ServerTest):
     """The contract, spoken as OpenAI Chat Completions."""
 
     provider = "openai"
@@ -2832,7 +3215,8 @@ class TestOpenAIContract(ProviderContract, StructuredContract, ServerTest):
                          (0.5, 2, ["\n"], 0.9))
 
 
-class TestAnthropicContract(ProviderContract, StructuredContract, ServerTest):
+class TestAnthropicContract(ProviderContract, StructuredContract, Upstream08Contract,
+                            ServerTest):
     """The contract, spoken as the Anthropic Messages API."""
 
     wraps = True
@@ -2965,7 +3349,7 @@ class TestAnthropicContract(ProviderContract, StructuredContract, ServerTest):
             self.collect(self.model(timeout=0.25))
 
 
-class TestOllamaContract(ProviderContract, StructuredContract, ServerTest):
+class TestOllamaContract(ProviderContract, StructuredContract, Upstream08Contract, ServerTest):
     """The contract, spoken as Ollama's native /api/chat."""
 
     wraps = False
