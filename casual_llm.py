@@ -4360,8 +4360,9 @@ def _messages_to_ollama(messages: list[ChatMessage], allow_private: bool = False
                         ssl_context: ssl.SSLContext | None = None,
                         fetch: bool = True) -> list[dict[str, Any]]:
     """The blocking converter: image URLs are fetched in parallel on the workers
-    (``fetch=False``, for a dry run, leaves a placeholder naming the URL)."""
-    checked = _check_messages(messages)
+    (``fetch=False``, for a dry run, leaves a placeholder naming the URL); the messages
+    are already checked."""
+    checked = messages
     urls = _image_urls(checked)
     if not fetch:
         images = {url: f"<base64 of {_redact_url(url)}, fetched when sent>" for url in urls}

@@ -4397,6 +4397,14 @@ def _check_config(test, fp, out):
     test.assertNotIn("sk-ant-this-is-secret", out)
 
 
+def _check_chat_options(test, fp, out):
+    body = fp.requests[0].json
+    test.assertEqual({k: body.get(k) for k in ("temperature", "max_tokens", "stop_sequences",
+                                               "top_k", "seed")},
+                     {"temperature": 0.2, "max_tokens": 300, "stop_sequences": ["\n"],
+                      "top_k": 20, "seed": None})
+
+
 def _check_usage(test, fp, out):
     _requests_are(test, fp, "/v1/chat/completions", "/v1/messages", "/v1/chat/completions")
 
@@ -4451,6 +4459,8 @@ SNIPPETS = {
         lambda: [openai_reply("Hi!")],
         prints=("Model(name='mistralai/mistral-small-3.2-24b-instruct', temperature=0.3) Hi!",
                 "api_key='sk-...et'"), check=_check_config),
+    "chat-options": Snippet(
+        lambda: [anthropic_reply("2")], prints=("2",), check=_check_chat_options),
     "usage": Snippet(
         lambda: [openai_reply("One.", usage=(20, 5)), anthropic_reply("Two.", usage=(22, 7)),
                  openai_reply("Three.", usage=(20, 6))],
