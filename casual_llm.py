@@ -37,7 +37,8 @@ import sys
 import threading
 import time
 import typing
-from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import (AsyncIterator, Callable, Collection, Generator, Iterable, Iterator,
+                             Sequence)
 from typing import Any, ClassVar, Literal, NoReturn, Protocol, TypeVar, Union
 
 if __name__ == "__main__" and getattr(sys.modules["__main__"], "__dict__", None) is globals():
@@ -795,10 +796,12 @@ class Usage(_Record):
     def __post_init__(self) -> None:
         self.prompt_tokens = _to_int("Usage", "prompt_tokens", self.prompt_tokens)
         self.completion_tokens = _to_int("Usage", "completion_tokens", self.completion_tokens)
-        for name in _USAGE_DETAILS:
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, _to_int("Usage", name, value))
+        if (self.cached_tokens, self.cache_write_tokens, self.reasoning_tokens) != (
+                None, None, None):
+            for name in _USAGE_DETAILS:
+                value = getattr(self, name)
+                if value is not None:
+                    setattr(self, name, _to_int("Usage", name, value))
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{k}={v}" for k, v in self.to_dict().items() if k != "total_tokens")
@@ -832,6 +835,8 @@ class Usage(_Record):
 def _usage(prompt: Any, completion: Any, cached: Any = None, cache_write: Any = None,
            reasoning: Any = None) -> Usage:
     """Usage from a provider's counts; a missing (``null``) count is 0, not a crash."""
+    if cached is None and cache_write is None and reasoning is None:
+        return Usage(prompt_tokens=prompt or 0, completion_tokens=completion or 0)
     return Usage(prompt_tokens=prompt or 0, completion_tokens=completion or 0,
                  cached_tokens=cached, cache_write_tokens=cache_write,
                  reasoning_tokens=reasoning)
@@ -2868,6 +2873,8 @@ def _check_options(owner: str, fields: dict[str, Any]) -> None:
         if value is not None and name != "extra":
             fields[name] = _OPTION_CHECKS[name](owner, name, value)
     extra = fields.get("extra")
+    if extra == {}:
+        return
     if not isinstance(extra, dict) or not all(isinstance(k, str) for k in extra):
         _fail(owner, "extra", "a dict with string keys", extra)
     # One reply per call, without log probabilities: refused rather than dropped.
@@ -2881,8 +2888,7 @@ def _check_options(owner: str, fields: dict[str, Any]) -> None:
                                   "does not return log probabilities", field=key, value=extra[key])
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Call:
+class _Call(typing.NamedTuple):
     """One call, checked once; ``options`` is the merged ChatOptions, never changed."""
 
     model: str
@@ -2891,56 +2897,49 @@ class _Call:
     fmt: _ResponseFormat
 
 
-def _layer_items(layer: ChatOptions | dict[str, Any]
-                 ) -> tuple[dict[str, Any], dict[str, Any], set[str]]:
-    """``(named options, raw extras, the options named by an extra)`` of one layer: a
-    ChatOptions, or a dict of options with the extras under ``"extra"``."""
-    if isinstance(layer, ChatOptions):
-        named = {name: getattr(layer, name) for name in _OPTION_NAMES}
-        raw = layer.extra
-    else:
-        named = {k: v for k, v in layer.items() if k != "extra"}
-        raw = layer.get("extra") or {}
-    lifted = {k for k in raw if k in _OPTION_CHECKS and named.get(k) is None}
-    if lifted:
-        # An extra named like an option (``seed=1`` as a 0.5 keyword, or in ``extra``)
-        # is that option, so it is mapped to each provider's form.
-        named.update((k, raw[k]) for k in lifted)
-        raw = {k: v for k, v in raw.items() if k not in lifted}
-    return named, raw, lifted
-
-
 def _new_call(owner: str, model: Any, messages: Any,
               layers: Iterable[ChatOptions | dict[str, Any] | None]) -> _Call:
-    """Merge ``layers`` (lowest first: client, model, per-call options, keywords) into one
-    checked ``_Call``: a field that is set wins over the layers below, extras merge."""
+    """Merge ``layers`` (lowest first: client, model, per-call options, keywords; each a
+    ChatOptions or a dict of options with the extras under ``"extra"``) into one checked
+    ``_Call``: an option that is set wins over the layers below, extras merge."""
     _check_str(owner, "model", model)
     fields: dict[str, Any] = {}
-    from_extra: dict[str, bool] = {}  # where each field's value came from
+    from_extra: set[str] = set()  # options whose value an extra gave
     extra: dict[str, Any] = {}
     for layer in layers:
         if not layer:
             continue
-        named, raw, lifted = _layer_items(layer)
-        for name, value in named.items():
-            # "text" is the default response_format: it does not override a default's.
-            if value is None or (name == "response_format" and isinstance(value, str)
-                                 and value == "text"):
+        items = vars(layer) if isinstance(layer, ChatOptions) else layer
+        raw: dict[str, Any] = items.get("extra") or {}
+        lifted: Collection[str] = ()
+        if raw and not raw.keys().isdisjoint(_OPTION_CHECKS):
+            # An extra named like an option (``seed=1`` as a 0.5 keyword, or in
+            # ``extra``) is that option, so it is mapped to each provider's form.
+            lifted = {k for k in raw if k in _OPTION_CHECKS and items.get(k) is None}
+            items = {**items, **{k: raw[k] for k in lifted}}
+            raw = {k: v for k, v in raw.items() if k not in lifted}
+        for name, value in items.items():
+            if value is None or name == "extra" or (
+                    # "text", the default response_format, does not override a default's
+                    name == "response_format" and isinstance(value, str) and value == "text"):
                 continue
-            if from_extra.get(name) and name not in lifted:
+            if from_extra and name in from_extra and name not in lifted:
                 logger.warning("extra %r ignored: the call sets %s", name, name)
-            fields[name], from_extra[name] = value, name in lifted
-        extra.update(raw)
+                from_extra.discard(name)
+            elif lifted and name in lifted:
+                from_extra.add(name)
+            fields[name] = value
+        if raw:
+            extra.update(raw)
     fields["extra"] = extra
     _check_options(owner, fields)
-    options = object.__new__(ChatOptions)  # checked above: skip checking again
-    for name in _OPTION_NAMES:
-        setattr(options, name, fields.get(name))
-    options.extra = extra
-    if options.response_format is None:
-        options.response_format = "text"
+    options = object.__new__(ChatOptions)  # checked above: not checked again
+    vars(options).update(_UNSET_OPTIONS, **fields)
     return _Call(model, _check_messages(messages), options,
                  _resolve_response_format(options.response_format))
+
+
+_UNSET_OPTIONS: dict[str, Any] = {**dict.fromkeys(_OPTION_NAMES), "response_format": "text"}
 
 
 # === 6. Transport ============================================================
@@ -4882,8 +4881,10 @@ class _HTTPClient:
         return (f"{type(self).__name__}(url={_redact_url(self._endpoint)!r}, "
                 f"timeout={self.timeout})")
 
-    def _layer(self) -> dict[str, Any]:
+    def _layer(self) -> dict[str, Any] | None:
         """The client's defaults, the lowest layer of every call made through it."""
+        if not self.extra_kwargs and self.system_message_handling is None:
+            return None
         return {"extra": self.extra_kwargs,
                 "system_message_handling": self.system_message_handling}
 
@@ -5167,8 +5168,8 @@ class ScriptedClient:
             self.replies.append(reply)
         return self
 
-    def _layer(self) -> dict[str, Any]:
-        return {}
+    def _layer(self) -> None:
+        return None
 
     def _next(self, stream: bool, call: _Call) -> tuple[AssistantMessage, Usage | None,
                                                          list[StreamChunk] | None]:
@@ -5337,8 +5338,10 @@ class Model:
             response_format, options = "text", response_format  # 0.7: chat(messages, options)
         if options is not None and not isinstance(options, ChatOptions):
             _fail("Model", "options", "a ChatOptions or None", options)
-        model = {"temperature": self.temperature, "extra": self.extra_kwargs,
-                 "system_message_handling": self.system_message_handling}
+        model = None
+        if self.temperature is not None or self.extra_kwargs or self.system_message_handling:
+            model = {"temperature": self.temperature, "extra": self.extra_kwargs,
+                     "system_message_handling": self.system_message_handling}
         layer = getattr(self._client, "_layer", None)
         keywords = {"response_format": response_format, "max_tokens": max_tokens,
                     "tools": tools, "temperature": temperature, "extra": extra}
@@ -5367,7 +5370,7 @@ class Model:
                 if attempt == validation_retries:
                     raise
                 errors = "\n".join(f"- {path}: {text}" for path, text in exc.errors) or str(exc)
-                call = dataclasses.replace(call, messages=[
+                call = call._replace(messages=[
                     *call.messages, message, UserMessage(content=_REASK.format(errors=errors))])
         raise AssertionError("unreachable")  # pragma: no cover
 
