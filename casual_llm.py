@@ -37,8 +37,15 @@ import sys
 import threading
 import time
 import typing
-from collections.abc import (AsyncIterator, Callable, Collection, Generator, Iterable, Iterator,
-                             Sequence)
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Collection,
+    Generator,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from typing import Any, ClassVar, Literal, NoReturn, Protocol, TypeVar, Union
 
 if __name__ == "__main__" and getattr(sys.modules["__main__"], "__dict__", None) is globals():
