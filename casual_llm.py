@@ -4227,6 +4227,11 @@ def _usage_from_openai(usage: Any) -> Usage | None:
                   prompt.get("cache_write_tokens"), completion.get("reasoning_tokens"))
 
 
+def _finish_from_openai(reason: Any, has_calls: bool) -> str:
+    return reason if isinstance(reason, str) and reason else (
+        "tool_calls" if has_calls else "stop")
+
+
 def _request_openai(call: _Call, messages: list[ChatMessage], stream: bool,
                     official: bool) -> tuple[dict[str, Any], list[str]]:
     """The Chat Completions body, and the options it leaves out."""
@@ -4269,7 +4274,7 @@ def _reply_from_openai(body: Any, fmt: _ResponseFormat) -> tuple[AssistantMessag
     return (AssistantMessage(
         content=content,
         tool_calls=convert_tool_calls_from_openai(calls) if calls else None,
-        finish_reason=choice.get("finish_reason") or ("tool_calls" if calls else "stop")),
+        finish_reason=_finish_from_openai(choice.get("finish_reason"), bool(calls))),
         _usage_from_openai(body.get("usage")))
 
 
@@ -4362,6 +4367,18 @@ def _image_urls(messages: list[ChatMessage]) -> list[str]:
     return urls
 
 
+async def convert_messages_to_ollama(messages: list[ChatMessage], *,
+                                     allow_private_image_urls: bool = False
+                                     ) -> list[dict[str, Any]]:
+    """Messages in Ollama ``/api/chat`` form; image URLs are downloaded (safely) and
+    sent as base64, tool results carry ``tool_name`` and ``tool_call_id``."""
+    checked = _check_messages(messages)
+    if not _image_urls(checked):
+        return [_message_to_ollama(m, {}) for m in checked]
+    return await _run_blocking(lambda abort: _messages_to_ollama(
+        checked, allow_private_image_urls))
+
+
 def _messages_to_ollama(messages: list[ChatMessage], allow_private: bool = False,
                         ssl_context: ssl.SSLContext | None = None,
                         fetch: bool = True) -> list[dict[str, Any]]:
@@ -4378,18 +4395,6 @@ def _messages_to_ollama(messages: list[ChatMessage], allow_private: bool = False
                          for url in urls])
     images = {url: data for url, (data, _) in zip(urls, fetched, strict=True)}
     return [_message_to_ollama(m, images) for m in checked]
-
-
-async def convert_messages_to_ollama(messages: list[ChatMessage], *,
-                                     allow_private_image_urls: bool = False
-                                     ) -> list[dict[str, Any]]:
-    """Messages in Ollama ``/api/chat`` form; image URLs are downloaded (safely) and
-    sent as base64, tool results carry ``tool_name`` and ``tool_call_id``."""
-    checked = _check_messages(messages)
-    if not _image_urls(checked):
-        return [_message_to_ollama(m, {}) for m in checked]
-    return await _run_blocking(lambda abort: _messages_to_ollama(
-        checked, allow_private_image_urls))
 
 
 def convert_tool_calls_from_ollama(tool_calls: Iterable[Any]) -> list[AssistantToolCall]:
@@ -4418,11 +4423,6 @@ def tools_to_ollama(tools: list[Tool]) -> list[dict[str, Any]]:
     return [tool_to_ollama(t) for t in tools]
 
 
-def _usage_from_ollama(body: dict[str, Any]) -> Usage:
-    # Ollama omits counts that are 0 (omitempty), e.g. a fully cached prompt.
-    return _usage(body.get("prompt_eval_count"), body.get("eval_count"))
-
-
 # Sampling options Ollama reads from "options" under the portable names.
 _SAMPLING_OLLAMA = ("temperature", "top_p", "top_k", "seed", "stop", "frequency_penalty",
                     "presence_penalty")
@@ -4438,6 +4438,17 @@ def _options_to_ollama(options: ChatOptions, body: dict[str, Any]) -> list[str]:
     # Ollama has no tool_choice: "none" is kept by sending no tools, the others can't be.
     left_out = ["tool_choice"] * (options.tool_choice not in (None, "auto", "none"))
     return left_out + ["parallel_tool_calls"] * (options.parallel_tool_calls is not None)
+
+
+def _usage_from_ollama(body: dict[str, Any]) -> Usage:
+    # Ollama omits counts that are 0 (omitempty), e.g. a fully cached prompt.
+    return _usage(body.get("prompt_eval_count"), body.get("eval_count"))
+
+
+def _finish_from_ollama(reason: Any, has_calls: bool) -> str:
+    if has_calls and reason in (None, "", "stop"):
+        return "tool_calls"
+    return reason or "stop"
 
 
 def _request_ollama(call: _Call, messages: list[dict[str, Any]], stream: bool
@@ -4457,12 +4468,6 @@ def _request_ollama(call: _Call, messages: list[dict[str, Any]], stream: bool
     elif fmt.kind == "schema":
         body["format"] = fmt.schema
     return body, left_out
-
-
-def _finish_from_ollama(reason: Any, has_calls: bool) -> str:
-    if has_calls and reason in (None, "", "stop"):
-        return "tool_calls"
-    return reason or "stop"
 
 
 def _reply_from_ollama(body: Any, fmt: _ResponseFormat) -> tuple[AssistantMessage, Usage | None]:
@@ -4507,10 +4512,6 @@ _ANSWER_TOOL = "structured_answer"  # the forced tool that carries a schema's an
 _STOP_REASONS_ANTHROPIC = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
                            "tool_use": "tool_calls", "refusal": "content_filter",
                            "model_context_window_exceeded": "length"}
-
-
-def _finish_from_anthropic(reason: Any) -> str | None:
-    return _STOP_REASONS_ANTHROPIC.get(reason, reason) if isinstance(reason, str) else None
 
 
 def _image_to_anthropic(image: ImageContent) -> dict[str, Any]:
@@ -4671,6 +4672,10 @@ def _usage_from_anthropic(usage: Any) -> Usage | None:
     read, write = usage.get("cache_read_input_tokens"), usage.get("cache_creation_input_tokens")
     prompt = (usage.get("input_tokens") or 0) + (read or 0) + (write or 0)
     return _usage(prompt, usage.get("output_tokens"), read, write)
+
+
+def _finish_from_anthropic(reason: Any) -> str | None:
+    return _STOP_REASONS_ANTHROPIC.get(reason, reason) if isinstance(reason, str) else None
 
 
 def _request_anthropic(call: _Call, messages: list[ChatMessage], stream: bool
