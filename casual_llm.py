@@ -276,6 +276,8 @@ OLLAMA_HOST = "http://localhost:11434"
 ANTHROPIC_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096  # Anthropic requires max_tokens; upstream's default
 DEFAULT_TIMEOUT = 30.0  # image downloads
+DEFAULT_REPLY_TIMEOUT = 600.0  # a non-streamed reply, with the clients' default timeout
+_DEFAULT_CLIENT_TIMEOUT = 60.0
 MAX_IMAGE_SIZE = 10 * 1024 * 1024
 # Added where a provider needs the request itself to ask for JSON (OpenAI's JSON mode
 # refuses a conversation that never mentions it; Anthropic has no JSON mode).
@@ -671,9 +673,15 @@ class AssistantMessage(_Record):
     ``finish_reason`` (why it stopped: ``stop``, ``length``, ``tool_calls``,
     ``content_filter``) and ``parsed`` (the reply built as the requested
     ``response_format`` type) are filled by the clients and ``Model``.
+    ``reasoning`` is the model's readable thinking, when it shows it;
+    ``reasoning_state`` is what the provider needs back to continue (Anthropic's
+    signed thinking blocks, OpenRouter's ``reasoning_details``): keep the message
+    in the conversation and it is sent back as the provider requires, to that
+    provider only.
     """
 
-    _omit_if_none: ClassVar[frozenset[str]] = frozenset({"finish_reason"})
+    _omit_if_none: ClassVar[frozenset[str]] = frozenset({"finish_reason", "reasoning",
+                                                         "reasoning_state"})
     _never_dumped: ClassVar[frozenset[str]] = frozenset({"parsed"})
 
     role: Literal["assistant"] = "assistant"
@@ -681,6 +689,8 @@ class AssistantMessage(_Record):
     tool_calls: list[AssistantToolCall] | None = None
     finish_reason: str | None = None
     parsed: Any = dataclasses.field(default=None, compare=False)
+    reasoning: str | None = None
+    reasoning_state: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         _check_literal("AssistantMessage", "role", self.role, "assistant")
@@ -689,6 +699,12 @@ class AssistantMessage(_Record):
             self.tool_calls = _coerce_list("AssistantMessage", "tool_calls", self.tool_calls,
                                            _tool_call)
         _check_str("AssistantMessage", "finish_reason", self.finish_reason, optional=True)
+        _check_str("AssistantMessage", "reasoning", self.reasoning, optional=True)
+        if self.reasoning_state is not None and not (
+                isinstance(self.reasoning_state, dict)
+                and isinstance(self.reasoning_state.get("provider"), str)):
+            _fail("AssistantMessage", "reasoning_state",
+                  "a dict with a 'provider' (as a reply made it) or None", self.reasoning_state)
 
 
 @_ignore_unknown_keywords
@@ -720,6 +736,29 @@ def _arguments_object(function: AssistantToolCallFunction) -> dict[str, Any]:
         logger.warning("tool call %r has arguments that are not a JSON object; sending {}",
                        function.name)
         return {}
+
+
+# Thinking that local servers leave in the content (llama.cpp with --reasoning-format
+# none, several LM Studio models; Magistral writes [THINK]).
+_THINK_TAGS = (("<think>", "</think>"), ("<thinking>", "</thinking>"),
+               ("<thought>", "</thought>"), ("<reasoning>", "</reasoning>"), ("[THINK]", "[/THINK]"))
+
+
+def _split_think(text: str) -> tuple[str | None, str]:
+    """``(reasoning, answer)`` of a reply that starts with a think block, ``(None, text)``
+    of one that does not. A reply whose ``<think>`` the chat template wrote into the
+    prompt starts inside the block: only its closing tag is in the reply."""
+    head = text.lstrip()
+    for opening, closing in _THINK_TAGS:
+        if head.startswith(opening):
+            end = head.find(closing, len(opening))
+            if end < 0:  # cut off while thinking
+                return head[len(opening):].strip(), ""
+            return head[len(opening):end].strip(), head[end + len(closing):].lstrip()
+    end = text.find("</think>")
+    if end >= 0 and "<think>" not in text[:end]:
+        return text[:end].strip(), text[end + len("</think>"):].lstrip()
+    return None, text
 
 
 ChatMessage = AssistantMessage | SystemMessage | ToolResultMessage | UserMessage
@@ -854,16 +893,22 @@ def _usage(prompt: Any, completion: Any, cached: Any = None, cache_write: Any = 
 class StreamChunk(_Record):
     """A piece of a streamed reply.
 
-    The final chunk carries ``finish_reason``, any ``tool_calls`` (assembled from
-    their fragments) and ``usage``; its ``content`` may be ``""``.
+    A chunk carries text in ``content`` or thinking in ``reasoning`` (its
+    ``content`` then ``""``), in the order they arrive. The final chunk carries
+    ``finish_reason``, any ``tool_calls`` (assembled from their fragments),
+    ``usage`` and ``message``: the whole reply, the thing to append to the
+    conversation; its ``content`` may be ``""``.
     """
 
-    _omit_if_none: ClassVar[frozenset[str]] = frozenset({"tool_calls", "usage"})
+    _omit_if_none: ClassVar[frozenset[str]] = frozenset({"tool_calls", "usage", "reasoning",
+                                                         "message"})
 
     content: str
     finish_reason: str | None = None
     tool_calls: list[AssistantToolCall] | None = None
     usage: Usage | None = None
+    reasoning: str | None = None
+    message: AssistantMessage | None = None
 
     def __post_init__(self) -> None:
         _check_str("StreamChunk", "content", self.content)
@@ -873,17 +918,23 @@ class StreamChunk(_Record):
                                            _tool_call)
         if self.usage is not None:
             self.usage = _coerce("StreamChunk", "usage", self.usage, Usage)
+        _check_str("StreamChunk", "reasoning", self.reasoning, optional=True)
+        if self.message is not None:
+            self.message = _coerce("StreamChunk", "message", self.message, AssistantMessage)
 
 
 def _chunk(content: str, finish_reason: str | None = None,
            tool_calls: list[AssistantToolCall] | None = None,
-           usage: Usage | None = None) -> StreamChunk:
+           usage: Usage | None = None, reasoning: str | None = None,
+           message: AssistantMessage | None = None) -> StreamChunk:
     """A chunk from values the clients already checked; skips validation (hot path)."""
     chunk = object.__new__(StreamChunk)
     chunk.content = content
     chunk.finish_reason = finish_reason
     chunk.tool_calls = tool_calls
     chunk.usage = usage
+    chunk.reasoning = reasoning
+    chunk.message = message
     return chunk
 
 
@@ -2524,12 +2575,13 @@ def _reject_constant(name: str) -> None:
 
 
 def _load_reply_json(text: Any) -> Any:
-    """Parse a reply as strict JSON (no NaN/Infinity), tolerating a Markdown fence."""
+    """Parse a reply as strict JSON (no NaN/Infinity), tolerating a leading think block
+    and a Markdown fence."""
     if not isinstance(text, str):
         raise SchemaValidationError(f"reply is not text but {type(text).__name__}",
                                     [("$", f"expected JSON text, got {type(text).__name__}")])
     try:
-        return json.loads(_strip_fences(text), parse_constant=_reject_constant)
+        return json.loads(_strip_fences(_split_think(text)[1]), parse_constant=_reject_constant)
     except ValueError as exc:       # json.JSONDecodeError is a ValueError
         raise SchemaValidationError(f"reply is not valid JSON: {exc}",
                                     [("$", f"invalid JSON: {exc}")], raw_text=text) from exc
@@ -2765,6 +2817,7 @@ def _strict_node_ok(schema: Any, nesting: int, totals: dict[str, int],
 # the wire formats all read.
 
 _TOOL_CHOICES = ("auto", "none", "required")
+_EFFORTS = ("low", "medium", "high")
 _SYSTEM_HANDLINGS = ("passthrough", "merge")
 
 
@@ -2777,9 +2830,11 @@ class ChatOptions:
     ``extra`` dicts (raw provider fields, sent as they are) merge, the call's
     keys winning. ``tool_choice`` is ``"auto"``, ``"none"``, ``"required"`` or a
     tool's name; ``system_message_handling="merge"`` joins the system messages
-    into one. ``parallel_tool_calls`` is casual_llm's own addition. Each provider
-    gets the options in its own form; one it does not take is left out, with a
-    warning naming it.
+    into one. ``parallel_tool_calls`` and ``reasoning`` (how hard a reasoning
+    model thinks: ``"low"``, ``"medium"``, ``"high"``, a token budget, ``True``
+    for the provider's default or ``False`` for none) are casual_llm's own
+    additions. Each provider gets the options in its own form; one it does not take
+    is left out, with a warning naming it.
     """
 
     response_format: Any = "text"
@@ -2796,6 +2851,7 @@ class ChatOptions:
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     system_message_handling: Literal["passthrough", "merge"] | None = None
     parallel_tool_calls: bool | None = None
+    reasoning: bool | Literal["low", "medium", "high"] | int | None = None
 
     def __post_init__(self) -> None:
         fields = {name: getattr(self, name) for name in _OPTION_NAMES}
@@ -2807,7 +2863,7 @@ class ChatOptions:
 
 _OPTION_NAMES = ("response_format", "max_tokens", "tools", "temperature", "top_p", "stop",
                  "tool_choice", "frequency_penalty", "presence_penalty", "seed", "top_k",
-                 "system_message_handling", "parallel_tool_calls")
+                 "system_message_handling", "parallel_tool_calls", "reasoning")
 
 
 def _check_tools(owner: str, field: str, value: Any) -> list[Tool]:
@@ -2851,6 +2907,13 @@ def _check_tool_choice(owner: str, field: str, value: Any) -> Any:
     return value
 
 
+def _check_reasoning(owner: str, field: str, value: Any) -> Any:
+    if not (isinstance(value, bool) or value in _EFFORTS or (
+            isinstance(value, int) and value >= 1)):
+        _fail(owner, field, "'low', 'medium', 'high', a token budget, True or False", value)
+    return value
+
+
 def _check_bool(owner: str, field: str, value: Any) -> Any:
     if not isinstance(value, bool):
         _fail(owner, field, "True, False or None", value)
@@ -2871,6 +2934,7 @@ _OPTION_CHECKS: dict[str, Callable[[str, str, Any], Any]] = {
     "top_k": _checked(_check_int, minimum=1),
     "system_message_handling": lambda o, f, v: _check_choice(o, f, v, _SYSTEM_HANDLINGS),
     "parallel_tool_calls": _check_bool,
+    "reasoning": _check_reasoning,
 }
 
 
@@ -3243,6 +3307,9 @@ class _Request:
     timeout: float | None
     max_retries: int = 2
     ssl_context: ssl.SSLContext | None = None
+    # The wait for the response once the request is sent, when it differs from timeout
+    # (a non-streamed reply comes whole, after the model has thought); inf: no limit.
+    reply_timeout: float | None = None
 
     def __repr__(self) -> str:
         return f"_Request({self.method} {_redact_url(self.url)})"
@@ -3375,12 +3442,15 @@ class _Connection:
             if self.abort is not None:
                 self.abort.attach(conn.sock)
             conn.request(req.method, self.target, body=req.body, headers=self.headers)
+            wait = req.timeout if req.reply_timeout is None else req.reply_timeout
+            if wait != req.timeout and conn.sock is not None:
+                conn.sock.settimeout(None if wait is None or math.isinf(wait) else wait)
             try:
                 self.response = conn.getresponse()
             except TimeoutError as exc:
                 # The request went out: a slow model is not asked again (the SDKs' retry
                 # of this case makes a 60 s timeout fail after 3 minutes, 3 generations).
-                raise APITimeoutError(f"timed out after {req.timeout:g}s waiting for a reply "
+                raise APITimeoutError(f"timed out after {wait:g}s waiting for a reply "
                                       f"from {_redact_url(req.url)}") from exc
         except BaseException:
             conn.close()
@@ -3726,31 +3796,95 @@ def _stream_error(error: Any) -> StreamError:
                        error_type=error.get("type"), error_code=error.get("code"))
 
 
+class _ThinkSplitter:
+    """Streamed text with a leading think block split off (the rule of _split_think):
+    ``feed`` returns ``(is_reasoning, text)`` pieces as soon as they are certain."""
+
+    __slots__ = ("buffer", "closing", "inside")
+
+    def __init__(self) -> None:
+        self.buffer = ""
+        self.closing = ""  # set once the opening tag is seen
+        self.inside = False
+
+    def feed(self, text: str) -> tuple[list[tuple[bool, str]], bool]:
+        """The pieces, and whether the block (or its absence) is settled."""
+        self.buffer += text
+        if not self.inside:
+            head = self.buffer.lstrip()
+            tag = next((t for t in _THINK_TAGS if head.startswith(t[0])), None)
+            if tag is None:
+                if head and not any(t[0].startswith(head) for t in _THINK_TAGS):
+                    return [(False, self.buffer)], True  # no think block
+                return [], False  # whitespace, or maybe the start of a tag
+            self.inside, self.closing, self.buffer = True, tag[1], head[len(tag[0]):]
+        end = self.buffer.find(self.closing)
+        if end >= 0:
+            rest = self.buffer[end + len(self.closing):].lstrip()
+            return [(True, self.buffer[:end])] + ([(False, rest)] if rest else []), True
+        keep = next((n for n in range(min(len(self.closing), len(self.buffer)), 0, -1)
+                     if self.closing.startswith(self.buffer[-n:])), 0)
+        out, self.buffer = self.buffer[:len(self.buffer) - keep], self.buffer[
+            len(self.buffer) - keep:]
+        return ([(True, out)] if out else []), False
+
+    def flush(self) -> list[tuple[bool, str]]:
+        return [(self.inside, self.buffer)] if self.buffer else []
+
+
 class _StreamState:
     """What every provider's stream parser shares: the reply being assembled.
 
-    Subclasses turn decoded frames into text chunks; this class keeps tool calls
-    (by index), the finish reason and usage, and builds the final chunk. Text of a
-    wrapped schema (see ``_wrap_root``) is held back and unwrapped at the end.
+    Subclasses turn decoded frames into text and reasoning chunks; this class keeps
+    tool calls (by index), the finish reason, usage and the provider's reasoning
+    state, and builds the final chunk with the whole reply. Text of a wrapped schema
+    (see ``_wrap_root``) is held back and unwrapped at the end; a leading think block
+    in the text is streamed as reasoning when ``split_think`` is set.
     """
 
-    def __init__(self, unwrap: Callable[[str], str] | None = None) -> None:
+    def __init__(self, unwrap: Callable[[str], str] | None = None,
+                 split_think: bool = False) -> None:
         self.progress = 0  # meaningful events so far (keep-alive pings do not count)
         self.calls: dict[Any, list[Any]] = {}  # key -> [id, name, argument pieces]
         self.reason: str | None = None
         self.usage: Usage | None = None
         self.complete = False
+        self.state: dict[str, Any] | None = None  # reasoning state, as on AssistantMessage
         self._unwrap = unwrap
         self._held: list[str] = []
+        self._texts: list[str] = []
+        self._reasoning: list[str] = []
+        self._splitter = _ThinkSplitter() if split_think else None
+        self._split = False  # a think block was split off the text
 
     def feed(self, frames: list[bytes]) -> list[StreamChunk]:
         raise NotImplementedError
 
     def _text(self, out: list[StreamChunk], text: str) -> None:
+        if self._splitter is not None:
+            pieces, settled = self._splitter.feed(text)
+            if settled:
+                self._splitter = None
+            for is_reasoning, piece in pieces:
+                if is_reasoning:
+                    self._split = True
+                    self._think(out, piece)
+                else:
+                    self._answer(out, piece)
+            return
+        self._answer(out, text)
+
+    def _answer(self, out: list[StreamChunk], text: str) -> None:
+        self._texts.append(text)
         if self._unwrap is None:
             out.append(_chunk(text))
         else:
             self._held.append(text)
+
+    def _think(self, out: list[StreamChunk], text: str) -> None:
+        if text:
+            self._reasoning.append(text)
+            out.append(_chunk("", reasoning=text))
 
     def _call(self, key: Any, call_id: str | None, name: str | None, arguments: str) -> None:
         entry = self.calls.get(key)
@@ -3764,15 +3898,28 @@ class _StreamState:
     def finish(self) -> list[StreamChunk]:
         if not self.complete:
             raise StreamError("the stream ended before the reply was complete")
-        out = []
-        if self._unwrap is not None and self._held:
-            out.append(_chunk(self._unwrap("".join(self._held))))
+        out: list[StreamChunk] = []
+        if self._splitter is not None:  # the stream ended before the block was settled
+            for is_reasoning, piece in self._splitter.flush():
+                self._split = self._split or is_reasoning
+                (self._think if is_reasoning else self._answer)(out, piece)
+        text = "".join(self._texts)
+        reasoning = "".join(self._reasoning) or None
+        if self._split:  # as chat() splits it
+            reasoning, text = _split_think(text if reasoning is None else
+                                           f"<think>{reasoning}</think>{text}")
+        if self._unwrap is not None:
+            text = self._unwrap("".join(self._held)) if self._held else ""
+            if self._held:
+                out.append(_chunk(text))
         calls = [AssistantToolCall(id=call_id or _new_call_id(),
                                    function=AssistantToolCallFunction(
                                        name=name or "", arguments="".join(parts) or "{}"))
                  for call_id, name, parts in self.calls.values()] or None
         reason = self.reason or ("tool_calls" if calls else "stop")
-        out.append(_chunk("", reason, calls, self.usage))
+        message = AssistantMessage(content=text, tool_calls=calls, finish_reason=reason,
+                                   reasoning=reasoning, reasoning_state=self.state)
+        out.append(_chunk("", reason, calls, self.usage, message=message))
         return out
 
 
@@ -4126,13 +4273,17 @@ def _image_to_openai(image: ImageContent) -> dict[str, Any]:
     return {"type": "image_url", "image_url": {"url": url}}
 
 
-def _message_to_openai(message: ChatMessage) -> dict[str, Any]:
+def _message_to_openai(message: ChatMessage, reasoning: bool = True) -> dict[str, Any]:
+    """One message; ``reasoning`` sends thinking back on assistant turns (the servers that
+    return it want it: DeepSeek refuses a tool-call turn without it)."""
     if isinstance(message, UserMessage) and isinstance(message.content, list):
         parts = [{"type": "text", "text": p.text} if isinstance(p, TextContent)
                  else _image_to_openai(p) for p in message.content]
         return {"role": "user", "content": parts}
     if isinstance(message, AssistantMessage):
         out: dict[str, Any] = {"role": "assistant", "content": message.content}
+        if reasoning:
+            _reasoning_to_openai(message, out)
         if message.tool_calls:
             out["tool_calls"] = [{"id": c.id, "type": "function",
                                   "function": {"name": c.function.name,
@@ -4145,13 +4296,61 @@ def _message_to_openai(message: ChatMessage) -> dict[str, Any]:
     return {"role": message.role, "content": message.content}
 
 
+# The fields servers return thinking in: reasoning_content (DeepSeek, llama.cpp, LM
+# Studio), reasoning (vLLM since late 2025, OpenRouter, Ollama's /v1); OpenRouter adds
+# reasoning_details, the provider's state, to be sent back unmodified.
+_REASONING_FIELDS_OPENAI = ("reasoning_content", "reasoning")
+
+
+def _reasoning_to_openai(message: AssistantMessage, out: dict[str, Any]) -> None:
+    state = message.reasoning_state or {}
+    ours = state.get("provider") == "openai"  # another provider's state never goes out
+    if message.reasoning:
+        out[state.get("field", "reasoning_content") if ours else "reasoning_content"] = (
+            message.reasoning)
+    if ours and state.get("details"):
+        out["reasoning_details"] = state["details"]
+
+
+def _reasoning_from_openai(message: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None]:
+    """The thinking of a reply (or of a stream delta) and the state to send back."""
+    field = next((f for f in _REASONING_FIELDS_OPENAI if isinstance(message.get(f), str)
+                  and message[f]), None)
+    details = message.get("reasoning_details")
+    if field is None and not details:
+        return None, None
+    state: dict[str, Any] = {"provider": "openai", "field": field or "reasoning"}
+    if isinstance(details, list) and details:
+        state["details"] = details
+    return (message[field] if field else None), state
+
+
+def _merge_details(details: list[Any], pieces: list[Any]) -> None:
+    """Streamed reasoning_details: pieces with the same index extend one entry's text."""
+    for piece in pieces:
+        if not isinstance(piece, dict):
+            continue
+        entry = next((d for d in details if d.get("index") == piece.get("index")
+                      and d.get("type") == piece.get("type")), None)
+        if entry is None:
+            details.append(dict(piece))
+            continue
+        for key, value in piece.items():
+            if key in ("text", "summary", "data") and isinstance(value, str):
+                entry[key] = entry.get(key, "") + value
+            elif value is not None:
+                entry[key] = value
+
+
 def convert_messages_to_openai(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages in OpenAI Chat Completions form (every system message kept in place)."""
+    """Messages in OpenAI Chat Completions form (every system message kept in place;
+    an assistant turn's thinking goes back as ``reasoning_content``)."""
     return _messages_to_openai(_check_messages(messages))
 
 
-def _messages_to_openai(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    return [_message_to_openai(m) for m in messages]
+def _messages_to_openai(messages: list[ChatMessage], reasoning: bool = True
+                        ) -> list[dict[str, Any]]:
+    return [_message_to_openai(m, reasoning) for m in messages]
 
 
 def convert_tool_calls_from_openai(tool_calls: Iterable[Any]) -> list[AssistantToolCall]:
@@ -4185,9 +4384,52 @@ _SAMPLING_OPENAI = ("temperature", "top_p", "frequency_penalty", "presence_penal
                     "stop")
 
 
-def _options_to_openai(options: ChatOptions, body: dict[str, Any], official: bool) -> list[str]:
+# The budget a reasoning effort stands for, where an API takes budgets (and back).
+_EFFORT_BUDGETS = {"low": 2048, "medium": 8192, "high": 24576}
+# Raw fields of each server's own reasoning control: given as extras, they win.
+_RAW_REASONING_OPENAI = frozenset({"reasoning_effort", "reasoning", "chat_template_kwargs",
+                                   "thinking_token_budget", "reasoning_budget_tokens",
+                                   "thinking"})
+
+
+def _effort(reasoning: bool | str | int) -> str:
+    """An effort for APIs that take only efforts: a budget maps to the nearest one."""
+    if isinstance(reasoning, str):
+        return reasoning
+    if reasoning is True:
+        return "medium"
+    return next((e for e, b in _EFFORT_BUDGETS.items() if reasoning <= b), "high")
+
+
+def _reasoning_options_openai(reasoning: bool | str | int, body: dict[str, Any],
+                              dialect: str) -> None:
+    """The reasoning knob in each OpenAI-compatible server's documented form."""
+    if dialect == "openai":  # reasoning_effort; "none" on the models that can skip it
+        body["reasoning_effort"] = "none" if reasoning is False else _effort(reasoning)
+    elif dialect == "openrouter":  # its unified "reasoning" object
+        body["reasoning"] = ({"enabled": False} if reasoning is False else
+                             {"enabled": True} if reasoning is True else
+                             {"effort": reasoning} if isinstance(reasoning, str) else
+                             {"max_tokens": reasoning})
+    elif reasoning is False:
+        # llama.cpp: reasoning_effort "none"; vLLM and llama.cpp templates (Qwen3...):
+        # enable_thinking in chat_template_kwargs.
+        body["reasoning_effort"] = "none"
+        body["chat_template_kwargs"] = {"enable_thinking": False}
+    elif isinstance(reasoning, str):
+        body["reasoning_effort"] = reasoning
+    elif reasoning is True:
+        body["chat_template_kwargs"] = {"enable_thinking": True}
+    else:  # vLLM's thinking_token_budget, llama.cpp's reasoning_budget_tokens
+        body["thinking_token_budget"] = body["reasoning_budget_tokens"] = reasoning
+
+
+def _options_to_openai(options: ChatOptions, body: dict[str, Any], dialect: str) -> list[str]:
     """The portable options in Chat Completions form; returns the names left out."""
     left_out = []
+    official = dialect == "openai"
+    if options.reasoning is not None and _RAW_REASONING_OPENAI.isdisjoint(options.extra):
+        _reasoning_options_openai(options.reasoning, body, dialect)
     for name in _SAMPLING_OPENAI:
         value = getattr(options, name)
         if value is not None:
@@ -4233,11 +4475,14 @@ def _finish_from_openai(reason: Any, has_calls: bool) -> str:
 
 
 def _request_openai(call: _Call, messages: list[ChatMessage], stream: bool,
-                    official: bool) -> tuple[dict[str, Any], list[str]]:
-    """The Chat Completions body, and the options it leaves out."""
+                    dialect: str) -> tuple[dict[str, Any], list[str]]:
+    """The Chat Completions body, and the options it leaves out; ``dialect`` is
+    ``"openai"`` (api.openai.com), ``"openrouter"`` or ``"compatible"``."""
     options, fmt = call.options, call.fmt
+    official = dialect == "openai"
     body: dict[str, Any] = {"model": call.model,
-                            "messages": _messages_to_openai(messages)}
+                            # api.openai.com neither returns thinking here nor takes it
+                            "messages": _messages_to_openai(messages, not official)}
     if stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
@@ -4247,7 +4492,7 @@ def _request_openai(call: _Call, messages: list[ChatMessage], stream: bool,
         body["max_completion_tokens" if official else "max_tokens"] = options.max_tokens
     if options.tools:
         body["tools"] = tools_to_openai(options.tools)
-    left_out = _options_to_openai(options, body, official)
+    left_out = _options_to_openai(options, body, dialect)
     if fmt.kind == "json":
         body["response_format"] = {"type": "json_object"}
         if not any("json" in json.dumps(m["content"]).lower() for m in body["messages"]):
@@ -4261,7 +4506,8 @@ def _request_openai(call: _Call, messages: list[ChatMessage], stream: bool,
     return body, left_out
 
 
-def _reply_from_openai(body: Any, fmt: _ResponseFormat) -> tuple[AssistantMessage, Usage | None]:
+def _reply_from_openai(body: Any, fmt: _ResponseFormat, split_think: bool = False
+                       ) -> tuple[AssistantMessage, Usage | None]:
     choices = body.get("choices") if isinstance(body, dict) else None
     if not choices:
         raise APIError(f"the reply has no choices: {_short(body, 200)}", body=body)
@@ -4269,13 +4515,20 @@ def _reply_from_openai(body: Any, fmt: _ResponseFormat) -> tuple[AssistantMessag
     message = choice.get("message") or {}
     calls = message.get("tool_calls")
     content = message.get("content") or ""
+    reasoning, state = _reasoning_from_openai(message)
+    if split_think and reasoning is None:
+        reasoning, content = _split_think(content)
     if fmt.unwrap is not None:
         content = fmt.unwrap(content)
     return (AssistantMessage(
         content=content,
         tool_calls=convert_tool_calls_from_openai(calls) if calls else None,
-        finish_reason=_finish_from_openai(choice.get("finish_reason"), bool(calls))),
+        finish_reason=_finish_from_openai(choice.get("finish_reason"), bool(calls)),
+        reasoning=reasoning, reasoning_state=state),
         _usage_from_openai(body.get("usage")))
+
+
+_PLAIN_DELTA_OPENAI = frozenset({"role", "content", "tool_calls", "refusal", "function_call"})
 
 
 class _OpenAIStream(_StreamState):
@@ -4303,6 +4556,8 @@ class _OpenAIStream(_StreamState):
             if choice.get("index", 0) != 0:  # n > 1: the reply is the first choice
                 continue
             delta = choice.get("delta") or {}
+            if delta.keys() - _PLAIN_DELTA_OPENAI:
+                self._reasoning_delta(out, delta)
             text = delta.get("content")
             if text:
                 self._text(out, text)
@@ -4316,6 +4571,18 @@ class _OpenAIStream(_StreamState):
                 self.reason = choice["finish_reason"]
                 self.complete = True  # some servers end without [DONE]
         return out
+
+    def _reasoning_delta(self, out: list[StreamChunk], delta: dict[str, Any]) -> None:
+        text, state = _reasoning_from_openai(delta)
+        if state is None:
+            return
+        if self.state is None:
+            self.state = {"provider": "openai", "field": state["field"]}
+        if text:
+            self.state["field"] = state["field"]
+            self._think(out, text)
+        if "details" in state:
+            _merge_details(self.state.setdefault("details", []), state["details"])
 
 
 # === 9. Wire format: Ollama ==================================================
@@ -4865,9 +5132,11 @@ class _HTTPClient:
     def __init__(self, *, timeout: float | None, max_retries: int,
                  extra_kwargs: dict[str, Any] | None,
                  default_headers: dict[str, str] | None, ssl_context: ssl.SSLContext | None,
-                 auth: dict[str, str], system_message_handling: str | None = None) -> None:
+                 auth: dict[str, str], system_message_handling: str | None = None,
+                 reply_timeout: float | None = None, split_think: bool = True) -> None:
         owner = type(self).__name__
         _check_number(owner, "timeout", timeout, minimum=0.001)  # None: wait forever
+        _check_number(owner, "reply_timeout", reply_timeout, minimum=0.001)
         _check_int(owner, "max_retries", max_retries, optional=False)
         if extra_kwargs is not None and not isinstance(extra_kwargs, dict):
             _fail(owner, "extra_kwargs", "a dict or None", extra_kwargs)
@@ -4880,6 +5149,8 @@ class _HTTPClient:
             _check_choice(owner, "system_message_handling", system_message_handling,
                           _SYSTEM_HANDLINGS)
         self.timeout = None if timeout is None else float(timeout)
+        self.reply_timeout = None if reply_timeout is None else float(reply_timeout)
+        self.split_think = bool(split_think)
         self.max_retries = max_retries
         self.extra_kwargs: dict[str, Any] = dict(extra_kwargs or {})
         self.system_message_handling = system_message_handling
@@ -4931,8 +5202,16 @@ class _HTTPClient:
                            self._facts.name, ", ".join(left_out))
         self._merge_extra(body, call.options.extra)
         data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        reply = None
+        if not stream:
+            # A non-streamed reply comes whole, after the model has thought: minutes
+            # of silence for a reasoning model. With the default timeout it may take
+            # DEFAULT_REPLY_TIMEOUT (the official SDKs wait as long); a timeout the
+            # caller chose holds for it too, unless reply_timeout says otherwise.
+            reply = self.reply_timeout if self.reply_timeout is not None else (
+                DEFAULT_REPLY_TIMEOUT if self.timeout == _DEFAULT_CLIENT_TIMEOUT else None)
         return _Request("POST", self._endpoint, self._headers, data, self.timeout,
-                        self.max_retries, self._ssl_context)
+                        self.max_retries, self._ssl_context, reply)
 
     def _chat_blocking(self, abort: _Abort | None,
                        call: _Call) -> tuple[AssistantMessage, Usage | None]:
@@ -5000,15 +5279,18 @@ class OpenAIClient(_HTTPClient):
                  extra_kwargs: dict[str, Any] | None = None, *, project: str | None = None,
                  max_retries: int = 2, default_headers: dict[str, str] | None = None,
                  ssl_context: ssl.SSLContext | None = None,
-                 system_message_handling: Literal["passthrough", "merge"] | None = None) -> None:
+                 system_message_handling: Literal["passthrough", "merge"] | None = None,
+                 reply_timeout: float | None = None, split_think: bool = True) -> None:
         for name, value in (("api_key", api_key), ("base_url", base_url),
                             ("organization", organization), ("project", project)):
             _check_str("OpenAIClient", name, value, optional=True)
         facts = self._facts
         self.base_url = _base_url(base_url, facts.url_env, OPENAI_BASE_URL, "OpenAIClient")
         key = api_key or _env(facts.key_env)
-        self._official = self.base_url.startswith(OPENAI_BASE_URL)
-        if key is None and self._official:
+        official = self.base_url.startswith(OPENAI_BASE_URL)
+        self._dialect = "openai" if official else (
+            "openrouter" if "openrouter.ai" in self.base_url else "compatible")
+        if key is None and official:
             raise ConfigurationError("OpenAIClient needs an API key for api.openai.com: pass "
                                      f"api_key=... or set {facts.key_env}")
         auth = {"Authorization": f"Bearer {key}"} if key else {}
@@ -5021,17 +5303,18 @@ class OpenAIClient(_HTTPClient):
         self._endpoint = self.base_url + "/chat/completions"
         super().__init__(timeout=timeout, max_retries=max_retries, extra_kwargs=extra_kwargs,
                          default_headers=default_headers, ssl_context=ssl_context, auth=auth,
-                         system_message_handling=system_message_handling)
+                         system_message_handling=system_message_handling,
+                         reply_timeout=reply_timeout, split_think=split_think)
 
     def _body(self, call: _Call, messages: list[ChatMessage], stream: bool,
               dry_run: bool) -> tuple[dict[str, Any], list[str]]:
-        return _request_openai(call, messages, stream, self._official)
+        return _request_openai(call, messages, stream, self._dialect)
 
     def _parse(self, body: Any, fmt: _ResponseFormat) -> tuple[AssistantMessage, Usage | None]:
-        return _reply_from_openai(body, fmt)
+        return _reply_from_openai(body, fmt, self.split_think)
 
     def _stream_state(self, fmt: _ResponseFormat) -> _StreamState:
-        return _OpenAIStream(fmt.unwrap)
+        return _OpenAIStream(fmt.unwrap, self.split_think)
 
 
 class AnthropicClient(_HTTPClient):
@@ -5049,7 +5332,8 @@ class AnthropicClient(_HTTPClient):
                  auth_token: str | None = None, max_retries: int = 2,
                  default_headers: dict[str, str] | None = None,
                  ssl_context: ssl.SSLContext | None = None,
-                 system_message_handling: Literal["passthrough", "merge"] | None = None) -> None:
+                 system_message_handling: Literal["passthrough", "merge"] | None = None,
+                 reply_timeout: float | None = None) -> None:
         for name, value in (("api_key", api_key), ("base_url", base_url),
                             ("auth_token", auth_token)):
             _check_str("AnthropicClient", name, value, optional=True)
@@ -5068,7 +5352,8 @@ class AnthropicClient(_HTTPClient):
                          default_headers={"anthropic-version": ANTHROPIC_VERSION,
                                           **(default_headers or {})},
                          ssl_context=ssl_context, auth=auth,
-                         system_message_handling=system_message_handling)
+                         system_message_handling=system_message_handling,
+                         reply_timeout=reply_timeout)
 
     def _body(self, call: _Call, messages: list[ChatMessage], stream: bool,
               dry_run: bool) -> tuple[dict[str, Any], list[str]]:
@@ -5108,7 +5393,8 @@ class OllamaClient(_HTTPClient):
                  max_retries: int = 2, default_headers: dict[str, str] | None = None,
                  ssl_context: ssl.SSLContext | None = None,
                  allow_private_image_urls: bool = False,
-                 system_message_handling: Literal["passthrough", "merge"] | None = None) -> None:
+                 system_message_handling: Literal["passthrough", "merge"] | None = None,
+                 reply_timeout: float | None = None, split_think: bool = True) -> None:
         _check_str("OllamaClient", "host", host, optional=True)
         _check_str("OllamaClient", "api_key", api_key, optional=True)
         facts = self._facts
@@ -5119,7 +5405,8 @@ class OllamaClient(_HTTPClient):
         super().__init__(timeout=timeout, max_retries=max_retries, extra_kwargs=extra_kwargs,
                          default_headers=default_headers, ssl_context=ssl_context,
                          auth={"Authorization": f"Bearer {key}"} if key else {},
-                         system_message_handling=system_message_handling)
+                         system_message_handling=system_message_handling,
+                         reply_timeout=reply_timeout, split_think=split_think)
 
     def _body(self, call: _Call, messages: list[ChatMessage], stream: bool,
               dry_run: bool) -> tuple[dict[str, Any], list[str]]:
