@@ -5469,6 +5469,8 @@ examples:
   %(prog)s --schema '{"type": "object", "required": ["name"]}' "Name a cat, as JSON"
   # the request, printed and not sent
   %(prog)s --dry-run -o seed=1 "Hi"
+  # what the local Ollama has pulled (any provider: -m PROVIDER or --base-url)
+  %(prog)s --list-models -m ollama
 """
 _NO_OLLAMA = """\
 no Ollama at {url} ({reason}); it is the provider when none is configured.
@@ -5537,6 +5539,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     group.add_argument("--api-key-env", metavar="NAME",
                        help="read the API key from this environment variable (keys are never "
                             "flags)")
+    group.add_argument("--list-models", action="store_true",
+                       help="print the models the server offers, one name per line, and exit")
     group = parser.add_argument_group("prompt")
     group.add_argument("-s", "--system", metavar="TEXT", help="a system prompt")
     group.add_argument("-a", "--attach", action="append", default=[], metavar="PATH|URL|-",
@@ -5780,6 +5784,8 @@ class _Session:
         self.readline = False
 
     def run(self) -> int:
+        if self.opts.list_models:
+            return self._list_models()
         images = [_image(arg, self.stdin) for arg in self.opts.attach]
         text = self._prompt_text()
         chat = self.opts.interactive or (text is None and self.interactive)
@@ -5817,6 +5823,20 @@ class _Session:
     def _messages(self) -> list[ChatMessage]:
         system: list[ChatMessage] = [SystemMessage(content=self.system)] if self.system else []
         return system + self.history
+
+    def _list_models(self) -> int:
+        """--list-models: one name per line, so it pipes (one JSON record with --output-json)."""
+        if self.opts.prompt or self.opts.dry_run or self.opts.interactive:
+            raise ConfigurationError("--list-models goes alone: no prompt, -i or --dry-run")
+        models = self.client.list_models()
+        if self.opts.output_json:
+            self._write(json.dumps({"models": [{"name": name, "details": name.details}
+                                               for name in models]}, ensure_ascii=False) + "\n")
+        else:
+            self._write("".join(f"{name}\n" for name in models))
+        if not models:
+            self._note("(the server lists no models)")
+        return 0
 
     # -- one answer ------------------------------------------------------------
 
