@@ -4247,6 +4247,15 @@ def any_reply(recorded):
     if recorded.path.endswith("/api/chat"):
         text = _dumps(_CITY) if body.get("format") else text
         return ollama_stream((text,)) if stream else ollama_reply(text)
+    if recorded.path.partition("?")[0].endswith("/v1/models"):  # OpenAI's and Anthropic's
+        return anthropic_models_page(["fake-model-1", "fake-model-2"])
+    if recorded.path.endswith("/api/tags"):
+        return ollama_tags("llama3.2:latest")
+    texts = body.get("input") or []
+    if recorded.path.endswith("/v1/embeddings"):
+        return openai_embeddings([[0.5, 0.5]] * len(texts))
+    if recorded.path.endswith("/api/embed"):
+        return ollama_embed([[0.5, 0.5]] * len(texts))
     return Reply(404, body=f"the fake provider does not serve {recorded.path}")
 
 
@@ -4369,6 +4378,19 @@ def _check_config(test, fp, out):
     test.assertNotIn("sk-ant-this-is-secret", out)
 
 
+def _check_list_models(test, fp, out):
+    _requests_are(test, fp, "/api/tags", "/v1/models")
+    test.assertEqual({r.method for r in fp.requests}, {"GET"})
+
+
+def _check_embeddings(test, fp, out):
+    _requests_are(test, fp, "/v1/embeddings", "/v1/embeddings")
+    test.assertEqual(fp.requests[0].json, {
+        "model": "text-embedding-3-small", "dimensions": 256,
+        "input": ["The cat sleeps on the mat.", "Markets fell today.",
+                  "A kitten naps on a rug."]})
+
+
 def _check_usage(test, fp, out):
     _requests_are(test, fp, "/v1/chat/completions", "/v1/messages", "/v1/chat/completions")
 
@@ -4429,6 +4451,15 @@ SNIPPETS = {
         prints=(("Usage(prompt_tokens=40, completion_tokens=11) Usage(prompt_tokens=22, "
                  "completion_tokens=7) 80"),), check=_check_usage),
     "scripted-client": Snippet(prints=("ok",), check=lambda t, fp, out: _requests_are(t, fp)),
+    "list-models": Snippet(
+        lambda: [ollama_tags("llama3.2:latest"),
+                 openai_models("gpt-4.1-mini", "text-embedding-3-small")],
+        check=_check_list_models),
+    "embeddings": Snippet(
+        lambda: [openai_embeddings([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.8, 0.2, 0.0]], 24),
+                 openai_embeddings([[0.9, 0.1, 0.0]], 7)],
+        prints=("The cat sleeps on the mat. Usage(prompt_tokens=31, completion_tokens=0)",),
+        check=_check_embeddings),
 }
 
 
@@ -4582,6 +4613,11 @@ class TestReadme(unittest.TestCase):
             self.assertIn("seed", out.stdout)
             return
         self.assertTrue(requests or "--version" in text, "no request reached the provider")
+        if "--list-models" in text:
+            self.assertEqual([r.method for r in requests], ["GET"])
+            self.assertEqual(out.stdout.split(), ["llama3.2:latest"] if "ollama" in text
+                             else ["fake-model-1", "fake-model-2"])
+            return
         if "--output-json" in text:
             self.assertLessEqual({"model", "content", "finish_reason", "usage"},
                                  set(json.loads(out.stdout)))
