@@ -13,6 +13,7 @@ import dataclasses
 import enum
 import io
 import json
+import math
 import os
 import pathlib
 import re
@@ -4144,6 +4145,247 @@ class TestCommandLineProcess(ServerTest):
                              env=self.env(PYTHONIOENCODING="cp1252"), input=b"",
                              capture_output=True, timeout=30, check=False)
         self.assertEqual((run.returncode, run.stdout, run.stderr), (0, b"smile ?\n", b""))
+
+
+# =============================================================================
+# A real server in the loop: llama.cpp's llama-server, when one is running
+# =============================================================================
+
+_REAL_HOWTO = ("start one with `bash ../shared/real-server/serve.sh {port}{flag}` and set "
+               "{variable}=http://127.0.0.1:{port} (README.md, Development)")
+_NO_KEY = "sk-no-key-needed"  # llama-server without --api-key ignores it; no real key is sent
+
+
+def real_server(variable, port, flag=""):
+    """The URL in `variable` when a llama-server answers there, else why not (a skip
+    reason). A server still loading its model (503 on /health) is waited for, 60 s at most."""
+    import urllib.error
+    import urllib.request
+    url = (os.environ.get(variable) or "").rstrip("/")
+    howto = _REAL_HOWTO.format(port=port, flag=flag, variable=variable)
+    if not url:
+        return None, f"{variable} is not set: {howto}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as resp:
+                resp.read()
+            return url, None
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503 or time.monotonic() > deadline:
+                return None, f"{variable}={url}: /health answered {exc.code}; {howto}"
+        except OSError as exc:
+            return None, f"{variable}={url}: nothing answers there ({exc}); {howto}"
+        time.sleep(0.5)  # the model is loading; the server has no event to wait on
+
+
+@dataclass
+class RealVerdict:
+    """A reply shape the server's grammar keeps short: two enums."""
+
+    answer: Literal["yes", "no"]
+    sure: bool
+
+
+class TestRealServer(unittest.TestCase):
+    """The clients against a real llama.cpp server, skipped unless CASUAL_LLM_REAL_SERVER
+    names one: OpenAIClient at <url>/v1 and AnthropicClient at <url>. The model is small
+    and writes nonsense, so the tests assert shapes, types and agreement, never words;
+    generation is greedy (temperature 0)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.url, problem = real_server("CASUAL_LLM_REAL_SERVER", 18080)
+        if problem:
+            raise unittest.SkipTest(problem)
+
+    def tearDown(self):
+        casual_llm._pool.clear()
+
+    def clients(self, **options):
+        return [("openai", OpenAIClient(base_url=self.url + "/v1", api_key=_NO_KEY, **options)),
+                ("anthropic", AnthropicClient(base_url=self.url, api_key=_NO_KEY, **options))]
+
+    def models(self, **options):
+        return [(name, Model(client, "gemma-3-270m", temperature=0))
+                for name, client in self.clients(**options)]
+
+    def collect(self, model, messages, **kwargs):
+        async def go():
+            return [c async for c in model.stream(messages, **kwargs)]
+        return run_async(go(), timeout=120)
+
+    def test_chat_and_stream_agree(self):
+        """The same greedy request, sent as a chat and as a stream, gives the same text,
+        finish reason and usage."""
+        messages = [SystemMessage(content="You are a poet."),
+                    UserMessage(content="Write one line about the sea.")]
+        for name, model in self.models():
+            with self.subTest(endpoint=name):
+                reply = run_async(model.chat(messages, max_tokens=24), timeout=120)
+                usage = model.get_usage()
+                chunks = self.collect(model, messages, max_tokens=24)
+                self.assertEqual("".join(c.content for c in chunks), reply.content)
+                self.assertEqual(chunks[-1].finish_reason, reply.finish_reason)
+                self.assertIn(reply.finish_reason, ("stop", "length"))
+                self.assertEqual(chunks[-1].usage, usage)
+                self.assertGreater(usage.prompt_tokens, 0)
+                self.assertGreater(usage.completion_tokens, 0)
+
+    def test_tools_are_accepted_and_the_reply_parses(self):
+        """A request with a tool is accepted; any call names the tool with JSON arguments,
+        and its result sent back is accepted too."""
+        tool = Tool(name="get_weather", description="The weather in a city",
+                    parameters={"city": ToolParameter(type="string")}, required=["city"])
+        messages = [UserMessage(content="What is the weather in Paris? Use get_weather.")]
+        for name, model in self.models():
+            with self.subTest(endpoint=name):
+                reply = model.chat_sync(messages, tools=[tool], max_tokens=48)
+                self.assertIn(reply.finish_reason, ("stop", "length", "tool_calls"))
+                self.assertIsInstance(reply.content, str)
+                for call in reply.tool_calls or ():
+                    self.assertEqual(call.function.name, "get_weather")
+                    self.assertIsInstance(call.function.parse_arguments(), dict)
+                results = [ToolResultMessage(name=c.function.name, tool_call_id=c.id,
+                                             content='{"sky": "clear"}')
+                           for c in reply.tool_calls or ()]
+                follow_up = model.chat_sync([*messages, reply, *results], tools=[tool],
+                                            max_tokens=16)
+                self.assertIsInstance(follow_up, AssistantMessage)
+
+    def test_structured_output_on_the_openai_endpoint(self):
+        """response_format=<dataclass> returns a typed parsed value (the server's grammar
+        holds the model to the schema)."""
+        model = self.models()[0][1]
+        reply = model.chat_sync([UserMessage(content="Is water wet? Answer in JSON.")],
+                                response_format=RealVerdict, max_tokens=64)
+        self.assertIsInstance(reply.parsed, RealVerdict)
+        self.assertIn(reply.parsed.answer, ("yes", "no"))
+        self.assertIsInstance(reply.parsed.sure, bool)
+
+    def test_unicode_round_trips(self):
+        """Non-ASCII text goes out and comes back whole: chat and stream agree with no
+        replacement characters, and a schema of non-ASCII choices returns one of them."""
+        messages = [SystemMessage(content="Réponds en français ✓"),
+                    UserMessage(content="日本語で答えて 🙂: naïve café, straße?")]
+        for name, model in self.models():
+            with self.subTest(endpoint=name):
+                reply = model.chat_sync(messages, max_tokens=24)
+                chunks = self.collect(model, messages, max_tokens=24)
+                self.assertEqual("".join(c.content for c in chunks), reply.content)
+                self.assertNotIn("\ufffd", reply.content)
+        choices = ("日本語", "🙂 oui", "straße")
+        reply = self.models()[0][1].chat_sync(
+            messages, response_format=Literal[choices], max_tokens=32)  # type: ignore[valid-type]
+        self.assertIn(reply.parsed, choices)
+
+    def test_prompt_over_the_context_is_a_bad_request(self):
+        """A prompt longer than the context is a BadRequestError carrying the server's
+        message, for a chat and for a stream."""
+        messages = [UserMessage(content="lorem ipsum " * 4000)]
+        for name, model in self.models(max_retries=0):
+            for face in ("chat", "stream"):
+                with self.subTest(endpoint=name, face=face), \
+                        self.assertRaises(BadRequestError) as caught:
+                    if face == "chat":
+                        model.chat_sync(messages, max_tokens=4)
+                    else:
+                        self.collect(model, messages, max_tokens=4)
+                error = caught.exception
+                self.assertEqual(error.status_code, 400)
+                self.assertTrue(error.provider_message)
+                self.assertIn(error.provider_message, str(error))
+
+    def test_breaking_out_of_long_streams_frees_the_server(self):
+        """Two endless streams (both slots) left after their first piece do not keep the
+        server busy: the next call answers in seconds, not after their generation."""
+        messages = [UserMessage(content="Tell me a very long story.")]
+        for name, model in self.models():
+            with self.subTest(endpoint=name):
+                for _ in range(2):
+                    stream = model.stream_sync(messages, max_tokens=2000, ignore_eos=True)
+                    self.assertIsInstance(next(stream).content, str)
+                    stream.close()
+                started = time.monotonic()
+                reply = run_async(model.chat([UserMessage(content="Hi")], max_tokens=4),
+                                  timeout=20)
+                self.assertIsInstance(reply.content, str)
+                self.assertLess(time.monotonic() - started, 20)
+
+    def test_more_streams_than_slots_all_complete(self):
+        """Six streams per endpoint at once, against a server with two slots: every one
+        ends with its finish reason and usage."""
+        async def one(model, i):
+            chunks = [c async for c in model.stream(
+                [UserMessage(content=f"Count to {i}.")], max_tokens=8)]
+            return chunks[-1]
+
+        async def every():
+            return await asyncio.gather(*(one(model, i) for _, model in self.models()
+                                          for i in range(6)))
+        finals = run_async(every(), timeout=180)
+        self.assertEqual(len(finals), 12)
+        for final in finals:
+            self.assertIn(final.finish_reason, ("stop", "length"))
+            self.assertGreater(final.usage.completion_tokens, 0)
+
+    def test_list_models(self):
+        """Both endpoints list the loaded model, by the same name, with its record."""
+        names = {name: client.list_models() for name, client in self.clients()}
+        self.assertEqual(names["openai"], names["anthropic"])
+        self.assertTrue(names["openai"])
+        for model in names["openai"]:
+            self.assertIsInstance(model, ModelName)
+            self.assertEqual(model.details["id"], model)
+
+    def test_command_line(self):
+        """The CLI's one-shot answers (streamed, usage on stderr) on both endpoints, and
+        --list-models prints the model's name."""
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("CASUAL_LLM_", "OPENAI_", "ANTHROPIC_", "OLLAMA_"))}
+        expected = OpenAIClient(base_url=self.url + "/v1", api_key=_NO_KEY).list_models()
+        runs = [("-m", "openai:gemma", "--base-url", self.url + "/v1"),
+                ("-m", "anthropic:gemma", "--base-url", self.url)]
+        for target in runs:
+            for argv in ([*target, "-t", "0", "--max-tokens", "8", "-u", "Say hello"],
+                         [*target, "--list-models"]):
+                with self.subTest(argv=argv):
+                    out = subprocess.run([sys.executable, "-m", "casual_llm", *argv], cwd=HERE,
+                                         env=env, capture_output=True, text=True, timeout=120)
+                    self.assertEqual(out.returncode, 0, out.stderr)
+                    if "--list-models" in argv:
+                        self.assertEqual(out.stdout.splitlines(), expected)
+                    else:
+                        self.assertTrue(out.stdout.endswith("\n"))
+                        self.assertIn("tokens", out.stderr)
+
+    def test_embeddings(self):
+        """The embeddings instance (CASUAL_LLM_REAL_EMBEDDINGS_SERVER): one vector per text,
+        all of one length, in input order (sent reversed, each comes back nearest its own
+        text), with usage; the chat instance refuses with a typed error carrying its
+        message; AnthropicClient refuses before sending."""
+        url, problem = real_server("CASUAL_LLM_REAL_EMBEDDINGS_SERVER", 18081,
+                                   " --embeddings --pooling mean")
+        if problem:
+            self.skipTest(problem)
+        model = Model(OpenAIClient(base_url=url + "/v1", api_key=_NO_KEY), "gemma-3-270m")
+        texts = ["The cat sleeps.", "Markets fell ✓ 日本", "A kitten naps."]
+        vectors = model.embed_sync(texts)
+        self.assertEqual(len(vectors), 3)
+        self.assertEqual(len({len(v) for v in vectors}), 1)
+        self.assertTrue(all(isinstance(x, float) for x in vectors[0]))
+        self.assertGreater(model.get_usage().prompt_tokens, 0)
+        backwards = run_async(model.embed(texts[::-1]), timeout=60)[::-1]
+
+        def nearest(vector):  # batches differ in the last digits: compare by distance
+            return min(range(3), key=lambda i: math.dist(vector, backwards[i]))
+        self.assertEqual([nearest(v) for v in vectors], [0, 1, 2])
+        chat_server = Model(self.clients(max_retries=0)[0][1], "gemma-3-270m")
+        with self.assertRaises(APIStatusError) as caught:
+            chat_server.embed_sync(["a"])
+        self.assertTrue(caught.exception.provider_message)
+        with self.assertRaises(UnsupportedProviderError):
+            Model(self.clients()[1][1], "gemma-3-270m").embed_sync(["a"])
 
 
 # =============================================================================
