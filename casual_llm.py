@@ -67,7 +67,7 @@ __all__ = [
     "ClientConfig", "ModelConfig", "Provider",
     # clients and factories
     "LLMClient", "OpenAIClient", "AnthropicClient", "OllamaClient",
-    "create_client", "create_model", "ScriptedClient",
+    "create_client", "create_model", "ScriptedClient", "ModelName",
     # model and its options
     "Model", "ChatOptions",
     # messages
@@ -146,7 +146,8 @@ class ConfigurationError(CasualLLMError, ValueError):
 
 
 class UnsupportedProviderError(ConfigurationError):
-    """The provider name is not one casual_llm knows."""
+    """The provider name is not one casual_llm knows, or the provider lacks what was
+    asked of it (Anthropic has no embeddings API)."""
 
 
 class SchemaValidationError(CasualLLMError, ValueError):
@@ -936,6 +937,18 @@ def _chunk(content: str, finish_reason: str | None = None,
     chunk.reasoning = reasoning
     chunk.message = message
     return chunk
+
+
+class ModelName(str):
+    """A model name a server reports (``list_models()``): a plain ``str`` that also
+    keeps the provider's own record of the model in ``details``."""
+
+    details: dict[str, Any]
+
+    def __new__(cls, name: str, details: dict[str, Any] | None = None) -> ModelName:
+        self = super().__new__(cls, name)
+        self.details = dict(details or {})
+        return self
 
 
 # === 4. Tools and schemas from Python types ==================================
@@ -3707,7 +3720,7 @@ def _error_details(raw: bytes, headers: dict[str, str]) -> dict[str, Any]:
 
 
 def _request_json(req: _Request, abort: _Abort | None = None) -> tuple[Any, dict[str, str]]:
-    """POST and read a whole JSON reply."""
+    """Send ``req`` and read its whole JSON reply (chats, model lists, embeddings)."""
     exchange = _open(req, abort)
     try:
         raw = exchange.response.read()
@@ -4585,6 +4598,64 @@ class _OpenAIStream(_StreamState):
             _merge_details(self.state.setdefault("details", []), state["details"])
 
 
+def _model_names(body: Any, list_key: str, name_key: str) -> list[ModelName]:
+    """``body[list_key]``, a list of model records, as names keeping their record."""
+    items = body.get(list_key) if isinstance(body, dict) else None
+    if not isinstance(items, list):
+        raise APIError(f"the reply lists no models: {_short(body, 200)}", body=body)
+    return [ModelName(item[name_key], item) for item in items
+            if isinstance(item, dict) and isinstance(item.get(name_key), str)]
+
+
+def _models_from_openai(body: Any) -> list[ModelName]:
+    # GET /models: {"object": "list", "data": [{"id", "object": "model", "created",
+    # "owned_by"}]} (openai-python types/model.py); llama.cpp adds "meta" per model.
+    return _model_names(body, "data", "id")
+
+
+def _embedding_request_openai(model: str, texts: list[str]) -> dict[str, Any]:
+    # POST /embeddings: {"model", "input": [str]}; "dimensions", "encoding_format" and
+    # "user" are optional (openai-python types/embedding_create_params.py).
+    return {"model": model, "input": texts}
+
+
+def _vectors(raw: Any, count: int, body: Any) -> list[list[float]]:
+    """``count`` embeddings, each a list of numbers (or base64 of little-endian float32s,
+    which ``encoding_format="base64"`` asks for)."""
+    if not isinstance(raw, list) or len(raw) != count:
+        got = len(raw) if isinstance(raw, list) else "none"
+        raise APIError(f"asked for {count} embeddings, the reply has {got}: "
+                       f"{_short(body, 200)}", body=body)
+    vectors = []
+    for vector in raw:
+        try:
+            if isinstance(vector, str):
+                import base64
+                import struct
+                data = base64.b64decode(vector, validate=True)
+                if len(data) % 4:
+                    raise ValueError("not a whole number of float32s")
+                vector = struct.unpack(f"<{len(data) // 4}f", data)
+            vectors.append([float(x) for x in vector])  # Go writes a float 0 as 0
+        except (TypeError, ValueError):
+            raise APIError(f"an embedding is not a list of numbers: {_short(vector)}",
+                           body=body) from None
+    return vectors
+
+
+def _embeddings_from_openai(body: Any, count: int) -> tuple[list[list[float]], Usage | None]:
+    # {"object": "list", "data": [{"object": "embedding", "index", "embedding": [...]}],
+    # "model", "usage": {"prompt_tokens", "total_tokens"}}
+    # (openai-python types/create_embedding_response.py, types/embedding.py).
+    data = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
+        raise APIError(f"the reply has no embeddings: {_short(body, 200)}", body=body)
+    # "index" names the input of each item: order by it rather than trust the list order.
+    data = sorted(data, key=lambda item: item.get("index") or 0)
+    return (_vectors([item.get("embedding") for item in data], count, body),
+            _usage_from_openai(body.get("usage")))
+
+
 # === 9. Wire format: Ollama ==================================================
 
 # Model parameters Ollama reads from "options" rather than the top level.
@@ -4771,6 +4842,29 @@ class _OllamaStream(_StreamState):
                 self.usage = _usage_from_ollama(event)
                 self.reason = _finish_from_ollama(event.get("done_reason"), bool(self.calls))
         return out
+
+
+def _models_from_ollama(body: Any) -> list[ModelName]:
+    # GET /api/tags: {"models": [{"name", "model", "modified_at", "size", "digest",
+    # "details": {"format", "family", "parameter_size", "quantization_level", ...}}]}
+    # (ollama docs/api.md "List Local Models", api/types.go ListModelResponse).
+    return _model_names(body, "models", "name")
+
+
+def _embedding_request_ollama(model: str, texts: list[str]) -> dict[str, Any]:
+    # POST /api/embed: {"model", "input": str | [str], "truncate", "dimensions",
+    # "keep_alive", "options"} (ollama docs/api.md "Generate Embeddings", api/types.go
+    # EmbedRequest); "options" is where extras such as num_ctx go.
+    return {"model": model, "input": texts, "options": {}}
+
+
+def _embeddings_from_ollama(body: Any, count: int) -> tuple[list[list[float]], Usage | None]:
+    # {"model", "embeddings": [[...], ...], "total_duration", "load_duration",
+    # "prompt_eval_count"} (api/types.go EmbedResponse; the counts are omitempty).
+    if not isinstance(body, dict):
+        raise APIError(f"unexpected Ollama reply: {_short(body, 200)}", body=body)
+    return (_vectors(body.get("embeddings"), count, body),
+            _usage(body.get("prompt_eval_count"), 0))
 
 
 # === 10. Wire format: Anthropic ==============================================
@@ -5057,6 +5151,19 @@ class _AnthropicStream(_StreamState):
             self.usage = _usage_from_anthropic(self._usage)
 
 
+def _models_from_anthropic(body: Any) -> tuple[list[ModelName], str | None]:
+    """One page of models and the ``after_id`` that asks for the next (``None``: last page).
+
+    GET /v1/models answers ``{"data": [{"type": "model", "id", "display_name",
+    "created_at"}], "has_more", "first_id", "last_id"}``, newest first; the next page is
+    ``?after_id=<last_id>`` while ``has_more`` is true (docs.anthropic.com/en/api/models-list;
+    anthropic-sdk-python ``pagination.py`` ``SyncPage.next_page_info``). Servers that
+    answer in OpenAI's shape (llama.cpp) send no ``has_more``: one page.
+    """
+    cursor = body.get("last_id") if isinstance(body, dict) and body.get("has_more") else None
+    return _model_names(body, "data", "id"), cursor if isinstance(cursor, str) else None
+
+
 # === 11. Clients =============================================================
 
 
@@ -5072,6 +5179,10 @@ class LLMClient(Protocol):
     and passes the other options that are set as keyword arguments. The built-in
     clients take either form and offer blocking twins, ``_chat_sync`` and
     ``_stream_sync``.
+
+    ``Model.embed`` needs one more method, ``_embed(model, texts, **extra)``,
+    returning one vector per text (in order) and the usage; ``_embed_sync`` is
+    its blocking twin.
     """
 
     async def _chat(self, model: str, messages: list[ChatMessage],
@@ -5260,6 +5371,63 @@ class _HTTPClient:
         return {"method": req.method, "url": url, "headers": headers,
                 "body": json.loads(req.body or b"null")}
 
+    # -- beyond chat: model lists and embeddings, on the same transport -----------
+
+    _embed_endpoint: str
+    _embed_batch: ClassVar[int | None] = None  # most inputs per request; None: no limit
+
+    def _send_json(self, method: str, url: str, body: Any = None,
+                   abort: _Abort | None = None) -> Any:
+        """One JSON request with this client's headers, timeout and retries."""
+        data = None if body is None else json.dumps(
+            body, ensure_ascii=False, separators=(",", ":")).encode()
+        req = _Request(method, url, self._headers, data, self.timeout, self.max_retries,
+                       self._ssl_context)
+        return _request_json(req, abort)[0]
+
+    def list_models(self) -> list[ModelName]:
+        """The names of the models the server offers; each keeps the provider's
+        details of its model in ``.details``."""
+        raise NotImplementedError
+
+    def _embedding_body(self, model: str, texts: list[str]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _parse_embeddings(self, body: Any, count: int
+                          ) -> tuple[list[list[float]], Usage | None]:
+        raise NotImplementedError
+
+    def _embed_blocking(self, abort: _Abort | None, model: str, texts: list[str],
+                        extra: dict[str, Any]) -> tuple[list[list[float]], Usage | None]:
+        """Every text's vector, in order, in as few requests as the API allows."""
+        _check_str(type(self).__name__, "model", model)
+        if not texts:
+            return [], _usage(0, 0)
+        vectors: list[list[float]] = []
+        usage: Usage | None = None
+        size = self._embed_batch or len(texts)
+        for start in range(0, len(texts), size):
+            batch = texts[start:start + size]
+            body = self._embedding_body(model, batch)
+            self._merge_extra(body, extra)
+            reply = self._send_json("POST", self._embed_endpoint, body, abort)
+            got, spent = self._parse_embeddings(reply, len(batch))
+            vectors += got
+            if spent is not None:
+                usage = spent if usage is None else usage + spent
+        return vectors, usage
+
+    async def _embed(self, model: str, texts: list[str],
+                     **extra: Any) -> tuple[list[list[float]], Usage | None]:
+        """See :class:`LLMClient`; ``extra`` keys join the request body."""
+        return await _run_blocking(lambda abort: self._embed_blocking(abort, model, texts,
+                                                                      extra))
+
+    def _embed_sync(self, model: str, texts: list[str],
+                    **extra: Any) -> tuple[list[list[float]], Usage | None]:
+        """Blocking ``_embed``."""
+        return self._embed_blocking(None, model, texts, extra)
+
 
 class OpenAIClient(_HTTPClient):
     """OpenAI Chat Completions, and every server that speaks it (vLLM, llama.cpp,
@@ -5301,6 +5469,7 @@ class OpenAIClient(_HTTPClient):
         if project:
             auth["OpenAI-Project"] = project
         self._endpoint = self.base_url + "/chat/completions"
+        self._embed_endpoint = self.base_url + "/embeddings"
         super().__init__(timeout=timeout, max_retries=max_retries, extra_kwargs=extra_kwargs,
                          default_headers=default_headers, ssl_context=ssl_context, auth=auth,
                          system_message_handling=system_message_handling,
@@ -5315,6 +5484,21 @@ class OpenAIClient(_HTTPClient):
 
     def _stream_state(self, fmt: _ResponseFormat) -> _StreamState:
         return _OpenAIStream(fmt.unwrap, self.split_think)
+
+    # The API refuses more than 2048 inputs in one request (openai-python
+    # types/embedding_create_params.py: "any array must be 2048 dimensions or less").
+    _embed_batch = 2048
+
+    def list_models(self) -> list[ModelName]:
+        """``GET {base_url}/models``: the models this key (or this server) offers."""
+        return _models_from_openai(self._send_json("GET", self.base_url + "/models"))
+
+    def _embedding_body(self, model: str, texts: list[str]) -> dict[str, Any]:
+        return _embedding_request_openai(model, texts)
+
+    def _parse_embeddings(self, body: Any, count: int
+                          ) -> tuple[list[list[float]], Usage | None]:
+        return _embeddings_from_openai(body, count)
 
 
 class AnthropicClient(_HTTPClient):
@@ -5365,6 +5549,27 @@ class AnthropicClient(_HTTPClient):
     def _stream_state(self, fmt: _ResponseFormat) -> _StreamState:
         return _AnthropicStream(fmt.unwrap, answer_tool=fmt.kind == "schema")
 
+    def list_models(self) -> list[ModelName]:
+        """``GET /v1/models``, every page of it (newest models first)."""
+        from urllib.parse import quote
+        models: list[ModelName] = []
+        after: str | None = None
+        while True:
+            query = "?limit=1000" + (f"&after_id={quote(after, safe='')}" if after else "")
+            page, cursor = _models_from_anthropic(
+                self._send_json("GET", f"{self.base_url}/v1/models{query}"))
+            models += page
+            if cursor is None or cursor == after:  # a server repeating its page ends it too
+                return models
+            after = cursor
+
+    def _embed_blocking(self, abort: _Abort | None, model: str, texts: list[str],
+                        extra: dict[str, Any]) -> tuple[list[list[float]], Usage | None]:
+        raise UnsupportedProviderError(
+            "AnthropicClient cannot make embeddings: Anthropic has no embeddings API (its "
+            "documentation points to Voyage AI). Use OpenAIClient or OllamaClient with an "
+            "embedding model.")
+
 
 def _ollama_host(host: str | None) -> str:
     """``OLLAMA_HOST`` rules: a bare host gets ``http://`` and port 11434."""
@@ -5402,6 +5607,7 @@ class OllamaClient(_HTTPClient):
         self.allow_private_image_urls = bool(allow_private_image_urls)
         key = api_key or _env(facts.key_env)
         self._endpoint = self.host + "/api/chat"
+        self._embed_endpoint = self.host + "/api/embed"
         super().__init__(timeout=timeout, max_retries=max_retries, extra_kwargs=extra_kwargs,
                          default_headers=default_headers, ssl_context=ssl_context,
                          auth={"Authorization": f"Bearer {key}"} if key else {},
@@ -5431,9 +5637,27 @@ class OllamaClient(_HTTPClient):
     def _stream_state(self, fmt: _ResponseFormat) -> _StreamState:
         return _OllamaStream()
 
+    def list_models(self) -> list[ModelName]:
+        """``GET /api/tags``: the models pulled on this host, as ``ollama list`` shows."""
+        return _models_from_ollama(self._send_json("GET", self.host + "/api/tags"))
 
-_Reply = Union[str, AssistantMessage, "tuple[Any, ...]", "list[StreamChunk]", BaseException,
-               "type[BaseException]"]
+    # /api/embed documents no limit on the inputs of one request: all go at once.
+    def _embedding_body(self, model: str, texts: list[str]) -> dict[str, Any]:
+        return _embedding_request_ollama(model, texts)
+
+    def _parse_embeddings(self, body: Any, count: int
+                          ) -> tuple[list[list[float]], Usage | None]:
+        return _embeddings_from_ollama(body, count)
+
+
+_Reply = Union[str, AssistantMessage, "tuple[Any, ...]", "list[StreamChunk]",
+               "list[list[float]]", BaseException, "type[BaseException]"]
+
+
+def _is_vectors(value: Any) -> bool:
+    """Scripted embeddings: a list of vectors, each a list of numbers."""
+    return isinstance(value, list) and all(
+        isinstance(v, list) and all(type(x) in (float, int) for x in v) for v in value)
 
 
 class ScriptedClient:
@@ -5442,8 +5666,10 @@ class ScriptedClient:
     Each call takes the next queued reply: a string, an ``AssistantMessage``, a
     ``(reply, Usage)`` pair, a list of ``StreamChunk``s, or an exception (raised).
     Streams split text replies into word chunks and end with the usual final
-    chunk. Every call is recorded in ``calls``. With ``echo=True``, an empty queue
-    answers with the last user message instead of failing.
+    chunk. ``Model.embed`` takes a list of vectors (one per text), alone or as a
+    ``(vectors, Usage)`` pair. Every call is recorded in ``calls``. With
+    ``echo=True``, an empty queue answers chats with the last user message instead
+    of failing.
     """
 
     def __init__(self, *replies: _Reply, echo: bool = False) -> None:
@@ -5460,10 +5686,13 @@ class ScriptedClient:
                 isinstance(reply, type) and issubclass(reply, BaseException)) or (
                 isinstance(reply, tuple) and len(reply) == 2 and isinstance(
                     reply[0], (str, AssistantMessage)) and isinstance(reply[1], (Usage, type(None)))
-            ) or (isinstance(reply, list) and all(isinstance(c, StreamChunk) for c in reply))
+            ) or (isinstance(reply, list) and all(isinstance(c, StreamChunk) for c in reply)
+                  ) or _is_vectors(reply) or (isinstance(reply, tuple) and len(reply) == 2 and
+                                              _is_vectors(reply[0]) and
+                                              isinstance(reply[1], (Usage, type(None))))
             if not ok:
                 _fail("ScriptedClient", "replies", "str, AssistantMessage, (reply, Usage), "
-                      "a list of StreamChunk or an exception", reply)
+                      "a list of StreamChunk, a list of vectors or an exception", reply)
             self.replies.append(reply)
         return self
 
@@ -5490,11 +5719,16 @@ class ScriptedClient:
                                  "queue more with .add(...)")
         if isinstance(reply, (BaseException, type)):
             raise reply
+        scripted = reply[0] if isinstance(reply, tuple) else reply
+        if scripted and _is_vectors(scripted):
+            raise CasualLLMError(f"ScriptedClient call #{len(self.calls)} is a chat, but its "
+                                 "scripted reply is a list of vectors (for Model.embed)")
         if isinstance(reply, list):
-            final = reply[-1] if reply else _chunk("")
-            return (AssistantMessage(content="".join(c.content for c in reply),
+            chunks = typing.cast("list[StreamChunk]", reply)  # vectors were refused above
+            final = chunks[-1] if chunks else _chunk("")
+            return (AssistantMessage(content="".join(c.content for c in chunks),
                                      tool_calls=final.tool_calls,
-                                     finish_reason=final.finish_reason), final.usage, reply)
+                                     finish_reason=final.finish_reason), final.usage, chunks)
         usage = None
         if isinstance(reply, tuple):
             reply, usage = reply
@@ -5534,6 +5768,27 @@ class ScriptedClient:
         for chunk in self._stream_sync(model, messages, options, *args, **keywords):
             yield chunk
 
+    def _embed_sync(self, model: str, texts: list[str],
+                    **extra: Any) -> tuple[list[list[float]], Usage | None]:
+        """Take the next reply: one vector per text."""
+        self.calls.append({"embed": True, "model": model, "texts": list(texts), "extra": extra})
+        if not self.replies:
+            raise CasualLLMError(f"ScriptedClient has no reply left for call #{len(self.calls)} "
+                                 "(embed); queue vectors with .add([[...], ...])")
+        reply = self.replies.popleft()
+        if isinstance(reply, (BaseException, type)):
+            raise reply
+        vectors, usage = reply if isinstance(reply, tuple) else (reply, None)
+        if not _is_vectors(vectors) or len(vectors) != len(texts):
+            raise CasualLLMError(f"ScriptedClient call #{len(self.calls)} embeds {len(texts)} "
+                                 f"texts, but its scripted reply is {_short(reply)}")
+        return [list(v) for v in vectors], usage
+
+    async def _embed(self, model: str, texts: list[str],
+                     **extra: Any) -> tuple[list[list[float]], Usage | None]:
+        """Take the next reply: one vector per text."""
+        return self._embed_sync(model, texts, **extra)
+
 
 # === 12. Model ===============================================================
 
@@ -5571,6 +5826,16 @@ def _client_arguments(protocol: str, call: _Call) -> _Arguments:
                 **extra, **options.extra}
 
 
+def _check_texts(texts: Any) -> list[str]:
+    """Texts to embed: a list of strings (a lone string would be a list of characters)."""
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, Iterable):
+        _fail("Model.embed", "texts", "a list of strings (for one text: [text])", texts)
+    out = list(texts)
+    if not all(isinstance(text, str) for text in out):
+        _fail("Model.embed", "texts", "a list of strings", texts)
+    return out
+
+
 class Model:
     """A model on a client: ``chat``, ``stream`` and usage tracking.
 
@@ -5578,8 +5843,9 @@ class Model:
     (casual-llm 0.5), ``default_options`` (a ``ChatOptions``, 0.7) and
     ``system_message_handling`` (0.8); a call's own settings, as keywords or
     ``options=``, win over them. ``get_usage()`` is the last call's usage
-    (streams included) and ``total_usage`` the sum over every call. ``chat_sync``
-    and ``stream_sync`` are the blocking faces for scripts and notebooks.
+    (streams and embeddings included) and ``total_usage`` the sum over every call.
+    ``chat_sync``, ``stream_sync`` and ``embed_sync`` are the blocking faces for
+    scripts and notebooks.
     """
 
     def __init__(self, client: LLMClient, name: str, temperature: float | None = None,
@@ -5751,6 +6017,34 @@ class Model:
             if close is not None:
                 close()
             self._record(usage)
+
+    def _embedder(self) -> Callable[..., Any]:
+        embed = getattr(self._client, "_embed", None)
+        if embed is None:
+            raise UnsupportedProviderError(f"{type(self._client).__name__} cannot make "
+                                           "embeddings: it has no _embed method")
+        return typing.cast("Callable[..., Any]", embed)
+
+    async def embed(self, texts: Sequence[str], **extra: Any) -> list[list[float]]:
+        """One vector per text, in order; the usage is kept as a chat's is.
+
+        Keyword arguments are provider options (``dimensions``; Ollama's
+        ``truncate``, ``num_ctx``...). The model's ``extra_kwargs`` are chat
+        options: they are not sent.
+        """
+        texts = _check_texts(texts)
+        vectors, usage = await self._embedder()(self.name, texts, **extra)
+        self._record(usage)
+        return typing.cast("list[list[float]]", vectors)
+
+    def embed_sync(self, texts: Sequence[str], **extra: Any) -> list[list[float]]:
+        """Blocking :meth:`embed`."""
+        texts = _check_texts(texts)
+        blocking = getattr(self._client, "_embed_sync", None)
+        vectors, usage = (blocking(self.name, texts, **extra) if blocking
+                          else _run_coroutine(self._embedder()(self.name, texts, **extra)))
+        self._record(usage)
+        return typing.cast("list[list[float]]", vectors)
 
 
 # === 13. Config and factories ================================================
@@ -5957,6 +6251,8 @@ examples:
   %(prog)s --schema '{"type": "object", "required": ["name"]}' "Name a cat, as JSON"
   # the request, printed and not sent
   %(prog)s --dry-run -o seed=1 "Hi"
+  # what the local Ollama has pulled (any provider: -m PROVIDER or --base-url)
+  %(prog)s --list-models -m ollama
 """
 _NO_OLLAMA = """\
 no Ollama at {url} ({reason}); it is the provider when none is configured.
@@ -6027,6 +6323,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     group.add_argument("--api-key-env", metavar="NAME",
                        help="read the API key from this environment variable (keys are never "
                             "flags)")
+    group.add_argument("--list-models", action="store_true",
+                       help="print the models the server offers, one name per line, and exit")
     group = parser.add_argument_group("prompt")
     group.add_argument("-s", "--system", metavar="TEXT", help="a system prompt")
     group.add_argument("-a", "--attach", action="append", default=[], metavar="PATH|URL|-",
@@ -6277,6 +6575,8 @@ class _Session:
         self.readline = False
 
     def run(self) -> int:
+        if self.opts.list_models:
+            return self._list_models()
         images = [_image(arg, self.stdin) for arg in self.opts.attach]
         text = self._prompt_text()
         chat = self.opts.interactive or (text is None and self.interactive)
@@ -6314,6 +6614,20 @@ class _Session:
     def _messages(self) -> list[ChatMessage]:
         system: list[ChatMessage] = [SystemMessage(content=self.system)] if self.system else []
         return system + self.history
+
+    def _list_models(self) -> int:
+        """--list-models: one name per line, so it pipes (one JSON record with --output-json)."""
+        if self.opts.prompt or self.opts.dry_run or self.opts.interactive:
+            raise ConfigurationError("--list-models goes alone: no prompt, -i or --dry-run")
+        models = self.client.list_models()
+        if self.opts.output_json:
+            self._write(json.dumps({"models": [{"name": name, "details": name.details}
+                                               for name in models]}, ensure_ascii=False) + "\n")
+        else:
+            self._write("".join(f"{name}\n" for name in models))
+        if not models:
+            self._note("(the server lists no models)")
+        return 0
 
     # -- one answer ------------------------------------------------------------
 

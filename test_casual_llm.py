@@ -14,6 +14,7 @@ import dataclasses
 import enum
 import io
 import json
+import math
 import os
 import pathlib
 import re
@@ -613,6 +614,31 @@ def openai_stream_error_event(message, type_="server_error", code=None, **extra)
     return sse_frame({"error": {"message": message, "type": type_, "code": code, **extra}})
 
 
+def openai_models(*names, **reply_kw):
+    """GET /v1/models: `{"object": "list", "data": [{"id", "object": "model", "created",
+    "owned_by"}]}` (openai-python `types/model.py`)."""
+    body = {"object": "list", "data": [{"id": name, "object": "model",
+                                        "created": _OPENAI_CREATED, "owned_by": "system"}
+                                       for name in names]}
+    return _reply(200, _dumps(body).encode("utf-8"), "application/json", **reply_kw)
+
+
+def openai_embeddings(vectors, prompt_tokens=8, reverse=False, base64_floats=False,
+                      model="text-embedding-test", **reply_kw):
+    """POST /v1/embeddings: `{"object": "list", "data": [{"object": "embedding", "index",
+    "embedding"}], "model", "usage": {"prompt_tokens", "total_tokens"}}` (openai-python
+    `types/create_embedding_response.py`, `types/embedding.py`).  `reverse` lists the items
+    last index first; `base64_floats` sends each vector as base64 of little-endian float32s,
+    as `encoding_format: "base64"` asks."""
+    import struct
+    data = [{"object": "embedding", "index": i,
+             "embedding": base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()
+             if base64_floats else v} for i, v in enumerate(vectors)]
+    body = {"object": "list", "data": data[::-1] if reverse else data, "model": model,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
+    return _reply(200, _dumps(body).encode("utf-8"), "application/json", **reply_kw)
+
+
 # === Anthropic ================================================================================
 
 _ANTHROPIC_ID = "msg_fake123"
@@ -700,6 +726,18 @@ def anthropic_stream_error_event(type_="overloaded_error", message="Overloaded")
     return _anthropic_event({"type": "error", "error": {"type": type_, "message": message}})
 
 
+def anthropic_models_page(names, has_more=False, **reply_kw):
+    """One page of GET /v1/models: `{"data": [{"type": "model", "id", "display_name",
+    "created_at"}], "has_more", "first_id", "last_id"}`, the next page asked for with
+    `?after_id=<last_id>` (docs.anthropic.com/en/api/models-list)."""
+    body = {"data": [{"type": "model", "id": name, "display_name": name.title(),
+                      "created_at": "2026-01-01T00:00:00Z"} for name in names],
+            "has_more": has_more, "first_id": names[0] if names else None,
+            "last_id": names[-1] if names else None}
+    return _reply(200, _dumps(body).encode("utf-8"), "application/json",
+                  {"request-id": _ANTHROPIC_REQUEST_ID}, **reply_kw)
+
+
 # === Ollama ===================================================================================
 
 _OLLAMA_CREATED_AT = "2026-01-01T00:00:00.123456789Z"
@@ -767,6 +805,31 @@ def ollama_error(status, message, **reply_kw):
 def ollama_stream_error_line(message):
     """A mid-stream NDJSON error line (the HTTP status is already 200)."""
     return ndjson_frame({"error": message})
+
+
+def ollama_tags(*names, **reply_kw):
+    """GET /api/tags: `{"models": [{"name", "model", "modified_at", "size", "digest",
+    "details": {...}}]}` (ollama `docs/api.md` "List Local Models")."""
+    models = [{"name": name, "model": name, "modified_at": _OLLAMA_CREATED_AT,
+               "size": 2019393189,
+               "digest": "a80c4f17acd55265feec403c7aef86be0c25983ab279d83f3bcd3abbcb5b8b72",
+               "details": {"parent_model": "", "format": "gguf", "family": "llama",
+                           "families": ["llama"], "parameter_size": "3.2B",
+                           "quantization_level": "Q4_K_M"}} for name in names]
+    return _reply(200, _go_dumps({"models": models}).encode("utf-8"),
+                  "application/json; charset=utf-8", **reply_kw)
+
+
+def ollama_embed(vectors, prompt_eval_count=8, model="all-minilm", **reply_kw):
+    """POST /api/embed: `{"model", "embeddings", "total_duration", "load_duration",
+    "prompt_eval_count"}` (ollama `docs/api.md` "Generate Embeddings", `api/types.go`
+    EmbedResponse); Go writes a zero float32 as `0` and leaves out a zero count."""
+    body = {"model": model, "embeddings": vectors, "total_duration": 14143917,
+            "load_duration": 1019500}
+    if prompt_eval_count:
+        body["prompt_eval_count"] = prompt_eval_count
+    text = _go_dumps(body).replace("0.0,", "0,").replace("0.0]", "0]")
+    return _reply(200, text.encode("utf-8"), "application/json; charset=utf-8", **reply_kw)
 # =============================================================================
 # Tests, in the order of the module's sections
 # =============================================================================
@@ -1934,6 +1997,15 @@ class ExtrasClient(MyCustomClient):
         return AssistantMessage(content="ok"), None
 
 
+class EmbeddingClient(MyCustomClient):
+    """A custom client that also embeds, with the async method only."""
+
+    async def _embed(self, model, texts, **extra):
+        self.calls.append({"model": model, "texts": texts, **extra})
+        return ([[float(len(t))] for t in texts],
+                Usage(prompt_tokens=len(texts), completion_tokens=0))
+
+
 class TestModel(unittest.TestCase):
     """Model over any LLMClient: options, usage, sync faces."""
 
@@ -1966,6 +2038,16 @@ class TestModel(unittest.TestCase):
         async def inside_a_loop():  # as in a notebook: a loop already runs
             return model.chat_sync([UserMessage(content="y")]).content
         self.assertEqual(run_async(inside_a_loop()), "echo: y")
+
+    def test_embed_on_a_custom_client(self):
+        """A client with an async _embed embeds through both faces; extras are passed."""
+        client = EmbeddingClient()
+        model = Model(client, name="mine", extra_kwargs={"top_p": 0.5})
+        self.assertEqual(run_async(model.embed(["ab", "c"], dimensions=4)), [[2.0], [1.0]])
+        self.assertEqual(model.embed_sync(["abc"]), [[3.0]])
+        self.assertEqual(model.total_usage.prompt_tokens, 3)
+        self.assertEqual(client.calls[0], {"model": "mine", "texts": ["ab", "c"],
+                                           "dimensions": 4})  # chat extras stay out
 
     def test_extra_kwargs_passed_only_when_set(self):
         """Model extras reach clients that take them; plain clients never see them."""
@@ -2042,6 +2124,27 @@ class TestScriptedClient(unittest.TestCase):
         self.assertEqual(model.chat_sync([UserMessage(content="ping")]).content, "ping")
         with self.assertRaisesRegex(ValidationError, "ScriptedClient.replies"):
             ScriptedClient(42)
+
+    def test_vectors(self):
+        """Scripted vectors answer embed calls, one per text, with or without usage; a
+        count that does not fit, or vectors met by a chat, fail clearly."""
+        client = ScriptedClient([[0.1, 0.2], [0.3, 0.4]],
+                                ([[1.0]], Usage(prompt_tokens=2, completion_tokens=0)),
+                                [[9.0]], [[1.0]])
+        model = Model(client, name="embedder")
+        self.assertEqual(model.embed_sync(["a", "b"]), [[0.1, 0.2], [0.3, 0.4]])
+        self.assertEqual(run_async(model.embed(["c"])), [[1.0]])
+        self.assertEqual(model.get_usage().prompt_tokens, 2)
+        with self.assertRaisesRegex(CasualLLMError, "embeds 2 texts"):
+            model.embed_sync(["x", "y"])
+        with self.assertRaisesRegex(CasualLLMError, "is a chat, but its scripted reply is a "
+                                                    "list of vectors"):
+            model.chat_sync([UserMessage(content="hi")])
+        self.assertEqual(client.calls[0], {"embed": True, "model": "embedder",
+                                           "texts": ["a", "b"], "extra": {}})
+        with self.assertRaisesRegex(UnsupportedProviderError, "MyCustomClient cannot make "
+                                                               "embeddings"):
+            Model(MyCustomClient(), name="m").embed_sync(["a"])
 
 
 class TestConfig(unittest.TestCase):
@@ -3461,6 +3564,214 @@ class TestOllamaContract(ProviderContract, StructuredContract, Upstream08Contrac
         self.assertEqual(self.fp.requests[-1].json["messages"][0]["images"], [PNG_B64] * 2)
 
 
+class ModelListContract:
+    """``list_models()``: one GET with the client's key, the names in the server's order,
+    each keeping the server's record; bound to each provider below."""
+
+    def test_names_and_details(self):
+        """The names come back as strings in order, each with its record in ``details``."""
+        self.fp.add(self.models_reply(["model-a", "model-b"]))
+        names = self.client().list_models()
+        self.assertEqual(names, ["model-a", "model-b"])
+        self.assertTrue(all(isinstance(name, ModelName) for name in names))
+        self.assertEqual(names[1].details[self.name_field], "model-b")
+        self.assertLessEqual(self.detail_fields, set(names[0].details))
+        self.assertEqual("\n".join(names), "model-a\nmodel-b")
+        request = self.fp.requests[0]
+        self.assertEqual((request.method, request.path.partition("?")[0], request.body),
+                         ("GET", self.models_path, b""))
+        self.assertEqual(request.headers[self.key_header], self.key_sent)
+
+    def test_errors_are_typed_and_keep_the_key_out(self):
+        """A refused key is an AuthenticationError with the server's words and without the
+        key; a reply that lists no models is an APIError."""
+        key = "sk-test-secret-4242"
+        self.fp.add(self.error_reply(401, f"invalid key {key}"), Reply(body={"hello": 1}))
+        client = self.client(api_key=key, max_retries=0)
+        with self.assertRaises(AuthenticationError) as caught:
+            client.list_models()
+        self.assertIn("invalid key <redacted>", str(caught.exception))
+        with self.assertRaisesRegex(APIError, "lists no models"):
+            client.list_models()
+
+
+class EmbeddingContract:
+    """``Model.embed`` / ``embed_sync`` on a provider with an embeddings API."""
+
+    def test_one_vector_per_text_in_order(self):
+        """Both faces return one vector per text, in order; usage is kept as a chat's."""
+        self.fp.add(self.embed_reply([[0.5, 1.0], [0.0, -1.5]], prompt_tokens=6),
+                    self.embed_reply([[1.0, 2.0]], prompt_tokens=3))
+        model = Model(self.client(), "embedder")
+        self.assertEqual(run_async(model.embed(["first", "second ✓"])),
+                         [[0.5, 1.0], [0.0, -1.5]])
+        self.assertEqual(model.get_usage(), Usage(prompt_tokens=6, completion_tokens=0))
+        self.assertEqual(model.embed_sync(("third",)), [[1.0, 2.0]])
+        self.assertEqual((model.get_usage().prompt_tokens, model.total_usage.prompt_tokens),
+                         (3, 9))
+        request = self.fp.requests[0]
+        self.assertEqual((request.method, request.path), ("POST", self.embed_path))
+        self.assertEqual((request.json["model"], request.json["input"]),
+                         ("embedder", ["first", "second ✓"]))
+        self.assertEqual(request.headers[self.key_header], self.key_sent)
+
+    def test_nothing_to_embed_sends_nothing(self):
+        """An empty list embeds to an empty list with no request; a lone string is refused."""
+        model = Model(self.client(), "embedder")
+        self.assertEqual(model.embed_sync([]), [])
+        self.assertEqual(model.get_usage(), Usage(prompt_tokens=0, completion_tokens=0))
+        with self.assertRaisesRegex(ValidationError, r"Model.embed.texts .*for one text: \[text\]"):
+            model.embed_sync("hello")
+        with self.assertRaisesRegex(ValidationError, "Model.embed.texts"):
+            run_async(model.embed(["ok", 3]))
+        self.assertEqual(self.fp.requests, [])
+
+    def test_wrong_count_and_errors(self):
+        """Fewer vectors than texts is an APIError; an unknown model is a NotFoundError with
+        the server's message."""
+        self.fp.add(self.embed_reply([[1.0]]), self.error_reply(404, "model 'nope' not found"))
+        model = Model(self.client(max_retries=0), "nope")
+        with self.assertRaisesRegex(APIError, "asked for 2 embeddings, the reply has 1"):
+            model.embed_sync(["a", "b"])
+        with self.assertRaisesRegex(NotFoundError, "model 'nope' not found"):
+            run_async(model.embed(["a"]))
+
+
+class TestOpenAIModelsAndEmbeddings(ModelListContract, EmbeddingContract, ServerTest):
+    """OpenAI's GET /v1/models and POST /v1/embeddings."""
+
+    models_path, embed_path = "/v1/models", "/v1/embeddings"
+    name_field, detail_fields = "id", {"object", "created", "owned_by"}
+    key_header, key_sent = "authorization", "Bearer sk-test-key"
+
+    def client(self, api_key="sk-test-key", **kwargs):
+        return OpenAIClient(base_url=self.fp.url + "/v1", api_key=api_key, **kwargs)
+
+    def models_reply(self, names):
+        return openai_models(*names)
+
+    def embed_reply(self, vectors, prompt_tokens=8):
+        return openai_embeddings(vectors, prompt_tokens)
+
+    def error_reply(self, status, message):
+        return openai_error(status, message)
+
+    def test_order_follows_index_and_base64_is_decoded(self):
+        """Items are put in input order by their index; base64 vectors become floats;
+        dimensions and encoding_format are extras that join the body."""
+        self.fp.add(openai_embeddings([[0.25, -1.0], [2.0, 0.5]], reverse=True,
+                                      base64_floats=True))
+        vectors = Model(self.client(), "text-embedding-3-small").embed_sync(
+            ["a", "b"], dimensions=2, encoding_format="base64")
+        self.assertEqual(vectors, [[0.25, -1.0], [2.0, 0.5]])
+        body = self.fp.requests[0].json
+        self.assertEqual((body["dimensions"], body["encoding_format"]), (2, "base64"))
+
+    def test_more_than_2048_texts_go_in_batches(self):
+        """The API takes at most 2048 inputs a request: 2049 texts are two requests, the
+        vectors in order and the usage summed."""
+        texts = [f"t{i}" for i in range(2049)]
+        self.fp.add(lambda r: openai_embeddings([[float(i)] for i in range(2048)], 2048),
+                    lambda r: openai_embeddings([[2048.0]], 1))
+        model = Model(self.client(), "e")
+        vectors = model.embed_sync(texts)
+        self.assertEqual(vectors, [[float(i)] for i in range(2049)])
+        self.assertEqual([len(r.json["input"]) for r in self.fp.requests], [2048, 1])
+        self.assertEqual(model.get_usage().prompt_tokens, 2049)
+
+    def test_a_server_without_usage(self):
+        """A compatible server that reports no usage leaves the usage unknown."""
+        reply = openai_embeddings([[1.0]])
+        body = json.loads(reply.body)
+        del body["usage"]
+        self.fp.add(replace(reply, body=_dumps(body).encode()))
+        model = Model(self.client(), "e")
+        self.assertEqual(model.embed_sync(["a"]), [[1.0]])
+        self.assertIsNone(model.get_usage())
+
+
+class TestAnthropicModelList(ModelListContract, ServerTest):
+    """Anthropic's paginated GET /v1/models, and its missing embeddings API."""
+
+    models_path = "/v1/models"
+    name_field, detail_fields = "id", {"type", "display_name", "created_at"}
+    key_header, key_sent = "x-api-key", "sk-test-key"
+
+    def client(self, api_key="sk-test-key", **kwargs):
+        return AnthropicClient(base_url=self.fp.url, api_key=api_key, **kwargs)
+
+    def models_reply(self, names):
+        return anthropic_models_page(names)
+
+    def error_reply(self, status, message):
+        return anthropic_error(status, "authentication_error", message)
+
+    def test_every_page(self):
+        """While has_more, the next page is asked for with after_id=<last_id>; the names
+        of every page come back, newest first, as the API lists them."""
+        self.fp.add(anthropic_models_page(["claude-c", "claude-b"], has_more=True),
+                    anthropic_models_page(["claude-a"], has_more=True),
+                    anthropic_models_page([]))
+        self.assertEqual(self.client().list_models(), ["claude-c", "claude-b", "claude-a"])
+        self.assertEqual([r.path for r in self.fp.requests],
+                         ["/v1/models?limit=1000", "/v1/models?limit=1000&after_id=claude-b",
+                          "/v1/models?limit=1000&after_id=claude-a"])
+        self.assertEqual(self.fp.requests[1].headers["anthropic-version"], "2023-06-01")
+
+    def test_compatible_servers_and_a_page_that_repeats(self):
+        """A server answering in OpenAI's shape (llama.cpp) is one page; a server that keeps
+        sending has_more with the same last_id stops after the repeat."""
+        self.fp.add(openai_models("local.gguf"),
+                    anthropic_models_page(["m"], has_more=True),
+                    anthropic_models_page(["m"], has_more=True))
+        client = self.client()
+        self.assertEqual(client.list_models(), ["local.gguf"])
+        self.assertEqual(client.list_models(), ["m", "m"])
+        self.assertEqual(len(self.fp.requests), 3)
+
+    def test_embeddings_are_refused(self):
+        """Anthropic has no embeddings API: both faces say so, and nothing is sent."""
+        model = Model(self.client(), "claude-haiku-4-5")
+        for embed in (model.embed_sync, lambda texts: run_async(model.embed(texts))):
+            with self.assertRaisesRegex(UnsupportedProviderError,
+                                        "Anthropic has no embeddings API.*OllamaClient"):
+                embed(["a"])
+        self.assertEqual(self.fp.requests, [])
+
+
+class TestOllamaModelsAndEmbeddings(ModelListContract, EmbeddingContract, ServerTest):
+    """Ollama's GET /api/tags and POST /api/embed."""
+
+    models_path, embed_path = "/api/tags", "/api/embed"
+    name_field, detail_fields = "name", {"model", "size", "digest", "details"}
+    key_header, key_sent = "authorization", "Bearer sk-test-key"
+
+    def client(self, api_key="sk-test-key", **kwargs):
+        return OllamaClient(host=self.fp.url, api_key=api_key, **kwargs)
+
+    def models_reply(self, names):
+        return ollama_tags(*names)
+
+    def embed_reply(self, vectors, prompt_tokens=8):
+        return ollama_embed(vectors, prompt_tokens)
+
+    def error_reply(self, status, message):
+        return ollama_error(status, message)
+
+    def test_options_and_omitted_counts(self):
+        """Model parameters go into options, the rest (dimensions, truncate) to the top;
+        all texts go in one request; a count Ollama left out is 0."""
+        self.fp.add(ollama_embed([[0.0, 1.0]] * 3, prompt_eval_count=0))
+        model = Model(self.client(), "all-minilm")
+        vectors = model.embed_sync(["a", "b", "c"], num_ctx=512, dimensions=2, truncate=False)
+        self.assertEqual(vectors, [[0.0, 1.0]] * 3)
+        self.assertIs(type(vectors[0][0]), float)  # sent as 0, Go's way
+        self.assertEqual(self.fp.requests[0].json,
+                         {"model": "all-minilm", "input": ["a", "b", "c"],
+                          "options": {"num_ctx": 512}, "dimensions": 2, "truncate": False})
+        self.assertEqual(model.get_usage(), Usage(prompt_tokens=0, completion_tokens=0))
+
+
 def self_signed_certificate(folder):
     """A throwaway certificate for 127.0.0.1 made with the openssl tool, or None."""
     cert, key = pathlib.Path(folder, "cert.pem"), pathlib.Path(folder, "key.pem")
@@ -3925,6 +4236,52 @@ class TestCommandLineExits(CommandLineTest):
         self.assertNotIn(_CLI_KEY, err)
 
 
+class TestListModelsCommand(CommandLineTest):
+    """``--list-models``: the chosen provider's model names on stdout, one per line."""
+
+    def test_one_name_per_line_for_the_chosen_provider(self):
+        """The provider comes from -m, --base-url or the environment, as for a chat."""
+        self.fp.add(openai_models("gpt-a", "gpt-b"), ollama_tags("llama3.2:latest"),
+                    anthropic_models_page(["claude-x"]))
+        self.assertEqual(self.run_main("--list-models"), (0, "gpt-a\ngpt-b\n", ""))
+        self.assertEqual(self.run_main("--list-models", "-m", "ollama", "--base-url",
+                                       self.fp.url), (0, "llama3.2:latest\n", ""))
+        self.assertEqual(self.run_main("--list-models", "-m", "anthropic:claude-x",
+                                       "--base-url", self.fp.url), (0, "claude-x\n", ""))
+        self.assertEqual([(r.method, r.path) for r in self.fp.requests],
+                         [("GET", "/v1/models"), ("GET", "/api/tags"),
+                          ("GET", "/v1/models?limit=1000")])
+        self.assertEqual(self.fp.requests[0].headers["authorization"], f"Bearer {_CLI_KEY}")
+
+    def test_output_json_keeps_the_details_and_an_empty_list_says_so(self):
+        """--output-json prints one record with each model's details; no models prints
+        nothing on stdout and a note on stderr."""
+        self.fp.add(openai_models("gpt-a"), openai_models())
+        code, out, _ = self.run_main("--list-models", "--output-json")
+        self.assertEqual(code, 0)
+        self.assertEqual(json.loads(out)["models"][0]["name"], "gpt-a")
+        self.assertEqual(json.loads(out)["models"][0]["details"]["owned_by"], "system")
+        self.assertEqual(self.run_main("--list-models"),
+                         (0, "", "(the server lists no models)\n"))
+
+    def test_errors(self):
+        """No server there: one line and exit 1; a prompt beside it is a usage error."""
+        port = free_port()
+        code, out, err = self.run_main("--list-models", "--retries", "0", "--base-url",
+                                       f"http://127.0.0.1:{port}/v1")
+        self.assertEqual((code, out), (1, ""))
+        self.assertRegex(err, rf"^python -m casual_llm: error: could not reach "
+                              rf"http://127.0.0.1:{port}/v1/models: .+\n$")
+        self.fp.add(openai_error(401, f"bad key {_CLI_KEY}"))
+        code, _, err = self.run_main("--list-models", "--retries", "0")
+        self.assertEqual((code, err.count("\n")), (1, 1))
+        self.assertNotIn(_CLI_KEY, err)
+        code, _, err = self.run_main("--list-models", "hello")
+        self.assertEqual(code, 2)
+        self.assertIn("--list-models goes alone", err)
+        self.assertEqual(len(self.fp.requests), 1)
+
+
 class TestChatCommands(CommandLineTest):
     """The chat, driven in-process: -i reads further turns from stdin."""
 
@@ -4175,6 +4532,247 @@ class TestCommandLineProcess(ServerTest):
 
 
 # =============================================================================
+# A real server in the loop: llama.cpp's llama-server, when one is running
+# =============================================================================
+
+_REAL_HOWTO = ("start one with `bash ../shared/real-server/serve.sh {port}{flag}` and set "
+               "{variable}=http://127.0.0.1:{port} (README.md, Development)")
+_NO_KEY = "sk-no-key-needed"  # llama-server without --api-key ignores it; no real key is sent
+
+
+def real_server(variable, port, flag=""):
+    """The URL in `variable` when a llama-server answers there, else why not (a skip
+    reason). A server still loading its model (503 on /health) is waited for, 60 s at most."""
+    import urllib.error
+    import urllib.request
+    url = (os.environ.get(variable) or "").rstrip("/")
+    howto = _REAL_HOWTO.format(port=port, flag=flag, variable=variable)
+    if not url:
+        return None, f"{variable} is not set: {howto}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as resp:
+                resp.read()
+            return url, None
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503 or time.monotonic() > deadline:
+                return None, f"{variable}={url}: /health answered {exc.code}; {howto}"
+        except OSError as exc:
+            return None, f"{variable}={url}: nothing answers there ({exc}); {howto}"
+        time.sleep(0.5)  # the model is loading; the server has no event to wait on
+
+
+@dataclass
+class RealVerdict:
+    """A reply shape the server's grammar keeps short: two enums."""
+
+    answer: Literal["yes", "no"]
+    sure: bool
+
+
+class TestRealServer(unittest.TestCase):
+    """The clients against a real llama.cpp server, skipped unless CASUAL_LLM_REAL_SERVER
+    names one: OpenAIClient at <url>/v1 and AnthropicClient at <url>. The model is small
+    and writes nonsense, so the tests assert shapes, types and agreement, never words;
+    generation is greedy (temperature 0)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.url, problem = real_server("CASUAL_LLM_REAL_SERVER", 18080)
+        if problem:
+            raise unittest.SkipTest(problem)
+
+    def tearDown(self):
+        casual_llm._pool.clear()
+
+    def clients(self, **options):
+        return [("openai", OpenAIClient(base_url=self.url + "/v1", api_key=_NO_KEY, **options)),
+                ("anthropic", AnthropicClient(base_url=self.url, api_key=_NO_KEY, **options))]
+
+    def models(self, **options):
+        return [(name, Model(client, "gemma-3-270m", temperature=0))
+                for name, client in self.clients(**options)]
+
+    def collect(self, model, messages, **kwargs):
+        async def go():
+            return [c async for c in model.stream(messages, **kwargs)]
+        return run_async(go(), timeout=120)
+
+    def test_chat_and_stream_agree(self):
+        """The same greedy request, sent as a chat and as a stream, gives the same text,
+        finish reason and usage."""
+        messages = [SystemMessage(content="You are a poet."),
+                    UserMessage(content="Write one line about the sea.")]
+        for name, model in self.models():
+            with self.subTest(endpoint=name):
+                reply = run_async(model.chat(messages, max_tokens=24), timeout=120)
+                usage = model.get_usage()
+                chunks = self.collect(model, messages, max_tokens=24)
+                self.assertEqual("".join(c.content for c in chunks), reply.content)
+                self.assertEqual(chunks[-1].finish_reason, reply.finish_reason)
+                self.assertIn(reply.finish_reason, ("stop", "length"))
+                self.assertEqual(chunks[-1].usage, usage)
+                self.assertGreater(usage.prompt_tokens, 0)
+                self.assertGreater(usage.completion_tokens, 0)
+
+    def test_tools_are_accepted_and_the_reply_parses(self):
+        """A request with a tool is accepted; any call names the tool with JSON arguments,
+        and its result sent back is accepted too."""
+        tool = Tool(name="get_weather", description="The weather in a city",
+                    parameters={"city": ToolParameter(type="string")}, required=["city"])
+        messages = [UserMessage(content="What is the weather in Paris? Use get_weather.")]
+        for name, model in self.models():
+            with self.subTest(endpoint=name):
+                reply = model.chat_sync(messages, tools=[tool], max_tokens=48)
+                self.assertIn(reply.finish_reason, ("stop", "length", "tool_calls"))
+                self.assertIsInstance(reply.content, str)
+                for call in reply.tool_calls or ():
+                    self.assertEqual(call.function.name, "get_weather")
+                    self.assertIsInstance(call.function.parse_arguments(), dict)
+                results = [ToolResultMessage(name=c.function.name, tool_call_id=c.id,
+                                             content='{"sky": "clear"}')
+                           for c in reply.tool_calls or ()]
+                follow_up = model.chat_sync([*messages, reply, *results], tools=[tool],
+                                            max_tokens=16)
+                self.assertIsInstance(follow_up, AssistantMessage)
+
+    def test_structured_output_on_the_openai_endpoint(self):
+        """response_format=<dataclass> returns a typed parsed value (the server's grammar
+        holds the model to the schema)."""
+        model = self.models()[0][1]
+        reply = model.chat_sync([UserMessage(content="Is water wet? Answer in JSON.")],
+                                response_format=RealVerdict, max_tokens=64)
+        self.assertIsInstance(reply.parsed, RealVerdict)
+        self.assertIn(reply.parsed.answer, ("yes", "no"))
+        self.assertIsInstance(reply.parsed.sure, bool)
+
+    def test_unicode_round_trips(self):
+        """Non-ASCII text goes out and comes back whole: chat and stream agree with no
+        replacement characters, and a schema of non-ASCII choices returns one of them."""
+        messages = [SystemMessage(content="Réponds en français ✓"),
+                    UserMessage(content="日本語で答えて 🙂: naïve café, straße?")]
+        for name, model in self.models():
+            with self.subTest(endpoint=name):
+                reply = model.chat_sync(messages, max_tokens=24)
+                chunks = self.collect(model, messages, max_tokens=24)
+                self.assertEqual("".join(c.content for c in chunks), reply.content)
+                self.assertNotIn("\ufffd", reply.content)
+        choices = ("日本語", "🙂 oui", "straße")
+        reply = self.models()[0][1].chat_sync(
+            messages, response_format=Literal[choices], max_tokens=32)  # type: ignore[valid-type]
+        self.assertIn(reply.parsed, choices)
+
+    def test_prompt_over_the_context_is_a_bad_request(self):
+        """A prompt longer than the context is a BadRequestError carrying the server's
+        message, for a chat and for a stream."""
+        messages = [UserMessage(content="lorem ipsum " * 4000)]
+        for name, model in self.models(max_retries=0):
+            for face in ("chat", "stream"):
+                with self.subTest(endpoint=name, face=face), \
+                        self.assertRaises(BadRequestError) as caught:
+                    if face == "chat":
+                        model.chat_sync(messages, max_tokens=4)
+                    else:
+                        self.collect(model, messages, max_tokens=4)
+                error = caught.exception
+                self.assertEqual(error.status_code, 400)
+                self.assertTrue(error.provider_message)
+                self.assertIn(error.provider_message, str(error))
+
+    def test_breaking_out_of_long_streams_frees_the_server(self):
+        """Two endless streams (both slots) left after their first piece do not keep the
+        server busy: the next call answers in seconds, not after their generation."""
+        messages = [UserMessage(content="Tell me a very long story.")]
+        for name, model in self.models():
+            with self.subTest(endpoint=name):
+                for _ in range(2):
+                    stream = model.stream_sync(messages, max_tokens=2000, ignore_eos=True)
+                    self.assertIsInstance(next(stream).content, str)
+                    stream.close()
+                started = time.monotonic()
+                reply = run_async(model.chat([UserMessage(content="Hi")], max_tokens=4),
+                                  timeout=20)
+                self.assertIsInstance(reply.content, str)
+                self.assertLess(time.monotonic() - started, 20)
+
+    def test_more_streams_than_slots_all_complete(self):
+        """Six streams per endpoint at once, against a server with two slots: every one
+        ends with its finish reason and usage."""
+        async def one(model, i):
+            chunks = [c async for c in model.stream(
+                [UserMessage(content=f"Count to {i}.")], max_tokens=8)]
+            return chunks[-1]
+
+        async def every():
+            return await asyncio.gather(*(one(model, i) for _, model in self.models()
+                                          for i in range(6)))
+        finals = run_async(every(), timeout=180)
+        self.assertEqual(len(finals), 12)
+        for final in finals:
+            self.assertIn(final.finish_reason, ("stop", "length"))
+            self.assertGreater(final.usage.completion_tokens, 0)
+
+    def test_list_models(self):
+        """Both endpoints list the loaded model, by the same name, with its record."""
+        names = {name: client.list_models() for name, client in self.clients()}
+        self.assertEqual(names["openai"], names["anthropic"])
+        self.assertTrue(names["openai"])
+        for model in names["openai"]:
+            self.assertIsInstance(model, ModelName)
+            self.assertEqual(model.details["id"], model)
+
+    def test_command_line(self):
+        """The CLI's one-shot answers (streamed, usage on stderr) on both endpoints, and
+        --list-models prints the model's name."""
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("CASUAL_LLM_", "OPENAI_", "ANTHROPIC_", "OLLAMA_"))}
+        expected = OpenAIClient(base_url=self.url + "/v1", api_key=_NO_KEY).list_models()
+        runs = [("-m", "openai:gemma", "--base-url", self.url + "/v1"),
+                ("-m", "anthropic:gemma", "--base-url", self.url)]
+        for target in runs:
+            for argv in ([*target, "-t", "0", "--max-tokens", "8", "-u", "Say hello"],
+                         [*target, "--list-models"]):
+                with self.subTest(argv=argv):
+                    out = subprocess.run([sys.executable, "-m", "casual_llm", *argv], cwd=HERE,
+                                         env=env, capture_output=True, text=True, timeout=120)
+                    self.assertEqual(out.returncode, 0, out.stderr)
+                    if "--list-models" in argv:
+                        self.assertEqual(out.stdout.splitlines(), expected)
+                    else:
+                        self.assertTrue(out.stdout.endswith("\n"))
+                        self.assertIn("tokens", out.stderr)
+
+    def test_embeddings(self):
+        """The embeddings instance (CASUAL_LLM_REAL_EMBEDDINGS_SERVER): one vector per text,
+        all of one length, in input order (sent reversed, each comes back nearest its own
+        text), with usage; the chat instance refuses with a typed error carrying its
+        message; AnthropicClient refuses before sending."""
+        url, problem = real_server("CASUAL_LLM_REAL_EMBEDDINGS_SERVER", 18081,
+                                   " --embeddings --pooling mean")
+        if problem:
+            self.skipTest(problem)
+        model = Model(OpenAIClient(base_url=url + "/v1", api_key=_NO_KEY), "gemma-3-270m")
+        texts = ["The cat sleeps.", "Markets fell ✓ 日本", "A kitten naps."]
+        vectors = model.embed_sync(texts)
+        self.assertEqual(len(vectors), 3)
+        self.assertEqual(len({len(v) for v in vectors}), 1)
+        self.assertTrue(all(isinstance(x, float) for x in vectors[0]))
+        self.assertGreater(model.get_usage().prompt_tokens, 0)
+        backwards = run_async(model.embed(texts[::-1]), timeout=60)[::-1]
+
+        def nearest(vector):  # batches differ in the last digits: compare by distance
+            return min(range(3), key=lambda i: math.dist(vector, backwards[i]))
+        self.assertEqual([nearest(v) for v in vectors], [0, 1, 2])
+        chat_server = Model(self.clients(max_retries=0)[0][1], "gemma-3-270m")
+        with self.assertRaises(APIStatusError) as caught:
+            chat_server.embed_sync(["a"])
+        self.assertTrue(caught.exception.provider_message)
+        with self.assertRaises(UnsupportedProviderError):
+            Model(self.clients()[1][1], "gemma-3-270m").embed_sync(["a"])
+
+
+# =============================================================================
 # The README, the examples and the packaging, tried as a new user would
 # =============================================================================
 
@@ -4275,6 +4873,15 @@ def any_reply(recorded):
     if recorded.path.endswith("/api/chat"):
         text = _dumps(_CITY) if body.get("format") else text
         return ollama_stream((text,)) if stream else ollama_reply(text)
+    if recorded.path.partition("?")[0].endswith("/v1/models"):  # OpenAI's and Anthropic's
+        return anthropic_models_page(["fake-model-1", "fake-model-2"])
+    if recorded.path.endswith("/api/tags"):
+        return ollama_tags("llama3.2:latest")
+    texts = body.get("input") or []
+    if recorded.path.endswith("/v1/embeddings"):
+        return openai_embeddings([[0.5, 0.5]] * len(texts))
+    if recorded.path.endswith("/api/embed"):
+        return ollama_embed([[0.5, 0.5]] * len(texts))
     return Reply(404, body=f"the fake provider does not serve {recorded.path}")
 
 
@@ -4405,6 +5012,19 @@ def _check_chat_options(test, fp, out):
                       "top_k": 20, "seed": None})
 
 
+def _check_list_models(test, fp, out):
+    _requests_are(test, fp, "/api/tags", "/v1/models")
+    test.assertEqual({r.method for r in fp.requests}, {"GET"})
+
+
+def _check_embeddings(test, fp, out):
+    _requests_are(test, fp, "/v1/embeddings", "/v1/embeddings")
+    test.assertEqual(fp.requests[0].json, {
+        "model": "text-embedding-3-small", "dimensions": 256,
+        "input": ["The cat sleeps on the mat.", "Markets fell today.",
+                  "A kitten naps on a rug."]})
+
+
 def _check_usage(test, fp, out):
     _requests_are(test, fp, "/v1/chat/completions", "/v1/messages", "/v1/chat/completions")
 
@@ -4467,6 +5087,15 @@ SNIPPETS = {
         prints=(("Usage(prompt_tokens=40, completion_tokens=11) Usage(prompt_tokens=22, "
                  "completion_tokens=7) 80"),), check=_check_usage),
     "scripted-client": Snippet(prints=("ok",), check=lambda t, fp, out: _requests_are(t, fp)),
+    "list-models": Snippet(
+        lambda: [ollama_tags("llama3.2:latest"),
+                 openai_models("gpt-4.1-mini", "text-embedding-3-small")],
+        check=_check_list_models),
+    "embeddings": Snippet(
+        lambda: [openai_embeddings([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.8, 0.2, 0.0]], 24),
+                 openai_embeddings([[0.9, 0.1, 0.0]], 7)],
+        prints=("The cat sleeps on the mat. Usage(prompt_tokens=31, completion_tokens=0)",),
+        check=_check_embeddings),
 }
 
 
@@ -4620,6 +5249,11 @@ class TestReadme(unittest.TestCase):
             self.assertIn("seed", out.stdout)
             return
         self.assertTrue(requests or "--version" in text, "no request reached the provider")
+        if "--list-models" in text:
+            self.assertEqual([r.method for r in requests], ["GET"])
+            self.assertEqual(out.stdout.split(), ["llama3.2:latest"] if "ollama" in text
+                             else ["fake-model-1", "fake-model-2"])
+            return
         if "--output-json" in text:
             self.assertLessEqual({"model", "content", "finish_reason", "usage"},
                                  set(json.loads(out.stdout)))
