@@ -4682,6 +4682,8 @@ def _message_to_ollama(message: ChatMessage, images: dict[str, str]) -> dict[str
         return out
     if isinstance(message, AssistantMessage):
         out = {"role": "assistant", "content": message.content or ""}
+        if message.reasoning:  # /api/chat takes the thinking back on assistant turns
+            out["thinking"] = message.reasoning
         if message.tool_calls:
             out["tool_calls"] = [{"id": c.id, "function": {
                 "name": c.function.name, "arguments": _arguments_object(c.function)}}
@@ -4773,8 +4775,17 @@ def _options_to_ollama(options: ChatOptions, body: dict[str, Any]) -> list[str]:
         value = getattr(options, name)
         if value is not None:
             sampling[name] = value
+    reasoning = options.reasoning
+    if reasoning is not None and "think" not in options.extra:
+        # think: true/false, or a level for the models that take one (gpt-oss:
+        # docs/capabilities/thinking.mdx); no budget.
+        body["think"] = (reasoning if isinstance(reasoning, bool) else
+                         reasoning if isinstance(reasoning, str) and "gpt-oss" in body["model"]
+                         else True)
     # Ollama has no tool_choice: "none" is kept by sending no tools, the others can't be.
     left_out = ["tool_choice"] * (options.tool_choice not in (None, "auto", "none"))
+    left_out += ["reasoning budget"] * (isinstance(reasoning, int) and not isinstance(
+        reasoning, bool) and "think" not in options.extra)
     return left_out + ["parallel_tool_calls"] * (options.parallel_tool_calls is not None)
 
 
@@ -4808,20 +4819,26 @@ def _request_ollama(call: _Call, messages: list[dict[str, Any]], stream: bool
     return body, left_out
 
 
-def _reply_from_ollama(body: Any, fmt: _ResponseFormat) -> tuple[AssistantMessage, Usage | None]:
+def _reply_from_ollama(body: Any, fmt: _ResponseFormat, split_think: bool = False
+                       ) -> tuple[AssistantMessage, Usage | None]:
     if not isinstance(body, dict):
         raise APIError(f"unexpected Ollama reply: {_short(body, 200)}", body=body)
     message = body.get("message") or {}
     calls = message.get("tool_calls")
+    content = message.get("content") or ""
+    reasoning = message.get("thinking") or None  # message.thinking (thinking.mdx)
+    if split_think and reasoning is None:
+        reasoning, content = _split_think(content)
     return (AssistantMessage(
-        content=message.get("content") or "",
+        content=content,
         tool_calls=convert_tool_calls_from_ollama(calls) if calls else None,
-        finish_reason=_finish_from_ollama(body.get("done_reason"), bool(calls))),
-        _usage_from_ollama(body))
+        finish_reason=_finish_from_ollama(body.get("done_reason"), bool(calls)),
+        reasoning=reasoning), _usage_from_ollama(body))
 
 
 class _OllamaStream(_StreamState):
-    """NDJSON objects: text in ``message.content``, whole tool calls, then ``done``."""
+    """NDJSON objects: thinking in ``message.thinking``, text in ``message.content``,
+    whole tool calls, then ``done``."""
 
     def feed(self, frames: list[bytes]) -> list[StreamChunk]:
         out: list[StreamChunk] = []
@@ -4833,6 +4850,8 @@ class _OllamaStream(_StreamState):
             if event.get("error"):
                 raise _stream_error(event["error"])
             message = event.get("message") or {}
+            if message.get("thinking"):
+                self._think(out, message["thinking"])
             if message.get("content"):
                 self._text(out, message["content"])
             for call in convert_tool_calls_from_ollama(message.get("tool_calls") or ()):
@@ -4870,6 +4889,7 @@ def _embeddings_from_ollama(body: Any, count: int) -> tuple[list[list[float]], U
 # === 10. Wire format: Anthropic ==============================================
 
 _ANSWER_TOOL = "structured_answer"  # the forced tool that carries a schema's answer
+_ANSWER_INSTRUCTION = f"Give your final answer by calling the {_ANSWER_TOOL} tool."
 _STOP_REASONS_ANTHROPIC = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
                            "tool_use": "tool_calls", "refusal": "content_filter",
                            "model_context_window_exceeded": "length"}
@@ -4895,6 +4915,12 @@ def _blocks_to_anthropic(message: ChatMessage) -> list[dict[str, Any]]:
     if isinstance(message, ToolResultMessage):
         return [{"type": "tool_result", "tool_use_id": message.tool_call_id,
                  "content": message.content}]
+    state = message.reasoning_state if isinstance(message, AssistantMessage) else None
+    if state and state.get("provider") == "anthropic":
+        # Thinking blocks lead the turn, unmodified and in order: the API checks their
+        # signatures and refuses a tool-use turn without them. Text alone (from another
+        # provider) cannot be sent back as thinking.
+        blocks += [dict(b) for b in state.get("blocks") or ()]
     if isinstance(message.content, str) and message.content.strip():
         blocks.append({"type": "text", "text": message.content})
     if isinstance(message, AssistantMessage):
@@ -4986,32 +5012,50 @@ _SAMPLING_ANTHROPIC = ("temperature", "top_p", "top_k")
 _REFUSED_ANTHROPIC = ("seed", "frequency_penalty", "presence_penalty")
 
 
-def _tool_choice_to_anthropic(options: ChatOptions, schema: bool) -> dict[str, Any] | None:
-    """``tool_choice`` in Messages form; with a schema, an answer (the answer tool) or
-    one of the user's tools is always called."""
+def _tool_choice_to_anthropic(options: ChatOptions, schema: bool, thinking: bool
+                              ) -> tuple[dict[str, Any] | None, list[str]]:
+    """``tool_choice`` in Messages form, and what it leaves out. With a schema an answer
+    (the answer tool) or one of the user's tools is always called, except with thinking
+    on: the API refuses forced tool use then ("Thinking may not be enabled when
+    tool_choice forces tool use"), so the model chooses and is told to answer in the tool."""
     choice, tools = options.tool_choice, options.tools
+    if thinking:
+        if choice in ("required",) or choice not in (None, *_TOOL_CHOICES):
+            return ({"type": "auto"} if schema else None), ["tool_choice (with thinking on)"]
+        if schema or choice == "auto":
+            return {"type": "auto"}, []
+        return ({"type": "none"} if choice == "none" else None), []
     if schema:
         if not tools or choice == "none":
-            return {"type": "tool", "name": _ANSWER_TOOL}
+            return {"type": "tool", "name": _ANSWER_TOOL}, []
         if choice not in (None, *_TOOL_CHOICES):
-            return {"type": "tool", "name": choice}
-        return {"type": "any"}
+            return {"type": "tool", "name": choice}, []
+        return {"type": "any"}, []
     if choice is None:
-        return None
+        return None, []
     return {"auto": {"type": "auto"}, "required": {"type": "any"},
-            "none": {"type": "none"}}.get(choice) or {"type": "tool", "name": choice}
+            "none": {"type": "none"}}.get(choice) or {"type": "tool", "name": choice}, []
 
 
-def _options_to_anthropic(options: ChatOptions, body: dict[str, Any], schema: bool) -> list[str]:
+def _options_to_anthropic(options: ChatOptions, body: dict[str, Any], schema: bool,
+                          thinking: bool = False) -> list[str]:
     """The portable options in Messages form; returns the names left out."""
+    left_out = []
     for name in _SAMPLING_ANTHROPIC:
         value = getattr(options, name)
-        if value is not None:
+        if value is None:
+            continue
+        # With thinking on, the API takes no temperature or top_k, and top_p only
+        # from 0.95 to 1 (extended thinking, "Feature compatibility").
+        if thinking and not (name == "top_p" and 0.95 <= value <= 1):
+            left_out.append(f"{name} (with thinking on)")
+        else:
             body[name] = value
     if options.stop is not None:
         body["stop_sequences"] = options.stop
-    left_out = [name for name in _REFUSED_ANTHROPIC if getattr(options, name) is not None]
-    choice = _tool_choice_to_anthropic(options, schema)
+    left_out += [name for name in _REFUSED_ANTHROPIC if getattr(options, name) is not None]
+    choice, refused = _tool_choice_to_anthropic(options, schema, thinking)
+    left_out += refused
     if options.parallel_tool_calls is False:
         if "tools" in body and (choice or {}).get("type") != "none":
             choice = {**(choice or {"type": "auto"}), "disable_parallel_tool_use": True}
@@ -5023,6 +5067,46 @@ def _options_to_anthropic(options: ChatOptions, body: dict[str, Any], schema: bo
         elif choice["type"] not in ("auto", "none"):
             left_out.append("tool_choice")
     return left_out
+
+
+# Which Claude models think how (the adaptive-thinking and extended-thinking guides):
+# adaptive thinking ({"type": "adaptive"} with output_config.effort) from Opus and
+# Sonnet 4.6 on; only adaptive, and never off, on Opus 4.7, Mythos and Fable; on by
+# default from the 5 generation; older models take a budget ({"type": "enabled",
+# "budget_tokens" >= 1024, below max_tokens}).
+_ADAPTIVE_ONLY_ANTHROPIC = re.compile(r"opus-4-7|mythos|fable")
+_MIN_BUDGET_ANTHROPIC = 1024
+_THINKING_MAX_TOKENS = 16000  # the default max_tokens with thinking: room for both
+
+
+def _claude_version(model: str) -> tuple[int, int]:
+    found = re.search(r"(?:opus|sonnet|haiku)-(\d+)(?:-(\d)(?!\d))?", model)
+    return (int(found.group(1)), int(found.group(2) or 0)) if found else (0, 0)
+
+
+def _thinking_to_anthropic(model: str, reasoning: bool | str | int
+                           ) -> tuple[dict[str, Any] | None, str | None, list[str]]:
+    """``(thinking, output_config effort, left out)`` for the reasoning knob: an effort
+    where the model thinks adaptively, a budget where it takes one."""
+    always = bool(_ADAPTIVE_ONLY_ANTHROPIC.search(model))
+    adaptive = always or _claude_version(model) >= (4, 6)
+    if reasoning is False:
+        if always:
+            return None, None, ["reasoning=False (this model always thinks)"]
+        return {"type": "disabled"}, None, []
+    if adaptive:
+        effort = None if reasoning is True else _effort(reasoning)
+        return {"type": "adaptive"}, effort, []
+    budget = _EFFORT_BUDGETS["medium"] if reasoning is True else (
+        _EFFORT_BUDGETS[reasoning] if isinstance(reasoning, str) else reasoning)
+    return {"type": "enabled", "budget_tokens": max(budget, _MIN_BUDGET_ANTHROPIC)}, None, []
+
+
+def _thinks_anthropic(model: str, thinking: Any) -> bool:
+    """Whether a request with this ``thinking`` field (``None``: none sent) thinks."""
+    if isinstance(thinking, dict):
+        return thinking.get("type") != "disabled"
+    return bool(_ADAPTIVE_ONLY_ANTHROPIC.search(model)) or _claude_version(model) >= (5, 0)
 
 
 def _usage_from_anthropic(usage: Any) -> Usage | None:
@@ -5043,10 +5127,26 @@ def _request_anthropic(call: _Call, messages: list[ChatMessage], stream: bool
                        ) -> tuple[dict[str, Any], list[str]]:
     """The Messages body, and the options it leaves out."""
     options, fmt = call.options, call.fmt
-    max_tokens = DEFAULT_MAX_TOKENS if options.max_tokens is None else options.max_tokens
+    thinking, effort, left_out = None, None, list[str]()
+    if options.reasoning is not None and "thinking" not in options.extra:
+        thinking, effort, left_out = _thinking_to_anthropic(call.model, options.reasoning)
+    thinks = _thinks_anthropic(call.model, options.extra.get("thinking", thinking))
+    max_tokens = options.max_tokens
+    if max_tokens is None:
+        budget = (thinking or {}).get("budget_tokens", 0)
+        max_tokens = max(_THINKING_MAX_TOKENS, budget + DEFAULT_MAX_TOKENS) if thinks else (
+            DEFAULT_MAX_TOKENS)
+    elif thinking and thinking.get("budget_tokens", 0) >= max_tokens:
+        thinking["budget_tokens"] = max(max_tokens - 1, _MIN_BUDGET_ANTHROPIC)
     body: dict[str, Any] = {"model": call.model, "max_tokens": max_tokens,
                             "messages": _messages_to_anthropic(messages)}
-    system = _system_to_anthropic(messages, [_JSON_INSTRUCTION] if fmt.kind == "json" else [])
+    added = [_JSON_INSTRUCTION] if fmt.kind == "json" else (
+        [_ANSWER_INSTRUCTION] if thinks and fmt.wire_schema is not None else [])
+    system = _system_to_anthropic(messages, added)
+    if thinking is not None:
+        body["thinking"] = thinking
+    if effort is not None:
+        body["output_config"] = {"effort": effort}
     if system is not None:
         body["system"] = system
     if stream:
@@ -5060,7 +5160,22 @@ def _request_anthropic(call: _Call, messages: list[ChatMessage], stream: bool
                            "input_schema": fmt.wire_schema})
     if wire_tools:
         body["tools"] = wire_tools
-    return body, _options_to_anthropic(options, body, fmt.wire_schema is not None)
+    return body, left_out + _options_to_anthropic(options, body, fmt.wire_schema is not None,
+                                                  thinks)
+
+
+# thinking blocks carry "thinking" and "signature" (the text is empty when the model
+# omits it, as Opus 4.7 and later do); redacted_thinking blocks carry encrypted "data".
+_THINKING_BLOCKS = ("thinking", "redacted_thinking")
+
+
+def _reasoning_from_anthropic(blocks: list[dict[str, Any]]
+                              ) -> tuple[str | None, dict[str, Any] | None]:
+    """The readable thinking, and the blocks to send back, in their order."""
+    if not blocks:
+        return None, None
+    text = "".join(b.get("thinking") or "" for b in blocks if b.get("type") == "thinking")
+    return text or None, {"provider": "anthropic", "blocks": blocks}
 
 
 def _reply_from_anthropic(body: Any, fmt: _ResponseFormat
@@ -5071,6 +5186,8 @@ def _reply_from_anthropic(body: Any, fmt: _ResponseFormat
     text = "".join(b.get("text", "") for b in blocks if b.get("type") == "text")
     uses = [b for b in blocks if b.get("type") == "tool_use"]
     reason = _finish_from_anthropic(body.get("stop_reason"))
+    reasoning, state = _reasoning_from_anthropic(
+        [b for b in blocks if b.get("type") in _THINKING_BLOCKS])
     answer = [b for b in uses if b.get("name") == _ANSWER_TOOL] if fmt.kind == "schema" else []
     if answer:
         text = json.dumps(answer[0].get("input") or {}, ensure_ascii=False)
@@ -5078,14 +5195,16 @@ def _reply_from_anthropic(body: Any, fmt: _ResponseFormat
         uses, reason = [], "stop"
     return (AssistantMessage(content=text,
                              tool_calls=convert_tool_calls_from_anthropic(uses) if uses else None,
-                             finish_reason=reason or ("tool_calls" if uses else "stop")),
+                             finish_reason=reason or ("tool_calls" if uses else "stop"),
+                             reasoning=reasoning, reasoning_state=state),
             _usage_from_anthropic(body.get("usage")))
 
 
 class _AnthropicStream(_StreamState):
-    """Messages events: ``message_start`` (input tokens), content blocks with text and
-    ``input_json_delta`` fragments, ``message_delta`` (stop reason, cumulative output
-    tokens), ``message_stop``; ``ping`` and unknown events are skipped."""
+    """Messages events: ``message_start`` (input tokens), content blocks with text,
+    thinking (``thinking_delta``, ``signature_delta``) and ``input_json_delta``
+    fragments, ``message_delta`` (stop reason, cumulative output tokens),
+    ``message_stop``; ``ping`` and unknown events are skipped."""
 
     def __init__(self, unwrap: Callable[[str], str] | None = None,
                  answer_tool: bool = False) -> None:
@@ -5093,15 +5212,24 @@ class _AnthropicStream(_StreamState):
         self._answer_tool = answer_tool
         self._answer_blocks: set[Any] = set()
         self._usage: dict[str, Any] = {}  # the latest of each count
+        self._thinking: dict[Any, list[Any]] = {}  # index -> [block, text pieces]
+        self._open_thinking: set[Any] = set()
 
     def feed(self, frames: list[bytes]) -> list[StreamChunk]:
         out: list[StreamChunk] = []
         for frame in frames:
             event = _json_frame(frame)
             kind = event.get("type") if isinstance(event, dict) else None
-            if kind == "ping" or kind is None:
+            if kind is None:
+                continue
+            if kind == "ping":
+                # A model that thinks without showing it (omitted thinking) sends only
+                # pings until its signature: alive, not stuck.
+                self.progress += bool(self._open_thinking)
                 continue
             self.progress += 1
+            if kind == "content_block_stop":
+                self._open_thinking.discard(event.get("index"))
             if kind == "content_block_delta":
                 self._delta(out, event.get("index"), event.get("delta") or {})
             elif kind == "content_block_start":
@@ -5117,7 +5245,13 @@ class _AnthropicStream(_StreamState):
         return out
 
     def _start(self, out: list[StreamChunk], index: Any, block: dict[str, Any]) -> None:
-        if block.get("type") == "text" and block.get("text"):
+        if block.get("type") in _THINKING_BLOCKS:
+            self._thinking[index] = [dict(block), []]
+            self._open_thinking.add(index)
+            if block.get("thinking"):
+                self._thinking[index][1].append(block["thinking"])
+                self._think(out, block["thinking"])
+        elif block.get("type") == "text" and block.get("text"):
             self._text(out, block["text"])
         elif block.get("type") == "tool_use":
             if self._answer_tool and block.get("name") == _ANSWER_TOOL:
@@ -5129,6 +5263,12 @@ class _AnthropicStream(_StreamState):
         kind = delta.get("type")
         if kind == "text_delta" and delta.get("text"):
             self._text(out, delta["text"])
+        elif kind == "thinking_delta" and index in self._thinking:
+            self._thinking[index][1].append(delta.get("thinking") or "")
+            self._think(out, delta.get("thinking") or "")
+        elif kind == "signature_delta" and index in self._thinking:
+            block = self._thinking[index][0]
+            block["signature"] = block.get("signature", "") + (delta.get("signature") or "")
         elif kind == "input_json_delta":
             if index in self._answer_blocks:
                 self._text(out, delta.get("partial_json") or "")
@@ -5142,6 +5282,15 @@ class _AnthropicStream(_StreamState):
             if self._answer_blocks and reason == "tool_use":
                 self.reason = "stop"
         self._count(event.get("usage"))
+
+    def finish(self) -> list[StreamChunk]:
+        blocks = []
+        for block, pieces in self._thinking.values():
+            if block.get("type") == "thinking":
+                block["thinking"] = "".join(pieces)
+            blocks.append(block)
+        self.state = _reasoning_from_anthropic(blocks)[1]
+        return super().finish()
 
     def _count(self, usage: Any) -> None:
         # Counts are cumulative: the latest replaces, never adds. message_start has the
@@ -5632,10 +5781,10 @@ class OllamaClient(_HTTPClient):
         super()._merge_extra(body, {k: v for k, v in extra.items() if not inside(k)})
 
     def _parse(self, body: Any, fmt: _ResponseFormat) -> tuple[AssistantMessage, Usage | None]:
-        return _reply_from_ollama(body, fmt)
+        return _reply_from_ollama(body, fmt, self.split_think)
 
     def _stream_state(self, fmt: _ResponseFormat) -> _StreamState:
-        return _OllamaStream()
+        return _OllamaStream(split_think=self.split_think)
 
     def list_models(self) -> list[ModelName]:
         """``GET /api/tags``: the models pulled on this host, as ``ollama list`` shows."""
@@ -5840,9 +5989,10 @@ class Model:
     """A model on a client: ``chat``, ``stream`` and usage tracking.
 
     The model's defaults for every call are ``temperature`` and ``extra_kwargs``
-    (casual-llm 0.5), ``default_options`` (a ``ChatOptions``, 0.7) and
-    ``system_message_handling`` (0.8); a call's own settings, as keywords or
-    ``options=``, win over them. ``get_usage()`` is the last call's usage
+    (casual-llm 0.5), ``default_options`` (a ``ChatOptions``, 0.7),
+    ``system_message_handling`` (0.8) and ``reasoning`` (how hard a reasoning model
+    thinks, see ``ChatOptions``); a call's own settings, as keywords or ``options=``,
+    win over them. ``get_usage()`` is the last call's usage
     (streams and embeddings included) and ``total_usage`` the sum over every call.
     ``chat_sync``, ``stream_sync`` and ``embed_sync`` are the blocking faces for
     scripts and notebooks.
@@ -5851,7 +6001,8 @@ class Model:
     def __init__(self, client: LLMClient, name: str, temperature: float | None = None,
                  extra_kwargs: dict[str, Any] | None = None, *,
                  default_options: ChatOptions | None = None,
-                 system_message_handling: Literal["passthrough", "merge"] | None = None) -> None:
+                 system_message_handling: Literal["passthrough", "merge"] | None = None,
+                 reasoning: bool | Literal["low", "medium", "high"] | int | None = None) -> None:
         if isinstance(temperature, ChatOptions) and default_options is None:
             temperature, default_options = None, temperature  # 0.7: Model(client, name, options)
         if not (hasattr(client, "_chat") and hasattr(client, "_stream")):
@@ -5865,7 +6016,10 @@ class Model:
         if system_message_handling is not None:
             _check_choice("Model", "system_message_handling", system_message_handling,
                           _SYSTEM_HANDLINGS)
+        if reasoning is not None:
+            _check_reasoning("Model", "reasoning", reasoning)
         self._client = client
+        self.reasoning = reasoning
         self.name = name
         self.temperature = temperature
         self.extra_kwargs: dict[str, Any] = dict(extra_kwargs or {})
@@ -5904,9 +6058,11 @@ class Model:
         if options is not None and not isinstance(options, ChatOptions):
             _fail("Model", "options", "a ChatOptions or None", options)
         model = None
-        if self.temperature is not None or self.extra_kwargs or self.system_message_handling:
+        if (self.temperature is not None or self.extra_kwargs or self.system_message_handling
+                or self.reasoning is not None):
             model = {"temperature": self.temperature, "extra": self.extra_kwargs,
-                     "system_message_handling": self.system_message_handling}
+                     "system_message_handling": self.system_message_handling,
+                     "reasoning": self.reasoning}
         layer = getattr(self._client, "_layer", None)
         keywords = {"response_format": response_format, "max_tokens": max_tokens,
                     "tools": tools, "temperature": temperature, "extra": extra}
