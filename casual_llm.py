@@ -742,7 +742,8 @@ def _arguments_object(function: AssistantToolCallFunction) -> dict[str, Any]:
 # Thinking that local servers leave in the content (llama.cpp with --reasoning-format
 # none, several LM Studio models; Magistral writes [THINK]).
 _THINK_TAGS = (("<think>", "</think>"), ("<thinking>", "</thinking>"),
-               ("<thought>", "</thought>"), ("<reasoning>", "</reasoning>"), ("[THINK]", "[/THINK]"))
+               ("<thought>", "</thought>"), ("<reasoning>", "</reasoning>"),
+               ("[THINK]", "[/THINK]"))
 
 
 def _split_think(text: str) -> tuple[str | None, str]:
@@ -6019,7 +6020,7 @@ class Model:
         if reasoning is not None:
             _check_reasoning("Model", "reasoning", reasoning)
         self._client = client
-        self.reasoning = reasoning
+        self.reasoning: bool | str | int | None = reasoning
         self.name = name
         self.temperature = temperature
         self.extra_kwargs: dict[str, Any] = dict(extra_kwargs or {})
@@ -6487,6 +6488,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                        help="attach an image (repeatable; - reads it from stdin)")
     group.add_argument("-f", "--file", dest="files", action="append", default=[],
                        metavar="FILE", help="inline a text file into the prompt (repeatable)")
+    group.add_argument("--reasoning", type=_reasoning_level, metavar="LEVEL",
+                       help="how hard a reasoning model thinks: low, medium, high, a token "
+                            "budget, on or off (the model's default otherwise)")
     group.add_argument("-t", "--temperature", type=_at_least(float, 0), metavar="T",
                        help="sampling temperature (the provider's default otherwise)")
     group.add_argument("--max-tokens", type=_at_least(int, 1), metavar="N",
@@ -6512,8 +6516,11 @@ def _output_options(group: argparse._ArgumentGroup) -> None:
                        help="print the reply when it is complete")
     group.add_argument("-u", "--usage", action="store_true",
                        help="print token usage (this reply and the session) to stderr")
+    group.add_argument("-R", "--hide-reasoning", dest="show_reasoning", action="store_false",
+                       help="do not show the model's thinking (shown dimmed on stderr)")
     group.add_argument("--output-json", action="store_true",
-                       help="print one JSON record: model, content, finish_reason, usage")
+                       help="print one JSON record: model, content, reasoning, "
+                            "finish_reason, usage")
     group.add_argument("-i", "--interactive", action="store_true",
                        help="continue as a chat after the first answer; turns come from stdin")
 
@@ -6539,6 +6546,20 @@ def _at_least(kind: type[int | float], minimum: float) -> Callable[[str], float]
         return value
     parse.__name__ = kind.__name__
     return parse
+
+
+def _reasoning_level(text: str) -> bool | str | int:
+    """``--reasoning``: an effort, a token budget, ``on`` or ``off``."""
+    value = text.strip().lower()
+    if value in _EFFORTS:
+        return value
+    if value in ("on", "off"):
+        return value == "on"
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    import argparse
+    raise argparse.ArgumentTypeError(f"expected low, medium, high, a token budget, on or off, "
+                                     f"got {text!r}")
 
 
 def _option(text: str) -> tuple[str, Any]:
@@ -6615,7 +6636,7 @@ def _connect(target: _Target, opts: argparse.Namespace) -> tuple[_HTTPClient, Mo
                           ca_bundle=opts.ca_bundle)
     client = _CLIENT_BUILDERS[target.provider](config)
     model = Model(client, target.model, temperature=opts.temperature,
-                  extra_kwargs=dict(opts.options))
+                  extra_kwargs=dict(opts.options), reasoning=opts.reasoning)
     return client, model
 
 
@@ -6791,6 +6812,8 @@ class _Session:
         reply = self._answer(user)
         if self.opts.output_json:
             record: dict[str, Any] = {"model": str(self.target), "content": reply.content}
+            if reply.reasoning:
+                record["reasoning"] = reply.reasoning
             if self.format != "text":
                 record["parsed"] = reply.parsed
             record["finish_reason"] = reply.finish_reason
@@ -6812,7 +6835,10 @@ class _Session:
         if self.last_usage is not None:
             self.total = self.total + self.last_usage
         if reply.finish_reason == "length":
-            self._note("(the reply stopped at the token limit; see --max-tokens)")
+            self._note("(the reply stopped at the token limit while thinking, before any "
+                       "answer; raise --max-tokens)" if reply.reasoning and not (
+                           reply.content or reply.tool_calls) else
+                       "(the reply stopped at the token limit; see --max-tokens)")
         if self.opts.usage:
             self._note(f"usage: {_usage_text(self.last_usage)}; "
                        f"session: {_usage_text(self.total)}")
@@ -6824,18 +6850,25 @@ class _Session:
             reply = self.model.chat_sync(messages, response_format=self.format,
                                          max_tokens=max_tokens)
             if not self.opts.output_json:
+                if reply.reasoning:
+                    self._thinking(reply.reasoning, end=True)
                 text = ((reply.content or "") if self.format == "text" else
                         json.dumps(reply.parsed, ensure_ascii=False, indent=2))
                 self._write(text if text.endswith("\n") else text + "\n")
             return reply
         chunks = self.model.stream_sync(messages, max_tokens=max_tokens)
-        reason = None
+        final = None
+        thinking = False  # thinking shown, not yet ended by a line break
         try:
             for chunk in chunks:
+                if chunk.reasoning:
+                    thinking = self._thinking(chunk.reasoning)
                 if chunk.content:
+                    if thinking:
+                        thinking = self._thinking("", end=True)
                     pieces.append(chunk.content)
                     self._write(chunk.content)
-                reason = chunk.finish_reason or reason
+                final = chunk.message or final
         except BaseException:
             if pieces and not pieces[-1].endswith("\n"):
                 self._write("\n")
@@ -6844,9 +6877,23 @@ class _Session:
             close = getattr(chunks, "close", None)  # a Ctrl-C between chunks: close the socket
             if close is not None:
                 close()
+            if thinking:
+                self._thinking("", end=True)
         if not pieces or not pieces[-1].endswith("\n"):
             self._write("\n")
-        return AssistantMessage(content="".join(pieces), finish_reason=reason)
+        return final or AssistantMessage(content="".join(pieces))
+
+    def _thinking(self, text: str, end: bool = False) -> bool:
+        """Show thinking, dimmed, on stderr (stdout carries only the answer); returns
+        whether a line is left open."""
+        if not self.opts.show_reasoning:
+            return False
+        if text:
+            self.err.write(self._paint("2", text, self.err))
+        if end:
+            self.err.write("\n")
+        self.err.flush()
+        return not end
 
     def _dry_run(self, user: UserMessage) -> int:
         # Model._call is what chat and stream hand the client, merged and checked.
@@ -7040,6 +7087,19 @@ class _Session:
         self._note(f"last reply: {_usage_text(self.last_usage)}\n"
                    f"session:    {_usage_text(self.total)}")
 
+    def _cmd_reasoning(self, arg: str) -> None:
+        """show or hide the thinking; with LEVEL, set how hard the model thinks"""
+        if not arg:
+            self.opts.show_reasoning = not self.opts.show_reasoning
+            self._note(f"thinking {'shown' if self.opts.show_reasoning else 'hidden'}")
+            return
+        try:
+            self.model.reasoning = self.opts.reasoning = _reasoning_level(arg)
+        except Exception:
+            raise ValueError(f"/reasoning takes low, medium, high, a token budget, on or "
+                             f"off, got {arg!r}") from None
+        self._note(f"reasoning: {arg.strip().lower()}")
+
     def _cmd_save(self, arg: str) -> None:
         """save the conversation as JSON"""
         if not arg:
@@ -7078,6 +7138,7 @@ _CHAT_COMMANDS: dict[str, tuple[Callable[[_Session, str], None], str]] = {
     "/attach": (_Session._cmd_attach, "PATH|URL"),
     "/retry": (_Session._cmd_retry, ""),
     "/usage": (_Session._cmd_usage, ""),
+    "/reasoning": (_Session._cmd_reasoning, "[LEVEL]"),
     "/save": (_Session._cmd_save, "FILE"),
     "/load": (_Session._cmd_load, "FILE"),
 }
