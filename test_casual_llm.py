@@ -3785,6 +3785,607 @@ def self_signed_certificate(folder):
     return cert, key
 
 
+# --- Reasoning models (the reasoning issue) -----------------------------------------------
+# Fixtures name their source. OpenAI-compatible: DeepSeek's reasoning_content (its
+# "Thinking Mode" guide: passed back on tool-call turns, else a 400), vLLM's reasoning
+# (docs/features/reasoning_outputs.md: renamed from reasoning_content), OpenRouter's
+# reasoning_details (its "Reasoning Tokens" guide: sent back unmodified). Anthropic:
+# thinking blocks with signature and redacted_thinking blocks with data, thinking_delta
+# and signature_delta events (extended-thinking guide; anthropic-sdk-python
+# types/thinking_block.py, redacted_thinking_block.py, signature_delta.py). Ollama:
+# message.thinking in replies and stream chunks, taken back on assistant messages
+# (docs/capabilities/thinking.mdx).
+
+_WEATHER_TOOL = Tool(name="get_weather", description="Weather", parameters={
+    "city": ToolParameter(type="string")}, required=["city"])
+
+
+def openai_thinking_body(reasoning, text, calls=(), field="reasoning_content", details=None):
+    message = {"role": "assistant", "content": text, field: reasoning}
+    if details is not None:
+        message["reasoning_details"] = details
+    if calls:
+        message["tool_calls"] = [{"id": i, "type": "function", "function": {
+            "name": n, "arguments": _dumps(a)}} for i, n, a in calls]
+    return {"id": _OPENAI_ID, "object": "chat.completion", "created": _OPENAI_CREATED,
+            "model": "m", "choices": [{"index": 0, "message": message,
+                                        "finish_reason": "tool_calls" if calls else "stop"}],
+            "usage": {"prompt_tokens": 9, "completion_tokens": 7, "total_tokens": 16,
+                      "completion_tokens_details": {"reasoning_tokens": 4}}}
+
+
+def openai_thinking_reply(reasoning, text, calls=(), **kw):
+    return _reply(200, _dumps(openai_thinking_body(reasoning, text, calls, **kw)).encode(),
+                  "application/json")
+
+
+def openai_thinking_stream(reasoning, pieces, calls=(), field="reasoning_content",
+                           details=None):
+    def chunk(delta, reason=None):
+        return sse_frame({"id": _OPENAI_ID, "object": "chat.completion.chunk",
+                          "created": _OPENAI_CREATED, "model": "m", "choices": [
+                              {"index": 0, "delta": delta, "finish_reason": reason}]})
+    frames = [chunk({"role": "assistant", "content": ""})]
+    frames += [chunk({field: piece}) for piece in reasoning]
+    for detail in details or ():
+        frames.append(chunk({"reasoning_details": [detail]}))
+    frames += [chunk({"content": piece}) for piece in pieces]
+    for index, (i, n, a) in enumerate(calls):
+        frames.append(chunk({"tool_calls": [{"index": index, "id": i, "type": "function",
+                                             "function": {"name": n, "arguments": _dumps(a)}}]}))
+    frames.append(chunk({}, "tool_calls" if calls else "stop"))
+    frames.append(sse_frame({"id": _OPENAI_ID, "object": "chat.completion.chunk", "choices": [],
+                             "usage": {"prompt_tokens": 9, "completion_tokens": 7,
+                                       "completion_tokens_details": {"reasoning_tokens": 4}}}))
+    frames.append(sse_frame("[DONE]"))
+    return _reply(200, frames, "text/event-stream", stream=True)
+
+
+def anthropic_thinking_blocks(thoughts, redacted=()):
+    blocks = [{"type": "thinking", "thinking": t, "signature": f"sig-{len(t)}-{t[:6]}"}
+              for t in thoughts]
+    return blocks + [{"type": "redacted_thinking", "data": d} for d in redacted]
+
+
+def anthropic_thinking_reply(thoughts, text, uses=(), redacted=(), stop_reason=None):
+    content = anthropic_thinking_blocks(thoughts, redacted)
+    content += [{"type": "text", "text": text}] if text else []
+    content += [{"type": "tool_use", "id": i, "name": n, "input": a} for i, n, a in uses]
+    body = {"id": _ANTHROPIC_ID, "type": "message", "role": "assistant", "model": "claude-x",
+            "content": content, "stop_reason": stop_reason or (
+                "tool_use" if uses else "end_turn"), "stop_sequence": None,
+            "usage": {"input_tokens": 9, "output_tokens": 7}}
+    return _reply(200, _dumps(body).encode(), "application/json")
+
+
+def anthropic_thinking_stream(thoughts, pieces, uses=(), redacted=(), pings=0):
+    ev = _anthropic_event
+    frames = [ev({"type": "message_start", "message": {
+        "id": _ANTHROPIC_ID, "type": "message", "role": "assistant", "model": "claude-x",
+        "content": [], "stop_reason": None, "stop_sequence": None,
+        "usage": {"input_tokens": 9, "output_tokens": 1}}})]
+    index = 0
+    for block in anthropic_thinking_blocks(thoughts, redacted):
+        if block["type"] == "thinking":
+            frames.append(ev({"type": "content_block_start", "index": index,
+                              "content_block": {"type": "thinking", "thinking": ""}}))
+            frames += [ev({"type": "ping"})] * pings
+            text = block["thinking"]
+            for part in (text[:len(text) // 2], text[len(text) // 2:]):
+                frames.append(ev({"type": "content_block_delta", "index": index,
+                                  "delta": {"type": "thinking_delta", "thinking": part}}))
+            frames.append(ev({"type": "content_block_delta", "index": index, "delta": {
+                "type": "signature_delta", "signature": block["signature"]}}))
+        else:
+            frames.append(ev({"type": "content_block_start", "index": index,
+                              "content_block": block}))
+        frames.append(ev({"type": "content_block_stop", "index": index}))
+        index += 1
+    if pieces:
+        frames.append(ev({"type": "content_block_start", "index": index,
+                          "content_block": {"type": "text", "text": ""}}))
+        frames += [ev({"type": "content_block_delta", "index": index,
+                       "delta": {"type": "text_delta", "text": p}}) for p in pieces]
+        frames.append(ev({"type": "content_block_stop", "index": index}))
+        index += 1
+    for i, n, a in uses:
+        frames.append(ev({"type": "content_block_start", "index": index, "content_block": {
+            "type": "tool_use", "id": i, "name": n, "input": {}}}))
+        frames.append(ev({"type": "content_block_delta", "index": index, "delta": {
+            "type": "input_json_delta", "partial_json": _dumps(a)}}))
+        frames.append(ev({"type": "content_block_stop", "index": index}))
+        index += 1
+    frames.append(ev({"type": "message_delta", "delta": {
+        "stop_reason": "tool_use" if uses else "end_turn", "stop_sequence": None},
+        "usage": {"output_tokens": 7}}))
+    frames.append(ev({"type": "message_stop"}))
+    return _reply(200, frames, "text/event-stream", stream=True)
+
+
+def ollama_thinking_reply(thinking, text, calls=()):
+    body = _ollama_done("qwen3", text, [(i, n, a) for i, n, a in calls], "stop", (9, 7))
+    body["message"]["thinking"] = thinking
+    return _reply(200, _go_dumps(body).encode(), "application/json; charset=utf-8")
+
+
+def ollama_thinking_stream(thinking, pieces, calls=()):
+    def partial(message):
+        return ndjson_frame({"model": "qwen3", "created_at": _OLLAMA_CREATED_AT,
+                             "message": {"role": "assistant", "content": "", **message},
+                             "done": False})
+    frames = [partial({"thinking": t}) for t in thinking]
+    frames += [partial({"content": p}) for p in pieces]
+    if calls:
+        frames.append(partial(_ollama_message("", list(calls))))
+    frames.append(ndjson_frame(_ollama_done("qwen3", "", None, "stop", (9, 7))))
+    return _reply(200, frames, "application/x-ndjson", stream=True)
+
+
+# The documented rules, enforced: a reply callable that answers the provider's 400 when a
+# request breaks one, else the scripted reply.
+
+def anthropic_rules(reply):
+    """Thinking on (requested, or the model's default): no forced tool choice, no
+    temperature but 1; the final assistant turn, when it used a tool, starts with a
+    thinking block; every thinking block comes back as issued (its signature checks)."""
+    def answer(recorded):
+        body = recorded.json
+        if (body.get("thinking") or {}).get("type") not in ("enabled", "adaptive"):
+            return reply
+        def refuse(message):
+            return anthropic_error(400, "invalid_request_error", message)
+        if (body.get("tool_choice") or {}).get("type") in ("any", "tool"):
+            return refuse("Thinking may not be enabled when tool_choice forces tool use.")
+        if body.get("temperature", 1) != 1:
+            return refuse("`temperature` may only be set to 1 when thinking is enabled.")
+        turns = [(i, m) for i, m in enumerate(body["messages"]) if m["role"] == "assistant"]
+        if turns:
+            i, last = turns[-1]
+            if any(b["type"] == "tool_use" for b in last["content"]) and last["content"][0][
+                    "type"] not in ("thinking", "redacted_thinking"):
+                return refuse(f"messages.{i}.content.0.type: Expected `thinking` or "
+                              "`redacted_thinking`, but found `tool_use`. When `thinking` is "
+                              "enabled, a final `assistant` message must start with a "
+                              "thinking block")
+        for _, turn in turns:
+            for block in turn["content"]:
+                if block["type"] == "thinking" and block["signature"] != (
+                        f"sig-{len(block['thinking'])}-{block['thinking'][:6]}"):
+                    return refuse("Invalid `signature` in `thinking` block")
+        return reply
+    return answer
+
+
+def deepseek_rules(reply):
+    """Thinking mode: a tool-call turn's reasoning_content comes back."""
+    def answer(recorded):
+        for message in recorded.json["messages"]:
+            if message["role"] == "assistant" and message.get("tool_calls") and not message.get(
+                    "reasoning_content"):
+                return openai_error(400, 'The "reasoning_content" in the thinking mode must be '
+                                         "passed back to the API.")
+        return reply
+    return answer
+
+
+def ollama_rules(reply):
+    """Each assistant turn's thinking comes back as message.thinking."""
+    def answer(recorded):
+        for message in recorded.json["messages"]:
+            if message["role"] == "assistant" and not message.get("thinking"):
+                return ollama_error(400, "assistant thinking missing")
+        return reply
+    return answer
+
+
+_PARIS = ("call_1", "get_weather", {"city": "Paris"})
+_ROME = ("call_2", "get_weather", {"city": "Rome"})
+# (thinking pieces, text pieces, tool calls, redacted data) of the loop's three turns
+_LOOP_TURNS = ((["Paris ", "first."], [], [_PARIS], ["cmVk"]),
+               (["Now ", "Rome."], ["Checking Rome."], [_ROME], []),
+               (["Compare."], ["Rome is ", "warmer."], [], []))
+
+
+def _loop_script(provider, stream):
+    """The three replies, each behind its provider's rules (Ollama's first turn has no
+    earlier assistant turn to check)."""
+    out = []
+    for thinking, pieces, calls, redacted in _LOOP_TURNS:
+        if provider == "anthropic":
+            reply = (anthropic_thinking_stream(["".join(thinking)], pieces, calls, redacted)
+                     if stream else anthropic_thinking_reply(["".join(thinking)],
+                                                             "".join(pieces), calls, redacted))
+            out.append(anthropic_rules(reply))
+        elif provider == "openai":
+            reply = (openai_thinking_stream(thinking, pieces, calls) if stream else
+                     openai_thinking_reply("".join(thinking), "".join(pieces), calls))
+            out.append(deepseek_rules(reply))
+        else:
+            reply = (ollama_thinking_stream(thinking, pieces, calls) if stream else
+                     ollama_thinking_reply("".join(thinking), "".join(pieces), calls))
+            out.append(ollama_rules(reply) if out else reply)
+    return out
+
+
+class TestReasoningLoop(ServerTest):
+    """The README's tool loop, three turns, against fakes that enforce each provider's
+    rule for thinking: on every provider, chat and stream, with and without a JSON round
+    trip of the conversation between turns."""
+
+    def client(self, provider):
+        return {"openai": lambda: OpenAIClient(base_url=self.fp.url + "/v1"),
+                "anthropic": lambda: AnthropicClient(base_url=self.fp.url, api_key="sk-t"),
+                "ollama": lambda: OllamaClient(host=self.fp.url)}[provider]()
+
+    def loop(self, model, stream, round_trip):
+        messages = [UserMessage(content="Is it warmer in Paris or in Rome?")]
+        for _ in range(5):
+            if stream:
+                reply = list(model.stream_sync(messages, tools=[_WEATHER_TOOL]))[-1].message
+            else:
+                reply = model.chat_sync(messages, tools=[_WEATHER_TOOL])
+            messages.append(reply)
+            if not reply.tool_calls:
+                break
+            for call in reply.tool_calls:
+                messages.append(ToolResultMessage(name=call.function.name,
+                                                  tool_call_id=call.id, content="21"))
+            if round_trip:
+                messages = [message_from_dict(json.loads(json.dumps(m.to_dict())))
+                            for m in messages]
+        return reply, messages
+
+    def test_three_turns_everywhere(self):
+        """Every turn's reasoning state goes back as its provider requires."""
+        for provider in ("anthropic", "openai", "ollama"):
+            for stream in (False, True):
+                for round_trip in (False, True):
+                    with self.subTest(provider=provider, stream=stream, round_trip=round_trip):
+                        self.fp.requests.clear()
+                        self.fp._queue.clear()
+                        self.fp.add(*_loop_script(provider, stream))
+                        model = Model(self.client(provider), "claude-opus-4-5", reasoning="low")
+                        reply, messages = self.loop(model, stream, round_trip)
+                        self.assertEqual(reply.content, "Rome is warmer.")
+                        self.assertEqual(reply.reasoning, "Compare.")
+                        self.assertEqual(len(self.fp.requests), 3)
+                        self.assertEqual(len(messages), 6)
+
+    def test_without_the_state_the_rules_refuse(self):
+        """The fakes do enforce: a tool-call turn sent back without its thinking is a 400."""
+        for provider, rules, reply in (
+                ("anthropic", anthropic_rules, anthropic_thinking_reply(["x"], "ok")),
+                ("openai", deepseek_rules, openai_thinking_reply("x", "ok"))):
+            with self.subTest(provider=provider):
+                self.fp.add(rules(reply))
+                bare = AssistantMessage(tool_calls=[AssistantToolCall(
+                    id="call_1", function=AssistantToolCallFunction(name="get_weather",
+                                                                    arguments="{}"))])
+                messages = [UserMessage(content="hi"), bare,
+                            ToolResultMessage(name="get_weather", tool_call_id="call_1",
+                                              content="21")]
+                model = Model(self.client(provider), "m", reasoning="low")
+                with self.assertRaisesRegex(BadRequestError, "thinking|reasoning_content"):
+                    model.chat_sync(messages, tools=[_WEATHER_TOOL])
+
+    def test_schema_with_thinking_does_not_force_a_tool(self):
+        """Anthropic with thinking: the answer tool is offered, not forced; an answer in
+        the tool or as text both parse."""
+        answer_use = ("toolu_1", "structured_answer", {"x": 1, "y": 2})
+        self.fp.add(anthropic_rules(anthropic_thinking_reply(["Plan."], None, [answer_use])),
+                    anthropic_rules(anthropic_thinking_reply(["Plan."], '{"x": 3, "y": 4}')))
+        model = Model(self.client("anthropic"), "claude-sonnet-4-5", reasoning=4000)
+        first = model.chat_sync([UserMessage(content="a point")], response_format=Point)
+        second = model.chat_sync([UserMessage(content="a point")], response_format=Point)
+        self.assertEqual((first.parsed, second.parsed), (Point(x=1, y=2), Point(x=3, y=4)))
+        body = self.fp.requests[0].json
+        self.assertEqual(body["tool_choice"], {"type": "auto"})
+        self.assertEqual(body["thinking"], {"type": "enabled", "budget_tokens": 4000})
+        self.assertIn("structured_answer", json.dumps(body["system"]))
+
+
+class TestReasoningWire(ServerTest):
+    """Golden wire tables: a reply with reasoning and a tool call, the AssistantMessage it
+    becomes, and the next request body, byte for byte."""
+
+    def next_body(self, client, messages):
+        call = casual_llm._new_call("test", "m", messages, ())
+        return client._build_request(call, stream=False).body
+
+    def exchange(self, client, reply):
+        self.fp.add(reply)
+        message = Model(client, "m").chat_sync([UserMessage(content="hi")])
+        return message, self.next_body(client, [
+            UserMessage(content="hi"), message,
+            ToolResultMessage(name="get_weather", tool_call_id="call_1", content="21")])
+
+    def test_anthropic(self):
+        """Thinking and redacted blocks, signatures included, lead the next assistant turn."""
+        client = AnthropicClient(base_url=self.fp.url, api_key="sk-t")
+        message, body = self.exchange(client, anthropic_thinking_reply(
+            ["Let me think.", "More."], "", [_PARIS], redacted=["ZW5jcnlwdGVk"]))
+        self.assertEqual((message.reasoning, message.content), ("Let me think.More.", ""))
+        blocks = anthropic_thinking_blocks(["Let me think.", "More."], ["ZW5jcnlwdGVk"])
+        self.assertEqual(message.reasoning_state, {"provider": "anthropic", "blocks": blocks})
+        expected = {"model": "m", "max_tokens": 4096, "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+            {"role": "assistant", "content": [*blocks, {
+                "type": "tool_use", "id": "call_1", "name": "get_weather",
+                "input": {"city": "Paris"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1",
+                                          "content": "21"}]}]}
+        self.assertEqual(body, json.dumps(expected, ensure_ascii=False,
+                                          separators=(",", ":")).encode())
+
+    def test_deepseek_and_vllm(self):
+        """reasoning_content (DeepSeek, llama.cpp) and reasoning (vLLM) come back under the
+        name they came in; api.openai.com gets neither."""
+        for field in ("reasoning_content", "reasoning"):
+            with self.subTest(field=field):
+                client = OpenAIClient(base_url=self.fp.url + "/v1")
+                message, body = self.exchange(client, openai_thinking_reply(
+                    "Think.", None, [_PARIS], field=field))
+                self.assertEqual(message.reasoning, "Think.")
+                self.assertEqual(message.reasoning_state, {"provider": "openai", "field": field})
+                self.assertEqual(json.loads(body)["messages"][1], {
+                    "role": "assistant", "content": "", field: "Think.", "tool_calls": [
+                        {"id": "call_1", "type": "function", "function": {
+                            "name": "get_weather", "arguments": '{"city":"Paris"}'}}]})
+        official = OpenAIClient(api_key="sk-x")
+        self.assertNotIn(b"Think.", self.next_body(official, [message]))
+
+    def test_openrouter_details(self):
+        """OpenRouter's reasoning_details go back unmodified, and only to the OpenAI wire."""
+        details = [{"type": "reasoning.encrypted", "data": "c2VjcmV0", "id": "r1",
+                    "format": "anthropic-claude-v1", "index": 0}]
+        client = OpenAIClient(base_url=self.fp.url + "/v1")
+        message, body = self.exchange(client, openai_thinking_reply(
+            "Plan.", None, [_PARIS], field="reasoning", details=details))
+        self.assertEqual(json.loads(body)["messages"][1]["reasoning_details"], details)
+        anthropic = AnthropicClient(base_url="http://127.0.0.1:9", api_key="k")
+        ollama = OllamaClient(host="http://127.0.0.1:9")
+        for other in (anthropic, ollama):
+            sent = self.next_body(other, [UserMessage(content="hi"), message])
+            self.assertNotIn(b"c2VjcmV0", sent)
+        self.assertIn(b'"thinking":"Plan."', self.next_body(ollama, [message]))
+
+    def test_claude_state_never_leaves_anthropic(self):
+        """A conversation moving from Claude to a local model carries the text only."""
+        client = AnthropicClient(base_url=self.fp.url, api_key="sk-t")
+        message, _ = self.exchange(client, anthropic_thinking_reply(
+            ["Secret plan."], "Hi", redacted=["cmVkYWN0ZWQ="]))
+        for other in (OpenAIClient(base_url="http://127.0.0.1:9/v1"),
+                      OllamaClient(host="http://127.0.0.1:9")):
+            sent = self.next_body(other, [UserMessage(content="hi"), message])
+            self.assertIn(b"Secret plan.", sent)
+            self.assertNotIn(b"sig-", sent)
+            self.assertNotIn(b"cmVkYWN0ZWQ=", sent)
+
+    def test_ollama(self):
+        """message.thinking comes in and goes back as thinking."""
+        client = OllamaClient(host=self.fp.url)
+        message, body = self.exchange(client, ollama_thinking_reply("Hmm.", "", [_PARIS]))
+        self.assertEqual(message.reasoning, "Hmm.")
+        self.assertEqual(json.loads(body)["messages"][1], {
+            "role": "assistant", "content": "", "thinking": "Hmm.", "tool_calls": [
+                {"id": "call_1", "function": {"name": "get_weather",
+                                              "arguments": {"city": "Paris"}}}]})
+
+    def test_replies_without_reasoning_are_unchanged(self):
+        """No reasoning, no new field: on the wire and in to_dict()."""
+        message = AssistantMessage(content="Hi", finish_reason="stop")
+        self.assertEqual(message.to_dict(), {"role": "assistant", "content": "Hi",
+                                             "tool_calls": None, "finish_reason": "stop"})
+        for client in (OpenAIClient(base_url="http://127.0.0.1:9/v1"),
+                       OllamaClient(host="http://127.0.0.1:9"),
+                       AnthropicClient(base_url="http://127.0.0.1:9", api_key="k")):
+            self.assertNotIn(b"think", self.next_body(client, [message]))
+            self.assertNotIn(b"reason", self.next_body(client, [message]))
+
+
+class TestReasoningKnob(unittest.TestCase):
+    """reasoning= per call and as a Model default, in each wire's documented form; raw
+    extras win over it."""
+
+    def body(self, client, model="m", **options):
+        model_ = Model(client, model)
+        call = model_._call([UserMessage(content="hi")], "text", None, None, None, None,
+                            options)
+        return client._dry_run(call.model, call.messages, call)["body"]
+
+    def test_openai_compatible(self):
+        """OpenAI: reasoning_effort; llama.cpp/vLLM: reasoning_effort, chat_template_kwargs,
+        the budget fields; OpenRouter: its reasoning object."""
+        official = OpenAIClient(api_key="sk-x")
+        local = OpenAIClient(base_url="http://127.0.0.1:9/v1")
+        router = OpenAIClient(base_url="https://openrouter.ai/api/v1", api_key="k")
+        table = [(official, "high", {"reasoning_effort": "high"}),
+                 (official, False, {"reasoning_effort": "none"}),
+                 (official, 3000, {"reasoning_effort": "medium"}),
+                 (local, "low", {"reasoning_effort": "low"}),
+                 (local, False, {"reasoning_effort": "none",
+                                 "chat_template_kwargs": {"enable_thinking": False}}),
+                 (local, 512, {"thinking_token_budget": 512, "reasoning_budget_tokens": 512}),
+                 (router, "high", {"reasoning": {"effort": "high"}}),
+                 (router, 2000, {"reasoning": {"max_tokens": 2000}}),
+                 (router, False, {"reasoning": {"enabled": False}})]
+        for client, value, expected in table:
+            with self.subTest(url=client.base_url, reasoning=value):
+                body = self.body(client, reasoning=value)
+                self.assertEqual({k: body[k] for k in expected}, expected)
+        raw = self.body(local, reasoning="high", reasoning_effort="medium")
+        self.assertEqual(raw["reasoning_effort"], "medium")
+
+    def test_anthropic(self):
+        """A budget where the model takes one, adaptive with an effort where it does not;
+        the options thinking refuses are left out; max_tokens leaves room."""
+        client = AnthropicClient(base_url="http://127.0.0.1:9", api_key="k")
+        old = self.body(client, "claude-sonnet-4-5", reasoning="high")
+        self.assertEqual((old["thinking"], old["max_tokens"]),
+                         ({"type": "enabled", "budget_tokens": 24576}, 24576 + 4096))
+        new = self.body(client, "claude-opus-4-6", reasoning="low")
+        self.assertEqual((new["thinking"], new["output_config"], new["max_tokens"]),
+                         ({"type": "adaptive"}, {"effort": "low"}, 16000))
+        self.assertEqual(self.body(client, "claude-sonnet-4-5", reasoning=False)["thinking"],
+                         {"type": "disabled"})
+        with self.assertLogs("casual_llm", "WARNING") as logs:
+            always = self.body(client, "claude-opus-4-7", reasoning=False, temperature=0.2,
+                               top_k=5, top_p=0.97)
+        self.assertNotIn("thinking", always)
+        self.assertEqual((always.get("temperature"), always.get("top_k"), always["top_p"]),
+                         (None, None, 0.97))
+        self.assertIn("temperature (with thinking on)", logs.output[0])
+        self.assertEqual(self.body(client, "claude-haiku-4-5")["max_tokens"], 4096)
+        self.assertEqual(self.body(client, "claude-sonnet-5")["max_tokens"], 16000)
+        capped = self.body(client, "claude-sonnet-4-5", reasoning=8000, max_tokens=5000)
+        self.assertEqual(capped["thinking"]["budget_tokens"], 4999)
+        raw = self.body(client, "claude-sonnet-4-5", reasoning="high",
+                        thinking={"type": "enabled", "budget_tokens": 2000})
+        self.assertEqual(raw["thinking"], {"type": "enabled", "budget_tokens": 2000})
+
+    def test_ollama(self):
+        """think: a level for gpt-oss, true or false elsewhere; no budget (a warning)."""
+        client = OllamaClient(host="http://127.0.0.1:9")
+        self.assertIs(self.body(client, "qwen3", reasoning="high")["think"], True)
+        self.assertEqual(self.body(client, "gpt-oss:20b", reasoning="high")["think"], "high")
+        self.assertIs(self.body(client, "qwen3", reasoning=False)["think"], False)
+        with self.assertLogs("casual_llm", "WARNING"):
+            self.assertIs(self.body(client, "qwen3", reasoning=2000)["think"], True)
+        self.assertEqual(self.body(client, "qwen3", reasoning=True, think="low")["think"], "low")
+
+    def test_model_default_and_checks(self):
+        """Model(reasoning=...) is a default a call overrides; bad values name the field."""
+        client = OllamaClient(host="http://127.0.0.1:9")
+        model = Model(client, "qwen3", reasoning=False)
+        call = model._call([UserMessage(content="x")], "text", None, None, None, None,
+                           {"reasoning": "low"})
+        self.assertEqual(call.options.reasoning, "low")
+        with self.assertRaisesRegex(ValidationError, "Model.reasoning"):
+            Model(client, "m", reasoning="max")
+        with self.assertRaisesRegex(ValidationError, "ChatOptions.reasoning"):
+            ChatOptions(reasoning=0)
+
+
+class TestReasoningStreams(ServerTest):
+    """Reasoning streams apart from the content, in order; the final chunk's message is
+    what chat() returns for the same reply."""
+
+    cases = {
+        "openai": (lambda url: OpenAIClient(base_url=url + "/v1"),
+                   lambda: openai_thinking_reply("Step one. Step two.", "Answer."),
+                   lambda: openai_thinking_stream(["Step one.", " Step two."], ["Ans", "wer."])),
+        "anthropic": (lambda url: AnthropicClient(base_url=url, api_key="k"),
+                      lambda: anthropic_thinking_reply(["Step one. Step two."], "Answer."),
+                      lambda: anthropic_thinking_stream(["Step one. Step two."],
+                                                        ["Ans", "wer."])),
+        "ollama": (lambda url: OllamaClient(host=url),
+                   lambda: ollama_thinking_reply("Step one. Step two.", "Answer."),
+                   lambda: ollama_thinking_stream(["Step one.", " Step two."],
+                                                  ["Ans", "wer."])),
+    }
+
+    def test_reasoning_then_content(self):
+        """Reasoning chunks first and never in content; the message matches chat()."""
+        for provider, (make, reply, stream) in self.cases.items():
+            with self.subTest(provider=provider):
+                self.fp.add(reply(), stream())
+                model = Model(make(self.fp.url), "m")
+                chatted = model.chat_sync([UserMessage(content="x")])
+                chunks = list(model.stream_sync([UserMessage(content="x")]))
+                thoughts = [c.reasoning for c in chunks if c.reasoning]
+                self.assertEqual("".join(thoughts), "Step one. Step two.")
+                self.assertTrue(all(c.content == "" for c in chunks if c.reasoning))
+                first_text = next(i for i, c in enumerate(chunks) if c.content)
+                self.assertTrue(all(not c.reasoning for c in chunks[first_text:]))
+                self.assertEqual("".join(c.content for c in chunks), "Answer.")
+                self.assertEqual(chunks[-1].message, chatted)
+                self.assertEqual(chunks[-1].message.reasoning, "Step one. Step two.")
+
+    def test_pings_while_thinking_are_alive(self):
+        """Omitted thinking: pings inside an open thinking block keep a stream alive past
+        the timeout; the signature-only block is kept with its empty text."""
+        reply = anthropic_thinking_stream([""], ["Done."], pings=4)
+        reply.frame_delay = 0.1
+        self.fp.add(reply)
+        model = Model(AnthropicClient(base_url=self.fp.url, api_key="k", timeout=0.25), "m")
+        final = list(model.stream_sync([UserMessage(content="x")]))[-1].message
+        self.assertEqual((final.content, final.reasoning), ("Done.", None))
+        self.assertEqual(final.reasoning_state["blocks"],
+                         [{"type": "thinking", "thinking": "", "signature": "sig-0-"}])
+
+
+class TestInlineThink(ServerTest):
+    """<think> blocks left in content are split off, in replies and streams; JSON parsing
+    skips them always; split_think=False keeps the content as sent."""
+
+    def test_reply_split_and_json(self):
+        """A JSON reply after a think block parses; the thinking is kept as reasoning."""
+        text = "<think>\nHmm, {not json}.\n</think>\n\n{\"a\": 1}"
+        self.fp.add(openai_reply(text), openai_reply(text), ollama_reply(text))
+        reply = Model(OpenAIClient(base_url=self.fp.url + "/v1"), "m").chat_sync(
+            [UserMessage(content="json")], response_format="json")
+        self.assertEqual((reply.parsed, reply.reasoning, reply.content),
+                         ({"a": 1}, "Hmm, {not json}.", '{"a": 1}'))
+        kept = Model(OpenAIClient(base_url=self.fp.url + "/v1", split_think=False),
+                     "m").chat_sync([UserMessage(content="json")], response_format="json")
+        self.assertEqual((kept.content, kept.reasoning, kept.parsed), (text, None, {"a": 1}))
+        ollama = Model(OllamaClient(host=self.fp.url), "m").chat_sync(
+            [UserMessage(content="json")], response_format="json")
+        self.assertEqual(ollama.parsed, {"a": 1})
+
+    def test_variants(self):
+        """<thinking>, [THINK], a reply that starts inside the block, one cut off in it."""
+        for text, expected in (("<thinking>a</thinking>b", ("a", "b")),
+                               ("[THINK]a[/THINK]b", ("a", "b")),
+                               ("a</think>\nb", ("a", "b")),
+                               ("<think>a", ("a", "")),
+                               ("plain <think>x</think>", (None, "plain <think>x</think>"))):
+            with self.subTest(text=text):
+                self.assertEqual(casual_llm._split_think(text), expected)
+
+    def test_stream_split(self):
+        """Tags cut across chunks: reasoning chunks, then content; as chat() splits it."""
+        pieces = ["<thi", "nk>Hm", "m, ok", "</th", "ink>\n", "{\"a\"", ": 1}"]
+        text = "".join(pieces)
+        self.fp.add(openai_stream(pieces), openai_reply(text))
+        model = Model(OpenAIClient(base_url=self.fp.url + "/v1"), "m")
+        chunks = list(model.stream_sync([UserMessage(content="x")]))
+        chatted = model.chat_sync([UserMessage(content="x")])
+        self.assertEqual("".join(c.reasoning or "" for c in chunks), "Hmm, ok")
+        self.assertEqual("".join(c.content for c in chunks), '{"a": 1}')
+        self.assertEqual(chunks[-1].message, chatted)
+
+
+class TestThinkingIsNotATimeout(ServerTest):
+    """A model that thinks silently before a non-streamed reply does not time out with the
+    default settings (scaled down here); an explicit reply_timeout still bounds it."""
+
+    def test_silent_thinking(self):
+        """Silent for longer than the default timeout: the reply still arrives."""
+        from unittest import mock
+        self.fp.add(replace(openai_thinking_reply("Long thought.", "42"), delay=0.6))
+        with mock.patch.object(casual_llm, "_DEFAULT_CLIENT_TIMEOUT", 0.2), \
+                mock.patch.object(casual_llm, "DEFAULT_REPLY_TIMEOUT", 5.0):
+            client = OpenAIClient(base_url=self.fp.url + "/v1", timeout=0.2)
+            reply = Model(client, "m").chat_sync([UserMessage(content="x")])
+        self.assertEqual((reply.content, reply.reasoning), ("42", "Long thought."))
+
+    def test_reply_timeout_bounds_it(self):
+        """reply_timeout is the longest a non-streamed reply may take."""
+        self.fp.add(replace(openai_reply("late"), delay=1))
+        client = OpenAIClient(base_url=self.fp.url + "/v1", reply_timeout=0.2)
+        with self.assertRaisesRegex(APITimeoutError, "0.2s"):
+            Model(client, "m").chat_sync([UserMessage(content="x")])
+
+    def test_length_inside_thinking(self):
+        """A reply that ends inside its thinking says "length"."""
+        self.fp.add(anthropic_thinking_reply(["Still thinking"], None, stop_reason="max_tokens"))
+        reply = Model(AnthropicClient(base_url=self.fp.url, api_key="k"), "m").chat_sync(
+            [UserMessage(content="x")])
+        self.assertEqual((reply.finish_reason, reply.content, reply.reasoning),
+                         ("length", "", "Still thinking"))
+
+
 class TestCancelWhileConnecting(unittest.TestCase):
     """A cancel frees the worker even while it is still connecting."""
 
