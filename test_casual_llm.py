@@ -4120,15 +4120,15 @@ class TestReasoningWire(ServerTest):
     def test_deepseek_and_vllm(self):
         """reasoning_content (DeepSeek, llama.cpp) and reasoning (vLLM) come back under the
         name they came in; api.openai.com gets neither."""
-        for field in ("reasoning_content", "reasoning"):
-            with self.subTest(field=field):
+        for name in ("reasoning_content", "reasoning"):
+            with self.subTest(field=name):
                 client = OpenAIClient(base_url=self.fp.url + "/v1")
                 message, body = self.exchange(client, openai_thinking_reply(
-                    "Think.", None, [_PARIS], field=field))
+                    "Think.", None, [_PARIS], field=name))
                 self.assertEqual(message.reasoning, "Think.")
-                self.assertEqual(message.reasoning_state, {"provider": "openai", "field": field})
+                self.assertEqual(message.reasoning_state, {"provider": "openai", "field": name})
                 self.assertEqual(json.loads(body)["messages"][1], {
-                    "role": "assistant", "content": "", field: "Think.", "tool_calls": [
+                    "role": "assistant", "content": "", name: "Think.", "tool_calls": [
                         {"id": "call_1", "type": "function", "function": {
                             "name": "get_weather", "arguments": '{"city":"Paris"}'}}]})
         official = OpenAIClient(api_key="sk-x")
