@@ -4386,6 +4386,72 @@ class TestThinkingIsNotATimeout(ServerTest):
                          ("length", "", "Still thinking"))
 
 
+@unittest.skipUnless(hasattr(os, "openpty"), "needs a pseudo-terminal")
+class TestReasoningCommandLine(ServerTest):
+    """The command line shows thinking dimmed on stderr (a terminal here), stdout only the
+    answer; -R hides it; --reasoning sets the knob; --output-json includes it."""
+
+    def run_cli(self, *args):
+        """Run ``python -m casual_llm`` with stderr on a pseudo-terminal, stdout a pipe."""
+        import pty
+        master, slave = pty.openpty()
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("CASUAL_LLM_", "OPENAI_", "ANTHROPIC_", "OLLAMA_"))
+               and k != "NO_COLOR"}
+        env.update(CASUAL_LLM_MODEL="openai:m", OPENAI_BASE_URL=self.fp.url + "/v1",
+                   NO_PROXY="*", no_proxy="*", TERM="xterm")
+        proc = subprocess.Popen([sys.executable, "-m", "casual_llm", *args], cwd=HERE, env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave)
+        os.close(slave)
+        err = b""
+        deadline = time.monotonic() + 20
+        with selectors.DefaultSelector() as sel:
+            sel.register(master, selectors.EVENT_READ)
+            while time.monotonic() < deadline:
+                if not sel.select(0.5):
+                    if proc.poll() is not None:
+                        break
+                    continue
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # the child closed the terminal
+                    break
+                if not data:
+                    break
+                err += data
+        os.close(master)
+        out = proc.stdout.read()
+        proc.stdout.close()
+        self.assertEqual(proc.wait(10), 0, err)
+        return out.decode(), err.decode()
+
+    def test_thinking_dimmed_on_stderr(self):
+        """Streamed thinking goes to stderr, dimmed; stdout carries only the answer."""
+        self.fp.add(openai_thinking_stream(["Step one.", " Step two."], ["The ", "answer."]))
+        out, err = self.run_cli("hi")
+        self.assertEqual(out, "The answer.\n")
+        self.assertIn("\x1b[2mStep one.\x1b[0m", err)
+        self.assertIn("Step two.", err)
+
+    def test_hidden_with_R(self):
+        """-R shows no thinking; --no-stream shows it (dimmed) before the answer."""
+        self.fp.add(openai_thinking_stream(["Step one."], ["Answer."]),
+                    openai_thinking_reply("Quiet thought.", "Answer."))
+        out, err = self.run_cli("-R", "hi")
+        self.assertEqual(out, "Answer.\n")
+        self.assertNotIn("Step one", err)
+        out, err = self.run_cli("--no-stream", "hi")
+        self.assertEqual(out, "Answer.\n")
+        self.assertIn("\x1b[2mQuiet thought.\x1b[0m", err)
+
+    def test_knob_and_output_json(self):
+        """--reasoning low sends reasoning_effort; --output-json carries the reasoning."""
+        self.fp.add(openai_thinking_reply("Thought.", "Answer."))
+        out, _ = self.run_cli("--reasoning", "low", "--output-json", "hi")
+        self.assertEqual(json.loads(out)["reasoning"], "Thought.")
+        self.assertEqual(self.fp.requests[0].json["reasoning_effort"], "low")
+
+
 class TestCancelWhileConnecting(unittest.TestCase):
     """A cancel frees the worker even while it is still connecting."""
 
@@ -4932,6 +4998,23 @@ class TestChatCommands(CommandLineTest):
         self.chat(f"/load {path}", "q2")
         self.assertEqual([m["content"] for m in self.sent()["messages"]],
                          ["S", "q1", "a", "q2"])
+
+    def test_reasoning_in_a_chat(self):
+        """The streamed reply keeps its reasoning in the history (sent back, saved and
+        loaded); /reasoning toggles showing it and, with a level, sets the knob."""
+        path = str(self.tmp / "thinking.json")
+        self.fp.add(openai_thinking_stream(["Hmm."], ["a"], [_PARIS]),
+                    openai_thinking_stream(["Hm2."], ["b"]), openai_stream(["c"]))
+        code, out, err = self.chat("q1", "/reasoning", "/reasoning high", "q2", f"/save {path}")
+        self.assertEqual((code, out), (0, "a\nb\n"))
+        self.assertIn("Hmm.", err)
+        self.assertNotIn("Hm2.", err)
+        self.assertIn("thinking hidden", err)
+        second = self.fp.requests[1].json
+        self.assertEqual(second["reasoning_effort"], "high")
+        self.assertEqual(second["messages"][1]["reasoning_content"], "Hmm.")
+        self.chat(f"/load {path}", "q3")
+        self.assertEqual(self.sent()["messages"][1]["reasoning_content"], "Hmm.")
 
     def test_attach_and_model(self):
         """/attach adds an image to the next message; /model switches model and provider."""
