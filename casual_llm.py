@@ -5586,8 +5586,11 @@ class OpenAIClient(_HTTPClient):
     The key comes from ``api_key`` or ``OPENAI_API_KEY`` and the URL from
     ``base_url`` or ``OPENAI_BASE_URL``; a local server that needs no key gets no
     ``Authorization`` header. ``max_retries``, ``default_headers``,
-    ``ssl_context`` (e.g. a corporate CA bundle) and ``system_message_handling``
-    are extras every client takes.
+    ``ssl_context`` (e.g. a corporate CA bundle), ``system_message_handling`` and
+    ``reply_timeout`` (the longest wait for a non-streamed reply: a reasoning model
+    thinks silently first; 600 s with the default ``timeout``) are extras every
+    client takes; ``split_think=False`` (here and on Ollama) keeps a ``<think>``
+    block a server left in the content as sent.
     """
 
     _facts = _PROVIDERS["openai"]

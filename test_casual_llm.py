@@ -5688,6 +5688,12 @@ def _check_config(test, fp, out):
     test.assertNotIn("sk-ant-this-is-secret", out)
 
 
+def _check_reasoning(test, fp, out):
+    first, second = (r.json for r in fp.requests)
+    test.assertEqual(first["thinking"], {"type": "enabled", "budget_tokens": 8192})
+    test.assertEqual(second["messages"][1]["content"][0]["type"], "thinking")
+
+
 def _check_chat_options(test, fp, out):
     body = fp.requests[0].json
     test.assertEqual({k: body.get(k) for k in ("temperature", "max_tokens", "stop_sequences",
@@ -5763,6 +5769,11 @@ SNIPPETS = {
         lambda: [openai_reply("Hi!")],
         prints=("Model(name='mistralai/mistral-small-3.2-24b-instruct', temperature=0.3) Hi!",
                 "api_key='sk-...et'"), check=_check_config),
+    "reasoning": Snippet(
+        lambda: [anthropic_rules(anthropic_thinking_reply(["17 * 24 = 408."], "408")),
+                 anthropic_rules(anthropic_thinking_stream(["18 * 24 = 432."], ["432"]))],
+        prints=("thinking: 17 * 24 = 408.\nanswer: 408", "answer: 432"),
+        check=_check_reasoning),
     "chat-options": Snippet(
         lambda: [anthropic_reply("2")], prints=("2",), check=_check_chat_options),
     "usage": Snippet(
