@@ -5913,7 +5913,7 @@ class ScriptedClient:
             return
         for piece in re.findall(r"\s*\S+\s*", message.content or ""):
             yield _chunk(piece)
-        yield _chunk("", message.finish_reason, message.tool_calls, usage)
+        yield _chunk("", message.finish_reason, message.tool_calls, usage, message=message)
 
     async def _stream(self, model: str, messages: list[ChatMessage], options: Any = None,
                       *args: Any, **keywords: Any) -> AsyncIterator[StreamChunk]:
