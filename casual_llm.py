@@ -69,7 +69,7 @@ __all__ = [
     "LLMClient", "OpenAIClient", "AnthropicClient", "OllamaClient",
     "create_client", "create_model", "ScriptedClient", "ModelName",
     # model and its options
-    "Model", "ChatOptions",
+    "Model", "ChatOptions", "ToolEvent",
     # messages
     "ChatMessage", "UserMessage", "AssistantMessage", "SystemMessage",
     "ToolResultMessage", "AssistantToolCall", "AssistantToolCallFunction",
@@ -96,7 +96,7 @@ __all__ = [
     "APITimeoutError", "APIStatusError", "BadRequestError", "AuthenticationError",
     "PermissionDeniedError", "NotFoundError", "ConflictError", "RequestTooLargeError",
     "UnprocessableEntityError", "RateLimitError", "InternalServerError",
-    "OverloadedError", "StreamError",
+    "OverloadedError", "StreamError", "MaxTurnsExceededError",
     # command line
     "main",
 ]
@@ -199,6 +199,19 @@ class APITimeoutError(APIConnectionError, TimeoutError):
 
 class StreamError(APIError):
     """A stream broke: an error event, a frame that is not JSON, or an early end."""
+
+
+class MaxTurnsExceededError(CasualLLMError):
+    """``Model.run`` made ``max_turns`` model calls and the model still asks for tools.
+
+    ``messages`` is the conversation so far (the last tool results included), so it can
+    go on; ``turns`` is how many calls were made.
+    """
+
+    def __init__(self, message: str, *, messages: list[Any], turns: int) -> None:
+        super().__init__(message)
+        self.messages = messages
+        self.turns = turns
 
 
 class APIStatusError(APIError):
@@ -711,17 +724,23 @@ class AssistantMessage(_Record):
 @_ignore_unknown_keywords
 @dataclasses.dataclass(kw_only=True, slots=True)
 class ToolResultMessage(_Record):
-    """The result of a tool call, sent back to the model."""
+    """The result of a tool call, sent back to the model; ``is_error`` marks a failed
+    call (Anthropic's ``is_error``; the other wires carry it in the text)."""
+
+    _omit_if_none: ClassVar[frozenset[str]] = frozenset({"is_error"})
 
     role: Literal["tool"] = "tool"
     name: str
     tool_call_id: str
     content: str
+    is_error: bool | None = None
 
     def __post_init__(self) -> None:
         _check_literal("ToolResultMessage", "role", self.role, "tool")
         for field in ("name", "tool_call_id", "content"):
             _check_str("ToolResultMessage", field, getattr(self, field))
+        if self.is_error is not None and not isinstance(self.is_error, bool):
+            _fail("ToolResultMessage", "is_error", "True, False or None", self.is_error)
 
 
 def _arguments_object(function: AssistantToolCallFunction) -> dict[str, Any]:
@@ -4914,8 +4933,9 @@ def _blocks_to_anthropic(message: ChatMessage) -> list[dict[str, Any]]:
                 blocks.append({"type": "text", "text": part.text})
         return blocks
     if isinstance(message, ToolResultMessage):
-        return [{"type": "tool_result", "tool_use_id": message.tool_call_id,
-                 "content": message.content}]
+        result = {"type": "tool_result", "tool_use_id": message.tool_call_id,
+                  "content": message.content}
+        return [{**result, "is_error": True} if message.is_error else result]
     state = message.reasoning_state if isinstance(message, AssistantMessage) else None
     if state and state.get("provider") == "anthropic":
         # Thinking blocks lead the turn, unmodified and in order: the API checks their
@@ -5989,6 +6009,80 @@ def _check_texts(texts: Any) -> list[str]:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class ToolEvent:
+    """A tool call in a streamed run (``Model.run_stream``): sent once before it runs,
+    with ``result`` ``None``, and once after, with its ``ToolResultMessage``."""
+
+    call: AssistantToolCall
+    result: ToolResultMessage | None = None
+
+
+_Approve = Callable[[AssistantToolCall], Any]
+
+
+def _tool_table(tools: Any) -> dict[str, Callable[..., Any]]:
+    """The functions a run may call, by the name their schema gives them."""
+    if not isinstance(tools, (list, tuple)) or not all(callable(f) for f in tools):
+        _fail("Model.run", "tools", "a list of functions", tools)
+    return {Tool.from_function(f).name: f for f in tools}
+
+
+def _tool_output(value: Any) -> str:
+    """A function's return value as tool result text: a str as it is, else JSON."""
+    if isinstance(value, str):
+        return value
+    try:
+        return json.dumps(value, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+async def _approved(approve: _Approve | None, call: AssistantToolCall) -> bool:
+    if approve is None:
+        return True
+    verdict = approve(call)
+    if inspect.isawaitable(verdict):
+        verdict = await verdict
+    return bool(verdict)
+
+
+async def _declined(call: AssistantToolCall) -> ToolResultMessage:
+    return ToolResultMessage(name=call.function.name, tool_call_id=call.id, is_error=True,
+                             content=f"The user declined to run {call.function.name}.")
+
+
+async def _run_tool(function: Callable[..., Any] | None, call: AssistantToolCall,
+                    names: Iterable[str], raise_errors: bool) -> ToolResultMessage:
+    """One call's result; a failure is reported to the model, not raised (unless asked)."""
+    import asyncio
+    name = call.function.name
+
+    def result(text: str, error: bool = False) -> ToolResultMessage:
+        return ToolResultMessage(name=name, tool_call_id=call.id, content=text,
+                                 is_error=True if error else None)
+    if function is None:
+        return result(f"unknown tool {name!r}; the tools are: {', '.join(names)}", True)
+    try:
+        arguments = call.function.parse_arguments()
+        inspect.signature(function).bind(**arguments)
+    except (TypeError, ValueError) as exc:
+        return result(f"the arguments do not fit {name}: {exc}", True)
+    try:
+        if inspect.iscoroutinefunction(function):
+            value = await function(**arguments)
+        else:  # sync functions in the loop's worker threads (a bounded pool)
+            value = await asyncio.get_running_loop().run_in_executor(
+                None, functools.partial(function, **arguments))
+            if inspect.isawaitable(value):
+                value = await value
+    except Exception as exc:
+        if raise_errors:
+            raise
+        return result(f"{type(exc).__name__}: {exc}", True)
+    return result(_tool_output(value))
+
+
 class Model:
     """A model on a client: ``chat``, ``stream`` and usage tracking.
 
@@ -6205,6 +6299,106 @@ class Model:
                           else _run_coroutine(self._embedder()(self.name, texts, **extra)))
         self._record(usage)
         return typing.cast("list[list[float]]", vectors)
+
+    # -- tools that run ----------------------------------------------------------
+
+    async def _run_events(self, messages: list[ChatMessage], tools: Any, max_turns: int,
+                          approve: _Approve | None, raise_errors: bool, stream: bool,
+                          keywords: dict[str, Any]
+                          ) -> AsyncIterator[StreamChunk | ToolEvent | AssistantMessage]:
+        """The run, as events: stream chunks (``stream``), tool events, and last the
+        final reply; ``messages`` grows with every turn."""
+        import asyncio
+        if not isinstance(messages, list):
+            _fail("Model.run", "messages", "a list (it is extended in place)", messages)
+        _check_int("Model.run", "max_turns", max_turns, optional=False, minimum=1)
+        functions = _tool_table(tools)
+        schemas = [Tool.from_function(f) for f in functions.values()]
+        spent: Usage | None = None
+        for _ in range(max_turns):
+            if stream:
+                reply = None
+                async for chunk in self.stream(messages, tools=schemas, **keywords):
+                    yield chunk
+                    reply = chunk.message or reply
+                reply = reply or AssistantMessage(content="")
+            else:
+                reply = await self.chat(messages, tools=schemas, **keywords)
+            used = self._last_usage
+            spent = used if spent is None else spent + (used or _usage(0, 0))
+            messages.append(reply)
+            if not reply.tool_calls:
+                self._last_usage = spent
+                yield reply
+                return
+            calls = reply.tool_calls
+            for call in calls:
+                yield ToolEvent(call)
+            approved = [await _approved(approve, call) for call in calls]  # one at a time
+            results = await asyncio.gather(*(
+                _run_tool(functions.get(call.function.name), call, functions, raise_errors)
+                if ok else _declined(call) for call, ok in zip(calls, approved, strict=True)))
+            for call, result in zip(calls, results, strict=True):
+                messages.append(result)
+                yield ToolEvent(call, result)
+        self._last_usage = spent
+        raise MaxTurnsExceededError(
+            f"the model still asks for tools after {max_turns} turns (max_turns); the "
+            "conversation so far is in .messages", messages=messages, turns=max_turns)
+
+    async def run(self, messages: list[ChatMessage], tools: list[Callable[..., Any]], *,
+                  max_turns: int = 10, approve: _Approve | None = None,
+                  raise_errors: bool = False, **keywords: Any) -> AssistantMessage:
+        """Chat, run the functions the model calls, send their results, until it answers.
+
+        ``tools`` are plain functions, sync or async (their schemas come from
+        ``Tool.from_function``); calls asked for together run together, and results
+        are appended in the order of the calls. A function's exception, an unknown
+        name or arguments that do not fit become the tool's result (``is_error``)
+        unless ``raise_errors``. ``approve(call)`` (sync or async) is asked before
+        each call; a refusal is reported to the model. ``messages`` is extended in
+        place; the first reply without tool calls is returned. More than
+        ``max_turns`` model calls raise ``MaxTurnsExceededError``. Other keywords
+        (``temperature``, ``reasoning``, ``options``...) apply to every turn;
+        ``get_usage()`` is then the whole run's.
+        """
+        final: AssistantMessage | None = None
+        async for event in self._run_events(messages, tools, max_turns, approve, raise_errors,
+                                            False, keywords):
+            if isinstance(event, AssistantMessage):
+                final = event
+        assert final is not None
+        return final
+
+    def run_sync(self, messages: list[ChatMessage], tools: list[Callable[..., Any]], *,
+                 max_turns: int = 10, approve: _Approve | None = None,
+                 raise_errors: bool = False, **keywords: Any) -> AssistantMessage:
+        """Blocking :meth:`run`."""
+        result: AssistantMessage = _run_coroutine(self.run(
+            messages, tools, max_turns=max_turns, approve=approve, raise_errors=raise_errors,
+            **keywords))
+        return result
+
+    async def run_stream(self, messages: list[ChatMessage], tools: list[Callable[..., Any]],
+                         *, max_turns: int = 10, approve: _Approve | None = None,
+                         raise_errors: bool = False, **keywords: Any
+                         ) -> AsyncIterator[StreamChunk | ToolEvent]:
+        """:meth:`run`, streamed: each turn's ``StreamChunk``s as :meth:`stream` yields
+        them (text, reasoning, the final chunk with its ``message``), and a
+        ``ToolEvent`` before and after every call."""
+        async for event in self._run_events(messages, tools, max_turns, approve, raise_errors,
+                                            True, keywords):
+            if not isinstance(event, AssistantMessage):
+                yield event
+
+    def run_stream_sync(self, messages: list[ChatMessage], tools: list[Callable[..., Any]],
+                        *, max_turns: int = 10, approve: _Approve | None = None,
+                        raise_errors: bool = False, **keywords: Any
+                        ) -> Iterator[StreamChunk | ToolEvent]:
+        """Blocking :meth:`run_stream`: ``for event in model.run_stream_sync(...)``."""
+        return _iter_blocking(self.run_stream(
+            messages, tools, max_turns=max_turns, approve=approve, raise_errors=raise_errors,
+            **keywords))
 
 
 # === 13. Config and factories ================================================
@@ -6507,6 +6701,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     formats.add_argument("--schema", metavar="FILE|JSON",
                          help="ask for JSON matching this JSON Schema; exit 1 when it does not")
     _output_options(parser.add_argument_group("output"))
+    _tool_options(parser.add_argument_group("tools"))
     _network_options(parser.add_argument_group("network"))
     parser.add_argument("--debug", action="store_true",
                         help="log requests and show tracebacks (keys stay redacted)")
@@ -6526,6 +6721,16 @@ def _output_options(group: argparse._ArgumentGroup) -> None:
                             "finish_reason, usage")
     group.add_argument("-i", "--interactive", action="store_true",
                        help="continue as a chat after the first answer; turns come from stdin")
+
+
+def _tool_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--functions", action="append", default=[], metavar="FILE.py",
+                       help="make every public function in FILE.py a tool the model may "
+                            "call (repeatable); each call is shown and, at a terminal, asked")
+    group.add_argument("-y", "--yes", action="store_true",
+                       help="run every tool call without asking")
+    group.add_argument("--max-turns", type=_at_least(int, 1), default=10, metavar="N",
+                       help="the most model calls one answer may take with tools (default: 10)")
 
 
 def _network_options(group: argparse._ArgumentGroup) -> None:
@@ -6706,6 +6911,44 @@ def _read_text(path: str) -> str:
         raise ConfigurationError(f"--file {path!r}: {exc}") from exc
 
 
+def _load_functions(paths: list[str]) -> list[Callable[..., Any]]:
+    """``--functions``: the public functions each file defines, as tools."""
+    import importlib.util
+    functions: list[Callable[..., Any]] = []
+    for path in paths:
+        stem = re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
+        spec = importlib.util.spec_from_file_location(f"casual_llm_functions_{stem}", path)
+        if spec is None or spec.loader is None or not os.path.isfile(path):
+            raise ConfigurationError(f"--functions {path!r}: no such Python file")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses and the like look their module up
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            raise ConfigurationError(f"--functions {path!r}: {type(exc).__name__}: {exc}"
+                                     ) from exc
+        found = [f for name, f in vars(module).items() if not name.startswith("_")
+                 and inspect.isfunction(f) and f.__module__ == module.__name__]
+        if not found:
+            raise ConfigurationError(f"--functions {path!r}: no public function in it")
+        try:
+            for function in found:
+                Tool.from_function(function)
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"--functions {path!r}: {exc}") from exc
+        functions += found
+    return functions
+
+
+def _call_text(call: AssistantToolCall) -> str:
+    """``get_weather(city='Paris')``, as the command line shows a call."""
+    try:
+        arguments = ", ".join(f"{k}={v!r}" for k, v in call.function.parse_arguments().items())
+    except ValueError:
+        arguments = _shorten(call.function.arguments, 200)
+    return f"{call.function.name}({arguments})"
+
+
 def _user_message(text: str, images: list[ImageContent]) -> UserMessage:
     if not images:
         return UserMessage(content=text)
@@ -6741,6 +6984,7 @@ class _Session:
                 reconfigure(errors="replace")
         self.initial = self.target = _initial_target(opts)
         self.format = _response_format(opts)
+        self.functions = _load_functions(opts.functions)
         self.client, self.model = _connect(self.target, opts)
         self.streaming = opts.stream and self.format == "text" and not opts.output_json
         self.system: str | None = opts.system
@@ -6827,13 +7071,21 @@ class _Session:
         """Send the conversation plus ``user``, show the reply, keep both in the history."""
         self.last_user = user
         pieces: list[str] = []
+        conversation = [*self._messages(), user]
+        start = len(conversation) - 1
         try:
-            reply = self._reply([*self._messages(), user], pieces)
+            if self.functions:
+                reply = self._run(conversation, pieces)
+            else:
+                reply = self._reply(conversation, pieces)
+                conversation.append(reply)
         except KeyboardInterrupt:
-            if pieces:  # the history keeps what the screen shows
+            if self.functions:  # the turns that finished, up to the interrupted one
+                self.history += conversation[start:_complete_turns(conversation)]
+            elif pieces:  # the history keeps what the screen shows
                 self.history += [user, AssistantMessage(content="".join(pieces))]
             raise
-        self.history += [user, reply]
+        self.history += conversation[start:]
         self.last_usage = self.model.get_usage()
         if self.last_usage is not None:
             self.total = self.total + self.last_usage
@@ -6885,6 +7137,66 @@ class _Session:
         if not pieces or not pieces[-1].endswith("\n"):
             self._write("\n")
         return final or AssistantMessage(content="".join(pieces))
+
+    def _run(self, conversation: list[ChatMessage], pieces: list[str]) -> AssistantMessage:
+        """An answer with tools: each call shown (and asked) on stderr, results too."""
+        keywords: dict[str, Any] = dict(
+            max_turns=self.opts.max_turns, approve=self._approve, response_format=self.format,
+            max_tokens=self.opts.max_tokens)
+        if not self.streaming:
+            before = len(conversation)
+            reply = self.model.run_sync(conversation, self.functions, **keywords)
+            for result in conversation[before:]:
+                if isinstance(result, ToolResultMessage):
+                    self._result(result)
+            if not self.opts.output_json:
+                text = ((reply.content or "") if self.format == "text" else
+                        json.dumps(reply.parsed, ensure_ascii=False, indent=2))
+                self._write(text if text.endswith("\n") else text + "\n")
+            return reply
+        events = self.model.run_stream_sync(conversation, self.functions, **keywords)
+        thinking = False
+        try:
+            for event in events:
+                if isinstance(event, ToolEvent):
+                    if event.result is not None:
+                        self._result(event.result)
+                elif event.reasoning:
+                    thinking = self._thinking(event.reasoning)
+                elif event.content:
+                    if thinking:
+                        thinking = self._thinking("", end=True)
+                    pieces.append(event.content)
+                    self._write(event.content)
+                elif event.message is not None and pieces:
+                    if not pieces[-1].endswith("\n"):
+                        self._write("\n")
+                    pieces.clear()
+        finally:
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()
+            if thinking:
+                self._thinking("", end=True)
+        final = conversation[-1]
+        assert isinstance(final, AssistantMessage)
+        return final
+
+    def _result(self, result: ToolResultMessage) -> None:
+        self._note(("✗ " if result.is_error else "← ") + _shorten(result.content, 200))
+
+    def _approve(self, call: AssistantToolCall) -> bool:
+        """Show the call; run it with --yes, ask at a terminal, else refuse."""
+        self._note(f"→ {_call_text(call)}")
+        if self.opts.yes:
+            return True
+        if not self.stdin.isatty():
+            self._note("(not run: no terminal to ask and no --yes)")
+            return False
+        self.err.write("run it? [y/N] ")
+        self.err.flush()
+        answer = self.stdin.readline()
+        return answer.strip().lower() in ("y", "yes")
 
     def _thinking(self, text: str, end: bool = False) -> bool:
         """Show thinking, dimmed, on stderr (stdout carries only the answer); returns
@@ -7145,6 +7457,17 @@ _CHAT_COMMANDS: dict[str, tuple[Callable[[_Session, str], None], str]] = {
     "/save": (_Session._cmd_save, "FILE"),
     "/load": (_Session._cmd_load, "FILE"),
 }
+
+
+def _complete_turns(messages: list[ChatMessage]) -> int:
+    """How many of ``messages`` to keep after an interrupted run: none of a turn whose
+    tool calls have not all got their results."""
+    for i in range(len(messages) - 1, -1, -1):
+        message = messages[i]
+        if isinstance(message, AssistantMessage) and message.tool_calls:
+            answered = sum(isinstance(m, ToolResultMessage) for m in messages[i + 1:])
+            return len(messages) if answered >= len(message.tool_calls) else i
+    return len(messages)
 
 
 def _one_line(exc: BaseException, key_env: str | None) -> str:

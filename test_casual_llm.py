@@ -4452,6 +4452,160 @@ class TestReasoningCommandLine(ServerTest):
         self.assertEqual(self.fp.requests[0].json["reasoning_effort"], "low")
 
 
+class TestToolRunner(ServerTest):
+    """Model.run: the tool loop in the library, on every provider's fake."""
+
+    providers = {
+        "openai": (lambda url: OpenAIClient(base_url=url + "/v1"),
+                   lambda calls: openai_reply(None, tool_calls=calls), openai_reply),
+        "anthropic": (lambda url: AnthropicClient(base_url=url, api_key="sk-t"),
+                      lambda calls: anthropic_reply(None, tool_uses=calls), anthropic_reply),
+        "ollama": (lambda url: OllamaClient(host=url),
+                   lambda calls: ollama_reply("", tool_calls=calls), ollama_reply),
+    }
+
+    def each(self):
+        for provider, (client, calls, text) in self.providers.items():
+            with self.subTest(provider=provider):
+                self.fp.requests.clear()
+                self.fp._queue.clear()
+                yield provider, Model(client(self.fp.url), "m"), calls, text
+
+    def test_parallel_async_tools_and_history(self):
+        """Two calls asked together run together (about one sleep, not two); the history
+        holds every turn in order and the final reply is returned."""
+        async def get_weather(city: str) -> dict:
+            """Weather."""
+            await asyncio.sleep(0.3)
+            return {"city": city, "temperature": 21}
+        for _, model, calls, text in self.each():
+            self.fp.add(calls([_PARIS, _ROME]), text("Rome is warmer."))
+            messages = [UserMessage(content="Paris or Rome?")]
+            started = time.monotonic()
+            reply = model.run_sync(messages, [get_weather])
+            self.assertLess(time.monotonic() - started, 0.55)
+            self.assertEqual(reply.content, "Rome is warmer.")
+            self.assertEqual([type(m).__name__ for m in messages],
+                             ["UserMessage", "AssistantMessage", "ToolResultMessage",
+                              "ToolResultMessage", "AssistantMessage"])
+            self.assertEqual([m.tool_call_id for m in messages[2:4]], ["call_1", "call_2"])
+            self.assertEqual(json.loads(messages[2].content), {"city": "Paris",
+                                                              "temperature": 21})
+            self.assertEqual(model.get_usage(), Usage(prompt_tokens=20, completion_tokens=10))
+
+    def test_sync_tools_run_in_threads(self):
+        """Sync functions run in worker threads, together."""
+        def get_weather(city: str) -> str:
+            """Weather."""
+            time.sleep(0.3)
+            return f"sunny in {city}"
+        for _, model, calls, text in self.each():
+            self.fp.add(calls([_PARIS, _ROME]), text("Both sunny."))
+            started = time.monotonic()
+            messages = [UserMessage(content="x")]
+            model.run_sync(messages, [get_weather])
+            self.assertLess(time.monotonic() - started, 0.55)
+            self.assertEqual(messages[2].content, "sunny in Paris")
+
+    def test_failures_are_results(self):
+        """An exception, an unknown tool and arguments that do not fit are reported to the
+        model (Anthropic: is_error on the wire); raise_errors=True raises instead."""
+        def get_weather(city: str) -> str:
+            """Weather."""
+            raise RuntimeError("station offline")
+        bad_args = ("call_3", "get_weather", {"town": "Oslo"})
+        unknown = ("call_4", "get_time", {})
+        for provider, model, calls, text in self.each():
+            self.fp.add(calls([_PARIS, bad_args, unknown]), text("Sorry."))
+            messages = [UserMessage(content="x")]
+            model.run_sync(messages, [get_weather])
+            results = messages[2:5]
+            self.assertTrue(all(r.is_error for r in results))
+            self.assertEqual(results[0].content, "RuntimeError: station offline")
+            self.assertIn("do not fit get_weather", results[1].content)
+            self.assertIn("unknown tool 'get_time'", results[2].content)
+            sent = self.fp.requests[1].json["messages"]
+            if provider == "anthropic":
+                self.assertEqual(sent[-1]["content"][0]["is_error"], True)
+            self.fp.add(calls([_PARIS]))
+            with self.assertRaisesRegex(RuntimeError, "station offline"):
+                model.run_sync([UserMessage(content="x")], [get_weather], raise_errors=True)
+
+    def test_approval(self):
+        """A refused call is not run; the model is told the user declined."""
+        ran = []
+
+        def get_weather(city: str) -> str:
+            """Weather."""
+            ran.append(city)
+            return "sunny"
+
+        async def approve(call):
+            return json.loads(call.function.arguments)["city"] == "Rome"
+        for _, model, calls, text in self.each():
+            ran.clear()
+            self.fp.add(calls([_PARIS, _ROME]), text("ok"))
+            messages = [UserMessage(content="x")]
+            model.run_sync(messages, [get_weather], approve=approve)
+            self.assertEqual(ran, ["Rome"])
+            self.assertEqual(messages[2].content, "The user declined to run get_weather.")
+
+    def test_max_turns(self):
+        """The bound: a model that keeps asking raises, with the conversation attached."""
+        def get_weather(city: str) -> str:
+            """Weather."""
+            return "sunny"
+        for _, model, calls, _ in self.each():
+            self.fp.add(calls([_PARIS]), calls([_ROME]))
+            messages = [UserMessage(content="x")]
+            with self.assertRaises(MaxTurnsExceededError) as caught:
+                model.run_sync(messages, [get_weather], max_turns=2)
+            self.assertIs(caught.exception.messages, messages)
+            self.assertEqual((caught.exception.turns, len(messages)), (2, 5))
+            self.assertEqual(model.get_usage().total_tokens, 30)
+
+    def test_reasoning_state_survives_every_turn(self):
+        """With thinking on, the rule-enforcing fakes accept every turn of a run."""
+        def get_weather(city: str) -> str:
+            """Weather."""
+            return "21"
+        for provider in ("anthropic", "openai", "ollama"):
+            for stream in (False, True):
+                with self.subTest(provider=provider, stream=stream):
+                    self.fp._queue.clear()
+                    self.fp.add(*_loop_script(provider, stream))
+                    client = {"openai": lambda: OpenAIClient(base_url=self.fp.url + "/v1"),
+                              "anthropic": lambda: AnthropicClient(base_url=self.fp.url,
+                                                                   api_key="k"),
+                              "ollama": lambda: OllamaClient(host=self.fp.url)}[provider]()
+                    model = Model(client, "claude-opus-4-5", reasoning="low")
+                    messages = [UserMessage(content="Paris or Rome?")]
+                    if stream:
+                        events = list(model.run_stream_sync(messages, [get_weather]))
+                        final = messages[-1]
+                        self.assertEqual(
+                            [(e.call.id, e.result is not None) for e in events
+                             if isinstance(e, ToolEvent)],
+                            [("call_1", False), ("call_1", True), ("call_2", False),
+                             ("call_2", True)])
+                        self.assertEqual("".join(e.content for e in events
+                                                 if isinstance(e, StreamChunk)),
+                                         "Checking Rome.Rome is warmer.")
+                    else:
+                        final = model.run_sync(messages, [get_weather])
+                    self.assertEqual(final.content, "Rome is warmer.")
+
+    def test_bad_arguments(self):
+        """Bad tools, bounds and messages fail before any request."""
+        model = Model(ScriptedClient("x"), "m")
+        with self.assertRaisesRegex(ValidationError, "Model.run.tools"):
+            model.run_sync([UserMessage(content="x")], ["not a function"])
+        with self.assertRaisesRegex(ValidationError, "Model.run.max_turns"):
+            model.run_sync([UserMessage(content="x")], [], max_turns=0)
+        with self.assertRaisesRegex(ValidationError, "Model.run.messages"):
+            model.run_sync((UserMessage(content="x"),), [])
+
+
 class TestCancelWhileConnecting(unittest.TestCase):
     """A cancel frees the worker even while it is still connecting."""
 
@@ -5120,6 +5274,88 @@ class _Terminal:
         os.close(self.master)
 
 
+_FUNCTIONS_FILE = '''
+def get_weather(city: str) -> str:
+    """Weather in a city."""
+    return f"sunny in {city}"
+
+
+def _helper():
+    return "not a tool"
+'''
+
+
+class TestFunctionsCommandLine(CommandLineTest):
+    """--functions in a pipe: --yes runs the calls; without it nothing runs."""
+
+    def test_yes_runs_the_calls(self):
+        """Calls and results on stderr, shortened; stdout only the answer."""
+        path = self.write("tools.py", _FUNCTIONS_FILE)
+        self.fp.add(openai_stream([], tool_calls=[("call_1", "get_weather", ['{"city":',
+                                                                            '"Paris"}'])]),
+                    openai_stream(["Sunny."]))
+        code, out, err = self.run_main("--functions", path, "--yes", "weather?")
+        self.assertEqual((code, out), (0, "Sunny.\n"))
+        self.assertIn("→ get_weather(city='Paris')", err)
+        self.assertIn("← sunny in Paris", err)
+        self.assertEqual([t["function"]["name"] for t in self.sent(0)["tools"]],
+                         ["get_weather"])
+        self.assertEqual(self.sent()["messages"][-1]["content"], "sunny in Paris")
+
+    def test_no_consent_no_run(self):
+        """Neither a terminal nor --yes: the model is told the user declined."""
+        path = self.write("tools.py", _FUNCTIONS_FILE)
+        self.fp.add(openai_reply(None, tool_calls=[_PARIS]), openai_reply("I could not."))
+        code, out, err = self.run_main("--functions", path, "--no-stream", "--max-turns", "3",
+                                       "weather?")
+        self.assertEqual((code, out), (0, "I could not.\n"))
+        self.assertIn("not run: no terminal to ask and no --yes", err)
+        self.assertEqual(self.sent()["messages"][-1]["content"],
+                         "The user declined to run get_weather.")
+
+    def test_bad_functions_file(self):
+        """A missing file, one without public functions, one that fails: exit 2."""
+        empty = self.write("empty.py", "x = 1\n")
+        broken = self.write("broken.py", "raise RuntimeError('boom')\n")
+        for path, message in ((str(self.tmp / "nope.py"), "no such Python file"),
+                              (empty, "no public function"), (broken, "RuntimeError: boom")):
+            with self.subTest(path=path):
+                code, _, err = self.run_main("--functions", path, "hi")
+                self.assertEqual(code, 2)
+                self.assertIn(message, err)
+
+
+@unittest.skipUnless(hasattr(os, "openpty"), "needs a pseudo-terminal")
+class TestFunctionsTerminal(ServerTest):
+    """--functions at a terminal: each call is asked, [y/N]."""
+
+    def test_yes_and_no(self):
+        """'y' runs the call; 'n' tells the model the user declined."""
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        path = pathlib.Path(tmp.name) / "tools.py"
+        path.write_text(_FUNCTIONS_FILE)
+        for answer, sent in (("y", "sunny in Paris"), ("n", "The user declined to run "
+                                                            "get_weather.")):
+            with self.subTest(answer=answer):
+                self.fp.requests.clear()
+                self.fp.add(openai_stream([], tool_calls=[("call_1", "get_weather",
+                                                           ['{"city": "Paris"}'])]),
+                            openai_stream(["Done."]))
+                env = {k: v for k, v in os.environ.items()
+                       if not k.startswith(("CASUAL_LLM_", "OPENAI_", "OLLAMA_"))}
+                env.update(CASUAL_LLM_MODEL="openai:m", OPENAI_BASE_URL=self.fp.url + "/v1",
+                           NO_PROXY="*", no_proxy="*", TERM="xterm", NO_COLOR="1")
+                term = _Terminal(("--functions", str(path), "weather?"), env)
+                self.addCleanup(term.close)
+                term.expect(r"→ get_weather\(city='Paris'\)")
+                term.expect(r"run it\? \[y/N\] ")
+                term.send(answer + "\r")
+                term.expect(r"Done\.")
+                self.assertEqual(term.proc.wait(10), 0)
+                self.assertEqual(self.fp.requests[-1].json["messages"][-1]["content"], sent)
+
+
 @unittest.skipUnless(hasattr(os, "openpty"), "needs a pseudo-terminal")
 class TestCommandLineProcess(ServerTest):
     """``python -m casual_llm`` as a real process: on a terminal, and in pipes."""
@@ -5509,13 +5745,16 @@ def fake_env(fp, **changes):
 
 def user_dir(test):
     """A fresh working directory holding what a user would have there: the module, a
-    picture and a text file."""
+    picture, a text file and a file of functions."""
     tmp = tempfile.TemporaryDirectory()
     test.addCleanup(tmp.cleanup)
     path = Path(tmp.name)
     (path / "casual_llm.py").write_bytes(MODULE.read_bytes())
     (path / "photo.png").write_bytes(PHOTO_PNG)
     (path / "notes.txt").write_text("Meeting moved to Thursday.\n", encoding="utf-8")
+    (path / "tools.py").write_text(
+        'def get_weather(city: str) -> str:\n    """The weather in a city."""\n'
+        '    return f"sunny in {city}"\n', encoding="utf-8")
     shims = path / ".bin"  # `python` may be called python3 here: the blocks say `python`
     shims.mkdir()
     (shims / "python").symlink_to(sys.executable)
@@ -5774,6 +6013,11 @@ SNIPPETS = {
                  anthropic_rules(anthropic_thinking_stream(["18 * 24 = 432."], ["432"]))],
         prints=("thinking: 17 * 24 = 408.\nanswer: 408", "answer: 432"),
         check=_check_reasoning),
+    "tool-runner": Snippet(
+        lambda: [openai_reply(None, tool_calls=_WEATHER_CALLS), openai_reply("Rome is warmer.")],
+        prints=("Rome is warmer.\n5 messages; the whole run used Usage(prompt_tokens=20",),
+        check=lambda t, fp, out: _requests_are(t, fp, "/v1/chat/completions",
+                                               "/v1/chat/completions")),
     "chat-options": Snippet(
         lambda: [anthropic_reply("2")], prints=("2",), check=_check_chat_options),
     "usage": Snippet(
@@ -5963,6 +6207,8 @@ class TestReadme(unittest.TestCase):
                              [base64.b64encode(PHOTO_PNG).decode()])
         if " -s " in text:
             self.assertIn('"system"', last)
+        if "--functions tools.py" in text:
+            self.assertEqual(requests[-1].json["tools"][0]["function"]["name"], "get_weather")
 
     def test_error_tree(self):
         """The README's exception tree is the real one, status codes included, and names
@@ -6217,6 +6463,11 @@ EXAMPLE_RUNS = {
                             ollama_reply("Rome.")],
                    ("Rome.",), env={"PROVIDER": "ollama"}, check=_check_tool_example),
     ],
+    "tool_runner": [ExampleRun(
+        lambda: [openai_stream([], tool_calls=[(i, n, [_dumps(a)]) for i, n, a in _WEATHER_CALLS]),
+                 openai_stream(["Rome is ", "warmer."], usage=(30, 5))],
+        ('-> get_weather({"city":"Paris"})', '<- {"city": "Rome", "temperature": 24}',
+         "Rome is warmer.\n[5 messages;"), check=_check_tool_example)],
     "vision": [ExampleRun(lambda: [openai_reply("A die; a red pixel; a red pixel.")],
                           ("A die; a red pixel; a red pixel.",), args=("photo.png",))],
     "structured_output": [ExampleRun(
