@@ -6589,6 +6589,7 @@ _EXIT_STATUSES: dict[int, str] = {
 # First match wins: configuration errors are also CasualLLMErrors.
 _EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (ConfigurationError, 2), (ValidationError, 2), (CasualLLMError, 1), (OSError, 1))
+MAX_INPUT_SIZE = 16 * 1024 * 1024  # a text file, piped stdin, --schema or /load on the command line
 _EXAMPLES = """\
 examples:
   # one answer, streamed (a local Ollama unless CASUAL_LLM_MODEL says otherwise)
@@ -6839,6 +6840,9 @@ def _connect(target: _Target, opts: argparse.Namespace) -> tuple[_HTTPClient, Mo
                                      "variable is not set")
     if opts.ca_bundle and not os.path.isfile(opts.ca_bundle):
         raise ConfigurationError(f"--ca-bundle {opts.ca_bundle!r}: no such file")
+    if target.base_url is not None:
+        _check_url(_ollama_host(target.base_url) if target.provider is Provider.OLLAMA
+                   else target.base_url)
     config = ClientConfig(provider=target.provider, base_url=target.base_url, api_key=key,
                           timeout=opts.timeout, max_retries=opts.retries,
                           ca_bundle=opts.ca_bundle)
@@ -6846,6 +6850,22 @@ def _connect(target: _Target, opts: argparse.Namespace) -> tuple[_HTTPClient, Mo
     model = Model(client, target.model, temperature=opts.temperature,
                   extra_kwargs=dict(opts.options), reasoning=opts.reasoning)
     return client, model
+
+
+def _check_url(url: str) -> None:
+    """A server URL that can be reached at all: a usage error (exit 2) now, not a network
+    error at the first request. The message leaves the URL out: it may carry a key."""
+    from urllib.parse import urlsplit
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number below 65536
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("it needs http:// or https:// and a host")
+        if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in url):
+            raise ValueError("it holds a space or a control character")
+    except ValueError as exc:
+        raise ConfigurationError(f"the server URL (--base-url or CASUAL_LLM_BASE_URL) is not "
+                                 f"valid: {exc}") from None
 
 
 def _check_ollama(timeout: float, model: str) -> None:
@@ -6867,6 +6887,60 @@ def _check_ollama(timeout: float, model: str) -> None:
             openai=_facts(Provider.OPENAI).default_model)) from None
 
 
+def _read_bounded(stream: typing.BinaryIO, what: str, limit: int) -> bytes:
+    """At most ``limit`` bytes of ``stream``: a larger input (``/dev/zero``) is refused
+    after reading one byte more, not once memory runs out."""
+    data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise ConfigurationError(f"{what} is larger than {limit // (1 << 20)} MiB")
+    return data
+
+
+def _decoded(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigurationError(f"{what} is not UTF-8 text (byte 0x{data[exc.start]:02x} at "
+                                 f"offset {exc.start})") from None
+
+
+def _read_input(path: str, what: str) -> str:
+    """A text file the command line was given, bounded and decoded; errors name it."""
+    try:
+        with open(path, "rb") as f:
+            return _decoded(_read_bounded(f, what, MAX_INPUT_SIZE), what)
+    except OSError as exc:
+        raise ConfigurationError(f"{what}: {exc.strerror or exc}") from exc
+
+
+def _read_stdin(stdin: typing.TextIO) -> str:
+    """Piped standard input as text, bounded like a file."""
+    what = "standard input"
+    buffer = getattr(stdin, "buffer", None)
+    try:
+        if buffer is None:  # a text stream without bytes under it (tests, embedding)
+            text = stdin.read(MAX_INPUT_SIZE + 1)
+            if len(text) > MAX_INPUT_SIZE:
+                raise ConfigurationError(f"{what} is larger than "
+                                         f"{MAX_INPUT_SIZE // (1 << 20)} MiB")
+            return text
+        return _decoded(_read_bounded(buffer, what, MAX_INPUT_SIZE), what)
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, ConfigurationError):
+            raise
+        raise ConfigurationError(f"could not read {what}: {exc}") from exc
+
+
+def _load_json(text: str, what: str) -> Any:
+    """JSON the user gave; nesting too deep for Python is an error that names it."""
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ConfigurationError(f"{what}: {exc}") from exc
+    except RecursionError:
+        raise ConfigurationError(f"{what}: JSON nested too deeply") from None
+
+
 def _response_format(opts: argparse.Namespace) -> Any:
     """``"text"``, ``"json"`` or the --schema dict (compiled now, so a bad one is a usage error)."""
     if opts.json:
@@ -6874,15 +6948,16 @@ def _response_format(opts: argparse.Namespace) -> Any:
     if opts.schema is None:
         return "text"
     text = opts.schema
+    if not text.lstrip().startswith("{"):
+        text = _read_input(text, f"--schema {text!r}")
+    schema = _load_json(text, "--schema")
     try:
-        if not text.lstrip().startswith("{"):
-            with open(text, encoding="utf-8") as f:
-                text = f.read()
-        schema = json.loads(text)
         if isinstance(schema, dict):
             _resolve_response_format(schema)
-    except (OSError, ValueError) as exc:
+    except (TypeError, ValueError) as exc:
         raise ConfigurationError(f"--schema: {exc}") from exc
+    except RecursionError:
+        raise ConfigurationError("--schema: nested too deeply") from None
     if not isinstance(schema, dict):
         raise ConfigurationError(f"--schema: a JSON Schema is an object, got {_short(schema)}")
     return schema
@@ -6890,25 +6965,27 @@ def _response_format(opts: argparse.Namespace) -> Any:
 
 def _image(arg: str, stdin: typing.TextIO) -> ImageContent:
     """An image from a path, a URL or ``-`` (stdin's bytes)."""
+    what = f"--attach {arg!r}"
+    if arg.startswith(("http://", "https://", "data:")):
+        return ImageContent(source=arg)
     try:
         if arg == "-":
-            data = stdin.buffer.read()
-            if _sniff_media_type_bytes(data) is None:
-                raise ValueError("stdin is not a PNG, JPEG, GIF or WebP image")
-            return ImageContent.from_bytes(data)
-        if arg.startswith(("http://", "https://", "data:")):
-            return ImageContent(source=arg)
-        return ImageContent.from_path(arg)
-    except (OSError, ValueError) as exc:
-        raise ConfigurationError(f"--attach {arg!r}: {exc}") from exc
+            data = _read_bounded(stdin.buffer, "the image on standard input", MAX_IMAGE_SIZE)
+        else:
+            with open(arg, "rb") as f:
+                data = _read_bounded(f, what, MAX_IMAGE_SIZE)
+    except OSError as exc:
+        raise ConfigurationError(f"{what}: {exc.strerror or exc}") from exc
+    import mimetypes
+    media_type = _sniff_media_type_bytes(data) or (None if arg == "-" else
+                                                   mimetypes.guess_type(arg)[0])
+    if not (media_type or "").startswith("image/"):
+        raise ConfigurationError(f"{what}: not an image (PNG, JPEG, GIF or WebP)")
+    return ImageContent.from_bytes(data, media_type)
 
 
 def _read_text(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except (OSError, ValueError) as exc:
-        raise ConfigurationError(f"--file {path!r}: {exc}") from exc
+    return _read_input(path, f"--file {path!r}")
 
 
 def _load_functions(paths: list[str]) -> list[Callable[..., Any]]:
@@ -6920,6 +6997,9 @@ def _load_functions(paths: list[str]) -> list[Callable[..., Any]]:
         spec = importlib.util.spec_from_file_location(f"casual_llm_functions_{stem}", path)
         if spec is None or spec.loader is None or not os.path.isfile(path):
             raise ConfigurationError(f"--functions {path!r}: no such Python file")
+        if os.path.getsize(path) > MAX_INPUT_SIZE:
+            raise ConfigurationError(f"--functions {path!r} is larger than "
+                                     f"{MAX_INPUT_SIZE // (1 << 20)} MiB")
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module  # dataclasses and the like look their module up
         try:
@@ -7026,10 +7106,7 @@ class _Session:
         parts = []
         reads_stdin = not (self.opts.interactive or self.interactive or "-" in self.opts.attach)
         if reads_stdin:
-            try:
-                parts.append(self.stdin.read().rstrip())
-            except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
-                raise ConfigurationError(f"could not read stdin: {exc}") from exc
+            parts.append(_read_stdin(self.stdin).rstrip())
         parts += [_read_text(path).rstrip() for path in self.opts.files]
         parts.append(" ".join(self.opts.prompt))
         text = "\n\n".join(part for part in parts if part.strip())
@@ -7429,8 +7506,7 @@ class _Session:
         """continue a conversation saved with /save"""
         if not arg:
             raise ValueError("/load needs a file name")
-        with open(arg, encoding="utf-8") as f:
-            data = json.load(f)
+        data = _load_json(_read_input(arg, arg), arg)
         raw = data.get("messages") if isinstance(data, dict) else data
         messages = _check_messages(raw if isinstance(raw, list) else None)
         head = messages[0] if messages else None

@@ -4995,7 +4995,7 @@ class TestCommandLineExits(CommandLineTest):
             (["-o", "novalue", "hi"], "expected KEY=VALUE"),
             ([], "no prompt"),
             (["--schema", '{"type": "bogus"}', "hi"], "--schema: invalid JSON Schema"),
-            (["--schema", "/no/such/schema.json", "hi"], "--schema: .*No such file"),
+            (["--schema", "/no/such/schema.json", "hi"], "--schema .*No such file"),
             (["-a", "/no/such/image.png", "hi"], "--attach"),
             (["-f", "/no/such/file.txt", "hi"], "--file"),
             (["--ca-bundle", "/no/such/ca.pem", "hi"], "--ca-bundle"),
@@ -5055,6 +5055,87 @@ class TestCommandLineExits(CommandLineTest):
         self.assertIn("Traceback", err)
         self.assertIn("AuthenticationError", err)
         self.assertNotIn(_CLI_KEY, err)
+
+
+class TestCommandLineHostileInput(CommandLineTest):
+    """Inputs that used to end in raw errors: each exits 2 with one line naming the input,
+    no traceback, nothing sent; files and stdin are read with a bound."""
+
+    def assert_refused(self, *argv, stdin="", message):
+        started = time.monotonic()
+        code, _, err = self.run_main(*argv, stdin=stdin)
+        self.assertEqual(code, 2, err)
+        self.assertRegex(err, message)
+        self.assertEqual(err.count("\n"), 1, err)
+        self.assertNotIn("Traceback", err)
+        self.assertLess(time.monotonic() - started, 10, "refusing took too long")
+        self.assertEqual(self.fp.requests, [])
+
+    def binary_stdin(self, data):
+        return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8")
+
+    def test_endless_inputs_are_refused_fast(self):
+        """/dev/zero as a file, as piped stdin or as an image stops at the bound."""
+        if not os.path.exists("/dev/zero"):
+            self.skipTest("no /dev/zero here")
+        self.assert_refused("-f", "/dev/zero", "hi", message="--file '/dev/zero' is larger than 16 MiB")
+        self.assert_refused("-a", "/dev/zero", "hi", message="--attach '/dev/zero' is larger than 10 MiB")
+        with open("/dev/zero", encoding="utf-8") as zero:
+            self.assert_refused("hi", stdin=zero, message="standard input is larger than 16 MiB")
+        with open("/dev/zero", encoding="utf-8") as zero:
+            self.assert_refused("-a", "-", "hi", stdin=zero,
+                                message="the image on standard input is larger than 10 MiB")
+
+    def test_the_bound_can_be_raised(self):
+        """MAX_INPUT_SIZE is the bound, read when the file is."""
+        from unittest import mock
+        path = self.write("notes.txt", "x" * 2000)
+        with mock.patch.object(casual_llm, "MAX_INPUT_SIZE", 1000):
+            self.assert_refused("-f", path, "hi", message="is larger than")
+        self.fp.add(openai_reply("ok"))
+        self.assertEqual(self.run_main("--no-stream", "-f", path, "hi")[0], 0)
+
+    def test_text_that_is_not_utf8_names_its_source(self):
+        """A Latin-1 file or stdin: which input, which byte, where."""
+        path = self.write("latin1.txt", "café".encode("latin-1"))
+        self.assert_refused("-f", path, "hi",
+                            message=r"--file '.*latin1.txt' is not UTF-8 text \(byte 0xe9 at offset 3\)")
+        self.assert_refused("hi", stdin=self.binary_stdin(b"caf\xe9\n"),
+                            message=r"standard input is not UTF-8 text \(byte 0xe9 at offset 3\)")
+        self.assert_refused("--schema", self.write("schema.json", b'{"type": "\xff"}'), "hi",
+                            message="--schema .*not UTF-8")
+        self.assert_refused("-a", self.write("notes.txt", "just words"), "hi",
+                            message="--attach .*not an image")
+
+    def test_deep_schema(self):
+        """A --schema nested 10^5 deep, inline or in a file, is a usage error."""
+        deep = '{"items": ' * 100_000 + "{}" + "}" * 100_000
+        self.assert_refused("--schema", deep, "hi", message="--schema: .*nested too deeply")
+        self.assert_refused("--schema", self.write("deep.json", deep), "hi",
+                            message="--schema: .*nested too deeply")
+        arrays = '{"enum": ' + "[" * 100_000 + "]" * 100_000 + "}"
+        self.assert_refused("--schema", arrays, "hi", message="--schema: .*nested too deeply")
+
+    def test_bad_server_urls_exit_2(self):
+        """A base URL that cannot be reached at all is a usage error, before any request;
+        the message does not repeat the URL (it may hold a key)."""
+        for url in ("http://127.0.0.1:99999/v1", "http://127.0.0.1:abc/v1", "http://a b/v1",
+                    "ftp://example.com/v1", "http://user:s3cret@[::1/v1", "127.0.0.1/v1"):
+            with self.subTest(url=url):
+                self.assert_refused("--base-url", url, "hi", message="server URL")
+                self.assertNotIn("s3cret", self.run_main("--base-url", url, "hi")[2])
+        with mock_env(CASUAL_LLM_BASE_URL="http://127.0.0.1:99999/v1"):
+            self.assert_refused("hi", message="CASUAL_LLM_BASE_URL")
+
+    def test_load_in_a_chat(self):
+        """/load of a huge, deep or non-UTF-8 file is one error line; the chat goes on."""
+        deep = self.write("deep.json", "[" * 100_000 + "]" * 100_000)
+        latin = self.write("latin.json", b'{"messages": "\xe9"}')
+        code, _, err = self.run_main("-i", stdin=f"/load {deep}\n/load {latin}\n/exit\n")
+        self.assertEqual(code, 0, err)
+        self.assertIn("nested too deeply", err)
+        self.assertIn("not UTF-8 text", err)
+        self.assertNotIn("Traceback", err)
 
 
 class TestListModelsCommand(CommandLineTest):
@@ -5194,7 +5275,7 @@ class TestChatCommands(CommandLineTest):
         for name in casual_llm._CHAT_COMMANDS:
             self.assertIn(name, err)
         self.assertIn("unknown command /nope", err)
-        self.assertIn("error: [Errno 2]", err)
+        self.assertIn("error: /no/such/file: No such file", err)
         self.assertRegex(err, r"error: 500 .*boom")
         self.assertEqual([m["content"] for m in self.sent()["messages"]], ["q2"])
 
