@@ -4762,7 +4762,7 @@ class _CountingImages(ThreadingHTTPServer):
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_GET(self):  # noqa: N802 - http.server's name
+            def do_GET(self):
                 server = self.server
                 with server.lock:
                     server.open += 1
