@@ -293,6 +293,8 @@ DEFAULT_TIMEOUT = 30.0  # image downloads
 DEFAULT_REPLY_TIMEOUT = 600.0  # a non-streamed reply, with the clients' default timeout
 _DEFAULT_CLIENT_TIMEOUT = 60.0
 MAX_IMAGE_SIZE = 10 * 1024 * 1024
+IMAGE_FETCH_DEADLINE = 60.0  # seconds for the whole download of one image, redirects included
+MAX_PARALLEL_IMAGE_FETCHES = 8  # image downloads at once for one request
 # Added where a provider needs the request itself to ask for JSON (OpenAI's JSON mode
 # refuses a conversation that never mentions it; Anthropic has no JSON mode).
 _JSON_INSTRUCTION = "You must respond with valid JSON only. No other text."
@@ -3070,12 +3072,13 @@ class _Abort:
     ``abort`` against ``detach``, so a socket back in the pool is never shut.
     """
 
-    __slots__ = ("_event", "_lock", "_sock")
+    __slots__ = ("_children", "_event", "_lock", "_sock")
 
     def __init__(self) -> None:
         self._event = threading.Event()
         self._lock = threading.Lock()
         self._sock: Any = None
+        self._children: list[_Abort] = []
 
     @property
     def aborted(self) -> bool:
@@ -3096,13 +3099,26 @@ class _Abort:
     def abort(self) -> None:
         with self._lock:
             self._event.set()
-            sock = self._sock
+            sock, children = self._sock, list(self._children)
             if sock is not None:
                 import socket
                 try:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+        for child in children:
+            child.abort()
+
+    def child(self) -> _Abort:
+        """An abort with a socket of its own (one of several parallel downloads) that
+        this one's abort reaches too; it can also be aborted alone (a deadline)."""
+        child = _Abort()
+        with self._lock:
+            self._children.append(child)
+            aborted = self._event.is_set()
+        if aborted:
+            child.abort()
+        return child
 
     def sleep(self, seconds: float) -> None:
         """Wait between retries; wakes at once when aborted."""
@@ -4154,7 +4170,8 @@ def _check_address(host: str, port: int, allow_private: bool,
     for info in infos:
         address = str(info[4][0]).split("%")[0]
         ip = _embedded_ipv4(ipaddress.ip_address(address))
-        if (not allow_private and not ip.is_global) or ip.is_multicast or ip.is_unspecified:
+        public = ip.is_global and ip not in _LOCAL_NAT64
+        if (not allow_private and not public) or ip.is_multicast or ip.is_unspecified:
             raise ImageFetchError(
                 f"refusing to fetch an image from {host!r}: it resolves to {ip}, which is "
                 "not a public address (pass allow_private_image_urls=True for images on "
@@ -4165,31 +4182,46 @@ def _check_address(host: str, port: int, allow_private: bool,
 
 def _embedded_ipv4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address
                    ) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """The IPv4 address inside an IPv4-mapped, 6to4 or NAT64 (64:ff9b::/96) address:
-    Python counts the last two as global, yet they can reach a private IPv4 network."""
+    """The IPv4 address inside an IPv4-mapped, IPv4-compatible (``::a.b.c.d``),
+    IPv4-translated (``::ffff:0:a.b.c.d``), 6to4 or NAT64 (64:ff9b::/96) address:
+    Python counts some of them as global, yet they can reach a private IPv4 network."""
     import ipaddress
     if not isinstance(ip, ipaddress.IPv6Address):
         return ip
     inner = ip.ipv4_mapped or ip.sixtofour
     if inner is not None:
         return inner
-    if ip in ipaddress.IPv6Network("64:ff9b::/96"):
-        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    value = int(ip)
+    if (value >> 32 in (0, 0xFFFF0000) and value > 1) or ip in _NAT64:
+        return ipaddress.IPv4Address(value & 0xFFFFFFFF)
     return ip
 
 
+def _network(text: str) -> Any:
+    import ipaddress
+    return ipaddress.ip_network(text)
+
+
+_NAT64 = _network("64:ff9b::/96")
+# RFC 8215's local-use NAT64 prefix: it translates to whatever IPv4 network the operator
+# chose, so nothing in it counts as public, whatever Python's version says.
+_LOCAL_NAT64 = _network("64:ff9b:1::/48")
+
+
 def _pinned_connection(scheme: str, host: str, port: int, address: str, timeout: float,
-                       context: ssl.SSLContext | None) -> http.client.HTTPConnection:
-    """A connection to the checked ``address`` that still speaks TLS/Host for ``host``."""
+                       context: ssl.SSLContext | None, abort: _Abort
+                       ) -> http.client.HTTPConnection:
+    """A connection to the checked ``address`` that still speaks TLS/Host for ``host``;
+    connecting and every read stop when ``abort`` fires."""
     import http.client
-    import socket
 
     class Pinned(http.client.HTTPSConnection if scheme == "https" else  # type: ignore[misc]
                  http.client.HTTPConnection):
         def connect(self) -> None:
-            sock = socket.create_connection((address, port), timeout)
+            sock = _connect_socket((address, port), timeout, abort=abort)
             self.sock = (self._context.wrap_socket(sock, server_hostname=host)
                          if scheme == "https" else sock)
+            abort.attach(self.sock)  # the TLS socket now owns the descriptor
 
     if scheme == "https":
         return Pinned(host, port, timeout=timeout, context=context or _ssl_context())
@@ -4197,7 +4229,7 @@ def _pinned_connection(scheme: str, host: str, port: int, address: str, timeout:
 
 
 def _image_connection(scheme: str, host: str, port: int, timeout: float, allow_private: bool,
-                      context: ssl.SSLContext | None
+                      context: ssl.SSLContext | None, abort: _Abort
                       ) -> tuple[http.client.HTTPConnection, str, dict[str, str]]:
     """A connection for one image request: to the checked address, or through the proxy
     the environment names. Returns it with the request-target prefix and headers."""
@@ -4205,20 +4237,53 @@ def _image_connection(scheme: str, host: str, port: int, timeout: float, allow_p
     proxy = _proxy_for(scheme, host)
     if proxy is None:
         address = _check_address(host, port, allow_private)[0]
-        return _pinned_connection(scheme, host, port, address, timeout, context), "", headers
+        return (_pinned_connection(scheme, host, port, address, timeout, context, abort),
+                "", headers)
     _check_address(host, port, allow_private, via_proxy=True)
     conn = _proxy_connection(proxy, scheme, host, port, timeout,
                              (context or _ssl_context()) if scheme == "https" else None)
+    conn.connect()
+    abort.attach(conn.sock)
     if scheme == "https":
         return conn, "", headers
     return conn, f"http://{host}:{port}", {**headers, **_proxy_auth(proxy)}
 
 
-def _fetch_image_blocking(url: str, timeout: float = DEFAULT_TIMEOUT,
+def _fetch_image_blocking(url: str, timeout: float | None = DEFAULT_TIMEOUT,
                           max_size: int = MAX_IMAGE_SIZE, allow_private: bool = False,
-                          ssl_context: ssl.SSLContext | None = None) -> tuple[str, str]:
+                          ssl_context: ssl.SSLContext | None = None,
+                          abort: _Abort | None = None) -> tuple[str, str]:
     """Download an image safely: public addresses only, at most 5 checked redirects,
-    at most ``max_size`` bytes, an ``image/*`` content type. Returns (base64, type)."""
+    at most ``max_size`` bytes, an ``image/*`` content type, ``timeout`` per read and
+    ``IMAGE_FETCH_DEADLINE`` in all; ``abort`` stops it. Returns (base64, type)."""
+    mine = (abort or _Abort()).child()
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        mine.abort()
+
+    deadline = IMAGE_FETCH_DEADLINE
+    timer = threading.Timer(deadline, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        return _fetch_image(url, timeout, max_size, allow_private, ssl_context, mine)
+    except (ImageFetchError, OSError, _Aborted, _http_exception()) as exc:
+        if expired.is_set():
+            raise ImageFetchError(f"the image download took longer than {deadline:g}s "
+                                  "(IMAGE_FETCH_DEADLINE)") from None
+        if mine.aborted:
+            raise _Aborted() from None
+        if isinstance(exc, ImageFetchError):
+            raise
+        raise ImageFetchError(f"error fetching image: {exc}") from exc
+    finally:
+        timer.cancel()
+
+
+def _fetch_image(url: str, timeout: float | None, max_size: int, allow_private: bool,
+                 ssl_context: ssl.SSLContext | None, abort: _Abort) -> tuple[str, str]:
     import base64
     from urllib.parse import urljoin, urlsplit
     for _ in range(_MAX_REDIRECTS + 1):
@@ -4227,8 +4292,9 @@ def _fetch_image_blocking(url: str, timeout: float = DEFAULT_TIMEOUT,
             raise ImageFetchError(f"image URL must be http(s) with a host, got "
                                   f"{_short(_redact_url(url) if '://' in url else url)}")
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        conn, prefix, headers = _image_connection(parts.scheme, parts.hostname, port, timeout,
-                                                  allow_private, ssl_context)
+        conn, prefix, headers = _image_connection(parts.scheme, parts.hostname, port,
+                                                  timeout or DEFAULT_TIMEOUT, allow_private,
+                                                  ssl_context, abort)
         try:
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             conn.request("GET", prefix + path, headers=headers)
@@ -4245,16 +4311,23 @@ def _fetch_image_blocking(url: str, timeout: float = DEFAULT_TIMEOUT,
             length = resp.getheader("content-length")
             if length and length.isdigit() and int(length) > max_size:
                 raise ImageFetchError(f"image is larger than {max_size} bytes")
-            body = resp.read(max_size + 1)
-            if len(body) > max_size:
-                raise ImageFetchError(f"image is larger than {max_size} bytes")
-            return base64.b64encode(body).decode("ascii"), media
+            pieces, size = [], 0
+            while piece := resp.read1(65536):  # what has come: a drip cannot hold a read
+                pieces.append(piece)
+                size += len(piece)
+                if size > max_size:
+                    raise ImageFetchError(f"image is larger than {max_size} bytes")
+            if abort.aborted:  # the socket was shut: what came is not the whole image
+                raise _Aborted()
+            return base64.b64encode(b"".join(pieces)).decode("ascii"), media
         except (OSError, _http_exception()) as exc:
             import socket
-            if isinstance(exc, (socket.timeout, TimeoutError)):
-                raise ImageFetchError(f"timeout fetching image after {timeout:g}s") from exc
-            raise ImageFetchError(f"error fetching image: {exc}") from exc
+            if isinstance(exc, (socket.timeout, TimeoutError)) and not abort.aborted:
+                raise ImageFetchError(f"timeout fetching image after "
+                                      f"{timeout or DEFAULT_TIMEOUT:g}s") from exc
+            raise
         finally:
+            abort.detach()
             conn.close()
     raise ImageFetchError("too many redirects when fetching image")
 
@@ -4269,29 +4342,40 @@ async def fetch_image_as_base64(url: str, timeout: float = DEFAULT_TIMEOUT,
     images on your own network); the body is capped at ``max_size`` bytes and must
     be an image.
     """
+    if not isinstance(allow_private, bool):  # "false" would be true
+        _fail("fetch_image_as_base64", "allow_private", "True or False", allow_private)
     return await _run_blocking(lambda abort: _fetch_image_blocking(
-        url, timeout, max_size, allow_private))
+        url, timeout, max_size, allow_private, abort=abort))
 
 
-def _parallel(jobs: list[Callable[[], _T]]) -> list[_T]:
-    """Run blocking jobs on the workers at once; the first failure is raised."""
+def _parallel(jobs: list[Callable[[], _T]], limit: int) -> list[_T]:
+    """Run blocking jobs on the workers, at most ``limit`` at once; after the first
+    failure no new job starts, and that failure is raised."""
     if len(jobs) <= 1:
         return [job() for job in jobs]
     results: list[Any] = [None] * len(jobs)
-    done = threading.Semaphore(0)
+    slots = threading.Semaphore(max(1, limit))
+    failed = threading.Event()
 
     def run(i: int, job: Callable[[], _T]) -> None:
         try:
             results[i] = (True, job())
         except BaseException as exc:
             results[i] = (False, exc)
-        done.release()
+            failed.set()
+        slots.release()
 
+    started = 0
     for i, job in enumerate(jobs):
+        slots.acquire()
+        if failed.is_set():
+            slots.release()
+            break
         _workers.submit(functools.partial(run, i, job))
-    for _ in jobs:
-        done.acquire()
-    for ok, value in results:
+        started += 1
+    for _ in range(max(1, limit)):  # every started job has given its slot back
+        slots.acquire()
+    for ok, value in results[:started]:
         if not ok:
             raise value
     return [value for _, value in results]
@@ -4733,26 +4817,31 @@ async def convert_messages_to_ollama(messages: list[ChatMessage], *,
     """Messages in Ollama ``/api/chat`` form; image URLs are downloaded (safely) and
     sent as base64, tool results carry ``tool_name`` and ``tool_call_id``."""
     checked = _check_messages(messages)
+    if not isinstance(allow_private_image_urls, bool):
+        _fail("convert_messages_to_ollama", "allow_private_image_urls", "True or False",
+              allow_private_image_urls)
     if not _image_urls(checked):
         return [_message_to_ollama(m, {}) for m in checked]
     return await _run_blocking(lambda abort: _messages_to_ollama(
-        checked, allow_private_image_urls))
+        checked, allow_private_image_urls, abort=abort))
 
 
 def _messages_to_ollama(messages: list[ChatMessage], allow_private: bool = False,
                         ssl_context: ssl.SSLContext | None = None,
-                        fetch: bool = True) -> list[dict[str, Any]]:
-    """The blocking converter: image URLs are fetched in parallel on the workers
-    (``fetch=False``, for a dry run, leaves a placeholder naming the URL); the messages
-    are already checked."""
+                        fetch: bool = True, timeout: float | None = DEFAULT_TIMEOUT,
+                        abort: _Abort | None = None) -> list[dict[str, Any]]:
+    """The blocking converter: image URLs are fetched in parallel on the workers,
+    ``MAX_PARALLEL_IMAGE_FETCHES`` at once (``fetch=False``, for a dry run, leaves a
+    placeholder naming the URL); the messages are already checked."""
     checked = messages
     urls = _image_urls(checked)
     if not fetch:
         images = {url: f"<base64 of {_redact_url(url)}, fetched when sent>" for url in urls}
         return [_message_to_ollama(m, images) for m in checked]
-    fetched = _parallel([functools.partial(_fetch_image_blocking, url, DEFAULT_TIMEOUT,
-                                           MAX_IMAGE_SIZE, allow_private, ssl_context)
-                         for url in urls])
+    parent = abort or _Abort()
+    fetched = _parallel([functools.partial(_fetch_image_blocking, url, timeout,
+                                           MAX_IMAGE_SIZE, allow_private, ssl_context, parent)
+                         for url in urls], MAX_PARALLEL_IMAGE_FETCHES)
     images = {url: data for url, (data, _) in zip(urls, fetched, strict=True)}
     return [_message_to_ollama(m, images) for m in checked]
 
@@ -5453,7 +5542,7 @@ class _HTTPClient:
                 "system_message_handling": self.system_message_handling}
 
     def _body(self, call: _Call, messages: list[ChatMessage], stream: bool,
-              dry_run: bool) -> tuple[dict[str, Any], list[str]]:
+              dry_run: bool, abort: _Abort | None = None) -> tuple[dict[str, Any], list[str]]:
         """The provider's request body, and the options it leaves out."""
         raise NotImplementedError
 
@@ -5472,12 +5561,14 @@ class _HTTPClient:
             else:
                 body[key] = value
 
-    def _build_request(self, call: _Call, stream: bool, dry_run: bool = False) -> _Request:
-        """The HTTP request for one call: the same for chat and stream but ``stream``."""
+    def _build_request(self, call: _Call, stream: bool, dry_run: bool = False,
+                       abort: _Abort | None = None) -> _Request:
+        """The HTTP request for one call: the same for chat and stream but ``stream``;
+        ``abort`` stops what building it may fetch (Ollama's image URLs)."""
         messages = call.messages
         if call.options.system_message_handling == "merge":
             messages = _merge_system(messages)
-        body, left_out = self._body(call, messages, stream, dry_run)
+        body, left_out = self._body(call, messages, stream, dry_run, abort)
         if left_out:
             logger.warning("%s does not take %s: left out of the request",
                            self._facts.name, ", ".join(left_out))
@@ -5496,12 +5587,12 @@ class _HTTPClient:
 
     def _chat_blocking(self, abort: _Abort | None,
                        call: _Call) -> tuple[AssistantMessage, Usage | None]:
-        body, _ = _request_json(self._build_request(call, stream=False), abort)
+        body, _ = _request_json(self._build_request(call, stream=False, abort=abort), abort)
         return self._parse(body, call.fmt)
 
     def _stream_blocking(self, abort: _Abort | None,
                          call: _Call) -> Generator[list[StreamChunk], None, None]:
-        req = self._build_request(call, stream=True)
+        req = self._build_request(call, stream=True, abort=abort)
         return _stream_batches(req, self._decoder(), self._stream_state(call.fmt), abort)
 
     async def _chat(self, model: str, messages: list[ChatMessage], options: Any = None,
@@ -5649,7 +5740,7 @@ class OpenAIClient(_HTTPClient):
                          reply_timeout=reply_timeout, split_think=split_think)
 
     def _body(self, call: _Call, messages: list[ChatMessage], stream: bool,
-              dry_run: bool) -> tuple[dict[str, Any], list[str]]:
+              dry_run: bool, abort: _Abort | None = None) -> tuple[dict[str, Any], list[str]]:
         return _request_openai(call, messages, stream, self._dialect)
 
     def _parse(self, body: Any, fmt: _ResponseFormat) -> tuple[AssistantMessage, Usage | None]:
@@ -5713,7 +5804,7 @@ class AnthropicClient(_HTTPClient):
                          reply_timeout=reply_timeout)
 
     def _body(self, call: _Call, messages: list[ChatMessage], stream: bool,
-              dry_run: bool) -> tuple[dict[str, Any], list[str]]:
+              dry_run: bool, abort: _Abort | None = None) -> tuple[dict[str, Any], list[str]]:
         return _request_anthropic(call, messages, stream)
 
     def _parse(self, body: Any, fmt: _ResponseFormat) -> tuple[AssistantMessage, Usage | None]:
@@ -5777,7 +5868,10 @@ class OllamaClient(_HTTPClient):
         _check_str("OllamaClient", "api_key", api_key, optional=True)
         facts = self._facts
         self.host = _base_url(_ollama_host(host), facts.url_env, OLLAMA_HOST, "OllamaClient")
-        self.allow_private_image_urls = bool(allow_private_image_urls)
+        if not isinstance(allow_private_image_urls, bool):  # "false" would be true
+            raise ConfigurationError("OllamaClient: allow_private_image_urls must be True or "
+                                     f"False, got {type(allow_private_image_urls).__name__}")
+        self.allow_private_image_urls = allow_private_image_urls
         key = api_key or _env(facts.key_env)
         self._endpoint = self.host + "/api/chat"
         self._embed_endpoint = self.host + "/api/embed"
@@ -5788,9 +5882,9 @@ class OllamaClient(_HTTPClient):
                          reply_timeout=reply_timeout, split_think=split_think)
 
     def _body(self, call: _Call, messages: list[ChatMessage], stream: bool,
-              dry_run: bool) -> tuple[dict[str, Any], list[str]]:
+              dry_run: bool, abort: _Abort | None = None) -> tuple[dict[str, Any], list[str]]:
         wire = _messages_to_ollama(messages, self.allow_private_image_urls, self._ssl_context,
-                                   fetch=not dry_run)
+                                   fetch=not dry_run, timeout=self.timeout, abort=abort)
         return _request_ollama(call, wire, stream)
 
     def _merge_extra(self, body: dict[str, Any], extra: dict[str, Any]) -> None:

@@ -4749,6 +4749,131 @@ class TestImageFetch(ServerTest):
         self.assertEqual(len(self.fp.requests), 6)
 
 
+class _CountingImages(ThreadingHTTPServer):
+    """An image server on loopback that counts the downloads open at once."""
+
+    daemon_threads = True
+
+    def __init__(self, latency):
+        self.latency, self.open, self.most, self.served = latency, 0, 0, 0
+        self.lock = threading.Lock()
+        png = base64.b64decode(PNG_B64)
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                server = self.server
+                with server.lock:
+                    server.open += 1
+                    server.most = max(server.most, server.open)
+                time.sleep(server.latency)  # a slow image host: downloads overlap
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(png)))
+                self.end_headers()
+                self.wfile.write(png)
+                with server.lock:
+                    server.open -= 1
+                    server.served += 1
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.shutdown()
+        self.server_close()
+
+
+class TestImageFetchBounds(ServerTest):
+    """Image downloads are bounded in time and number, stop when cancelled, and the
+    SSRF switch and guard take no shortcuts."""
+
+    def ollama(self, **kwargs):
+        self.fp.add(ollama_reply("seen"))
+        return OllamaClient(host=self.fp.url, allow_private_image_urls=True, **kwargs)
+
+    def image_message(self, *urls):
+        return [UserMessage(content=[TextContent(text="look"),
+                                     *(ImageContent(source=u) for u in urls)])]
+
+    def test_ipv6_forms_that_embed_ipv4(self):
+        """IPv4-compatible, IPv4-translated and local-use NAT64 addresses are not public."""
+        for host in ("::127.0.0.1", "::10.0.0.1", "::ffff:0:127.0.0.1", "::ffff:0:a00:1",
+                     "64:ff9b:1::7f00:1", "64:ff9b:1::808:808", "64:ff9b::7f00:1"):
+            with self.subTest(host=host), \
+                    self.assertRaisesRegex(ImageFetchError, "not a public address"):
+                run_async(fetch_image_as_base64(f"http://[{host}]/a.png"))
+
+    def test_the_switch_is_a_bool(self):
+        """A string such as "false" is refused; it used to turn the guard off."""
+        with self.assertRaisesRegex(ConfigurationError, "allow_private_image_urls"):
+            OllamaClient(host=self.fp.url, allow_private_image_urls="false")
+        with self.assertRaisesRegex(ValidationError, "allow_private"):
+            run_async(fetch_image_as_base64("http://127.0.0.1/a.png", allow_private="false"))
+        with self.assertRaisesRegex(ValidationError, "allow_private_image_urls"):
+            run_async(convert_messages_to_ollama(self.image_message("http://127.0.0.1/a.png"),
+                                                 allow_private_image_urls="no"))
+
+    def test_a_drip_is_cut_off_at_the_deadline(self):
+        """A byte every 50 ms keeps each read alive; IMAGE_FETCH_DEADLINE ends it."""
+        from unittest import mock
+        drip = Reply(frames=[b"\x89"] * 400, frame_delay=0.05, content_type="image/png")
+        self.fp.add(drip)
+        started = time.monotonic()
+        with mock.patch.object(casual_llm, "IMAGE_FETCH_DEADLINE", 0.5), \
+                self.assertRaisesRegex(ImageFetchError, "longer than 0.5s"):
+            run_async(fetch_image_as_base64(self.fp.url + "/drip.png", allow_private=True))
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertTrue(self.fp.wait_client_gone(timeout=5))
+
+    def test_the_clients_timeout_applies(self):
+        """OllamaClient(timeout=) is the image read timeout too (it was a fixed 30 s)."""
+        self.fp.add(Reply(body=base64.b64decode(PNG_B64), content_type="image/png", delay=3))
+        client = self.ollama(timeout=0.3, max_retries=0)
+        started = time.monotonic()
+        with self.assertRaisesRegex(ImageFetchError, "timeout fetching image after 0.3s"):
+            run_async(Model(client, "llava").chat(self.image_message(self.fp.url + "/a.png")))
+        self.assertLess(time.monotonic() - started, 2.5)
+
+    def test_cancelling_stops_the_download(self):
+        """Cancelling the chat while an image downloads closes that connection."""
+        held = Reply(frames=[b"\x89PNG", b"rest"], content_type="image/png", hold_before=1)
+        self.fp.add(held)
+        client = self.ollama()
+
+        async def cancel():
+            import asyncio
+            task = asyncio.ensure_future(Model(client, "llava").chat(
+                self.image_message(self.fp.url + "/a.png")))
+            self.assertTrue(await asyncio.get_running_loop().run_in_executor(
+                None, held.reached.wait, 5))
+            task.cancel()
+            with self.assertRaises(asyncio.CancelledError):
+                await task
+        run_async(cancel())
+        self.assertTrue(self.fp.wait_client_gone(timeout=5))
+        self.assertTrue(self.wait_workers_idle())
+        self.assertEqual([r.path for r in self.fp.requests], ["/a.png"])
+
+    def test_downloads_are_bounded_in_number(self):
+        """200 image URLs in one message: never more than MAX_PARALLEL_IMAGE_FETCHES open."""
+        images = _CountingImages(latency=0.01)
+        self.addCleanup(images.close)
+        base = f"http://127.0.0.1:{images.server_address[1]}"
+        client = self.ollama()
+        reply = Model(client, "llava").chat_sync(
+            self.image_message(*(f"{base}/{i}.png" for i in range(200))))
+        self.assertEqual(reply.content, "seen")
+        self.assertEqual(images.served, 200)
+        self.assertLessEqual(images.most, casual_llm.MAX_PARALLEL_IMAGE_FETCHES)
+        self.assertGreater(images.most, 1, "the downloads did not overlap at all")
+        self.assertEqual(len(self.fp.requests[-1].json["messages"][0]["images"]), 200)
+
+
 # === Command line =============================================================================
 
 _CLI_KEY = "sk-test-cli-secret-4242"
