@@ -44,6 +44,7 @@ from collections.abc import (
     Generator,
     Iterable,
     Iterator,
+    Mapping,
     Sequence,
 )
 from typing import Any, ClassVar, Literal, NoReturn, Protocol, TypeVar, Union
@@ -398,6 +399,121 @@ def _check_int(owner: str, field: str, value: Any, *, optional: bool = True,
         return
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         _fail(owner, field, f"an integer >= {minimum}" + (" or None" if optional else ""), value)
+
+
+# A header value under one of these names is a secret: never shown, always scrubbed.
+_SECRET_NAME = re.compile(r"auth|key|token|secret|passw|cookie|session|signature|credential",
+                          re.IGNORECASE)
+# http.client writes header values as Latin-1; a tab is the one control character allowed.
+_BAD_HEADER_CHAR = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]|[^\x00-\xff]")
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")  # RFC 9110 token
+# Set by the transport from the body and the URL: a second value would desynchronise
+# the framing (request smuggling) or send the request elsewhere.
+_FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "host", "connection",
+                              "keep-alive", "te", "trailer", "upgrade", "proxy-connection"})
+
+
+def _bad_char(text: str) -> str | None:
+    """Where ``text`` holds a character no HTTP header can carry, described without it."""
+    found = _BAD_HEADER_CHAR.search(text)
+    if found is None:
+        return None
+    char = found.group()
+    what = {"\n": "a line break", "\r": "a carriage return", "\x00": "a NUL byte"}.get(
+        char, f"the control character U+{ord(char):04X}" if ord(char) < 256
+        else f"the non-Latin-1 character U+{ord(char):04X}")
+    return f"{what} at position {found.start()}"
+
+
+def _credential(owner: str, param: str, value: str | None, env: str | None) -> str | None:
+    """A key or token from ``param`` or ``env``, surrounding whitespace stripped (a ``.env``
+    file's newline); one that still holds a character no header can carry is refused,
+    naming where it came from but never the key."""
+    source = f"{param}=" if value else env
+    key = (value or (_env(env) if env else None) or "").strip() or None
+    if key is not None and (where := _bad_char(key)) is not None:
+        raise ConfigurationError(f"{owner}: the {param} from {source} holds {where}; a key "
+                                 "is printable text: check for a stray or pasted character")
+    return key
+
+
+def _header_dict(owner: str, field: str, headers: Any) -> dict[str, str]:
+    """User-set headers, each name a token and each value one line of Latin-1 (no CR, LF,
+    NUL or folding), surrounding whitespace stripped; framing headers refused. Values
+    under secret-looking names become secrets."""
+    if headers is None:
+        return {}
+    if not (isinstance(headers, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in headers.items())):
+        _fail(owner, field, "a dict of str -> str", headers)
+    checked: dict[str, str] = {}
+    for name, value in headers.items():
+        if not _HEADER_NAME.match(name):
+            raise ConfigurationError(f"{owner}: {field} has a header name that is not an HTTP "
+                                     f"token: {_short(name)}")
+        if name.lower() in _FRAMING_HEADERS:
+            raise ConfigurationError(f"{owner}: {field} cannot set {name!r}: the transport "
+                                     "sets it from the request")
+        value = value.strip(" \t")
+        if (where := _bad_char(value)) is not None:
+            raise ConfigurationError(f"{owner}: {field}[{name!r}] holds {where}; a header "
+                                     "value is one line of text")
+        checked[name] = _Secret(value) if _SECRET_NAME.search(name) else value
+    return checked
+
+
+def _merge_headers(*layers: dict[str, str]) -> dict[str, str]:
+    """Headers from each layer in turn, a later one replacing an earlier one of the same
+    name in any case: two ``Authorization`` lines would reach the server otherwise."""
+    merged: dict[str, tuple[str, str]] = {}
+    for layer in layers:
+        for name, value in layer.items():
+            merged[name.lower()] = (name, value)
+    return dict(merged.values())
+
+
+def _secrets_in(headers: Mapping[str, str], url: str = "") -> set[str]:
+    """Every secret a request carries: secret header values (with the token after their
+    scheme word, and both halves of a Basic token), and the URL's credentials and
+    secret-named query values."""
+    import base64
+    import binascii
+    from urllib.parse import parse_qsl, unquote, urlsplit
+    found: set[str] = set()
+    for name, value in headers.items():
+        if not (isinstance(value, _Secret) or _SECRET_NAME.search(name)):
+            continue
+        found.add(value)
+        scheme, _, token = value.partition(" ")
+        if token:
+            found.add(token.strip())
+        if scheme.lower() == "basic":
+            try:
+                found.update(base64.b64decode(token, validate=True).decode().split(":", 1))
+            except (binascii.Error, UnicodeDecodeError):
+                pass
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        parts = None
+    if parts is not None:
+        for item in (parts.username, parts.password):
+            if item:
+                found.update({item, unquote(item)})
+        found.update(v for k, v in parse_qsl(parts.query) if _SECRET_NAME.search(k))
+    return {secret for secret in found if secret.strip()}
+
+
+def _scrub(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every secret in ``secrets`` replaced by ``<redacted>``, longest first
+    (a key inside its header value goes too); one shorter than 6 characters only as a
+    whole word, or a 3-letter password would eat every word it is part of."""
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= 6:
+            text = text.replace(secret, "<redacted>")
+        elif secret in text:
+            text = re.sub(rf"(?<![\w-]){re.escape(secret)}(?![\w-])", "<redacted>", text)
+    return text
 
 
 # === 3. Content, messages, usage =============================================
@@ -3364,13 +3480,34 @@ class _Request:
         return f"_Request({self.method} {_redact_url(self.url)})"
 
 
+def _url_problem(url: str) -> str | None:
+    """What makes ``url`` unusable as a server URL, if anything: it must be http(s) with
+    a host and a numeric port, without a space, a control character (urllib strips them,
+    so the request would go to a rewritten path) or a fragment (never sent)."""
+    from urllib.parse import urlsplit
+    if (where := _bad_char(url)) is not None or " " in url or "\t" in url:
+        return f"it holds {where or 'a space or a tab'}"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number below 65536
+    except ValueError as exc:
+        return str(exc)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "it must start with http:// or https:// and name a host"
+    if "#" in url:
+        return "it has a #fragment, which is never sent"
+    return None
+
+
 def _redact_url(url: str) -> str:
     """A URL for messages: no query string, no user info."""
     from urllib.parse import urlsplit
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an IPv6 bracket left open: nothing in it is safe to show
+        return "<URL that cannot be parsed>"
+    netloc = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{netloc}{parts.path}"
 
 
 def _ssl_context(cafile: str | None = None) -> ssl.SSLContext:
@@ -3593,7 +3730,7 @@ def _open(req: _Request, abort: _Abort | None) -> _Connection:
             if abort is not None and abort.aborted:
                 raise _Aborted() from exc
             error = _connection_error(exc, req)
-            if attempt >= req.max_retries:
+            if attempt >= req.max_retries or type(exc).__name__ == "InvalidURL":
                 raise error from exc
             delay = _backoff(attempt, None)
         else:
@@ -3671,11 +3808,15 @@ def _backoff(attempt: int, retry_after: float | None) -> float:
 def _redirected(req: _Request, status: int, location: str) -> _Request:
     """The request to repeat at ``location``; credentials stay behind on another origin."""
     from urllib.parse import urljoin, urlsplit
-    url = urljoin(req.url, location)
+    url = urljoin(req.url, location).partition("#")[0]  # a fragment is never sent
+    if (problem := _url_problem(url)) is not None:
+        raise APIConnectionError(f"{_redact_url(req.url)} redirected to a URL that is not "
+                                 f"valid: {problem}")
     old, new = urlsplit(req.url), urlsplit(url)
     headers = dict(req.headers)
     if (old.scheme, old.hostname, old.port) != (new.scheme, new.hostname, new.port):
-        headers = {k: v for k, v in headers.items() if k.lower() not in _SENSITIVE_HEADERS}
+        headers = {k: v for k, v in headers.items()
+                   if not isinstance(v, _Secret) and k.lower() not in _SENSITIVE_HEADERS}
     if status in (307, 308):
         return dataclasses.replace(req, url=url, headers=headers)
     headers.pop("Content-Type", None)
@@ -3710,7 +3851,7 @@ def _status_error(exchange: _Connection, req: _Request) -> APIStatusError:
         raw = b""
         exchange.close()
     headers = {k.lower(): v for k, v in resp.getheaders()}
-    details = _error_details(_scrub_secrets(raw, req.headers), headers)
+    details = _error_details(_scrub_secrets(raw, exchange.headers, req.url), headers)
     text = details["provider_message"] or resp.reason or "no message"
     rid = details["request_id"]
     message = (f"{resp.status} from {req.method} {_redact_url(req.url)}: {text}"
@@ -3720,15 +3861,13 @@ def _status_error(exchange: _Connection, req: _Request) -> APIStatusError:
         **details)
 
 
-def _scrub_secrets(raw: bytes, sent: dict[str, str]) -> bytes:
-    """An error body with the request's own credentials taken out: some servers echo
-    the key they refused, and the body becomes the exception's message."""
-    for value in sent.values():
-        if isinstance(value, _Secret):
-            for secret in {value, value.split()[-1]}:
-                if len(secret) >= 8:
-                    raw = raw.replace(secret.encode(), b"<redacted>")
-    return raw
+def _scrub_secrets(raw: bytes, sent: dict[str, str], url: str) -> bytes:
+    """An error body with every secret of the request taken out (its key, a gateway's
+    header, the proxy's and the URL's credentials): some servers echo the key they
+    refused, and the body becomes the exception's message."""
+    text = raw.decode("utf-8", "surrogateescape")
+    scrubbed = _scrub(text, _secrets_in(sent, url))
+    return raw if scrubbed == text else scrubbed.encode("utf-8", "surrogateescape")
 
 
 def _error_details(raw: bytes, headers: dict[str, str]) -> dict[str, Any]:
@@ -5479,12 +5618,41 @@ def _client_call(client: Any, model: Any, messages: Any, options: Any, args: tup
     return _new_call(owner, model, messages, (client._layer(), options, keywords))
 
 
-def _base_url(value: str | None, env: str, default: str, owner: str) -> str:
-    url = (value or _env(env) or default).rstrip("/")
-    if not url.startswith(("http://", "https://")):
-        raise ConfigurationError(f"{owner} base URL must start with http:// or https://, got "
-                                 f"{_short(url)} (from {'base_url=' if value else env})")
-    return url
+def _base_url(value: str | None, env: str, default: str, owner: str, param: str = "base_url",
+              normalise: Callable[[str], str] = str) -> tuple[str, dict[str, str]]:
+    """The server URL, parsed once, and the ``Authorization`` its credentials make:
+    ``https://user:pw@host`` means Basic auth, as httpx (under the official SDKs) reads
+    it. An error names where the URL came from, never the URL: it may carry a key."""
+    import base64
+    from urllib.parse import unquote, urlsplit
+    source = f"{param}=" if value else env
+    url = normalise((value or _env(env) or default).strip()).rstrip("/")
+    if (problem := _url_problem(url)) is not None:
+        raise ConfigurationError(f"{owner}: the server URL from {source} is not valid: "
+                                 f"{problem}")
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url, {}
+    token = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}".encode()
+    netloc = parts.netloc.rpartition("@")[2]
+    return (parts._replace(netloc=netloc).geturl().rstrip("/"),
+            {"Authorization": _Secret("Basic " + base64.b64encode(token).decode())})
+
+
+def _bearer(owner: str, token: str | None, url_auth: dict[str, str]) -> dict[str, str]:
+    """The ``Authorization`` header: the bearer token, or the URL's credentials, not both."""
+    if token and url_auth:
+        raise ConfigurationError(f"{owner}: the server URL carries credentials and a key is "
+                                 "set too; keep one of them")
+    return {"Authorization": f"Bearer {token}"} if token else dict(url_auth)
+
+
+def _join_url(base: str, path: str, query: str = "") -> str:
+    """``path`` after the base URL's path, then the base's query string (an Azure-style
+    ``?api-version=``) joined with ``query``: never a query before the path."""
+    prefix, _, base_query = base.partition("?")
+    joined = "&".join(q for q in (base_query, query) if q)
+    return prefix.rstrip("/") + path + (f"?{joined}" if joined else "")
 
 
 class _HTTPClient:
@@ -5510,9 +5678,7 @@ class _HTTPClient:
         _check_int(owner, "max_retries", max_retries, optional=False)
         if extra_kwargs is not None and not isinstance(extra_kwargs, dict):
             _fail(owner, "extra_kwargs", "a dict or None", extra_kwargs)
-        if default_headers is not None and not (isinstance(default_headers, dict) and all(
-                isinstance(k, str) and isinstance(v, str) for k, v in default_headers.items())):
-            _fail(owner, "default_headers", "a dict of str -> str", default_headers)
+        user_headers = _header_dict(owner, "default_headers", default_headers)
         if ssl_context is not None and type(ssl_context).__name__ != "SSLContext":
             _fail(owner, "ssl_context", "an ssl.SSLContext", ssl_context)
         if system_message_handling is not None:
@@ -5525,10 +5691,9 @@ class _HTTPClient:
         self.extra_kwargs: dict[str, Any] = dict(extra_kwargs or {})
         self.system_message_handling = system_message_handling
         self._ssl_context = ssl_context
-        self._headers: dict[str, str] = {
-            "Content-Type": "application/json", "Accept": "application/json",
-            "User-Agent": _USER_AGENT, **{k: _Secret(v) for k, v in auth.items()},
-            **(default_headers or {})}
+        self._headers = _merge_headers(
+            {"Content-Type": "application/json", "Accept": "application/json",
+             "User-Agent": _USER_AGENT}, {k: _Secret(v) for k, v in auth.items()}, user_headers)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(url={_redact_url(self._endpoint)!r}, "
@@ -5626,10 +5791,10 @@ class _HTTPClient:
         """The request a call would send, with credentials redacted (for ``--dry-run``)."""
         call = _client_call(self, model, messages, options, args, keywords)
         req = self._build_request(call, stream, dry_run=True)
-        headers = {k: ("<redacted>" if isinstance(v, _Secret) or k.lower() in _SENSITIVE_HEADERS
-                       else v) for k, v in req.headers.items()}
-        url = re.sub(r"^(\w+://)[^/@]*@", r"\1<redacted>@", req.url)
-        return {"method": req.method, "url": url, "headers": headers,
+        secrets = _secrets_in(req.headers, req.url)
+        headers = {k: ("<redacted>" if v in secrets or k.lower() in _SENSITIVE_HEADERS else v)
+                   for k, v in req.headers.items()}
+        return {"method": req.method, "url": _scrub(req.url, secrets), "headers": headers,
                 "body": json.loads(req.body or b"null")}
 
     # -- beyond chat: model lists and embeddings, on the same transport -----------
@@ -5717,23 +5882,24 @@ class OpenAIClient(_HTTPClient):
                             ("organization", organization), ("project", project)):
             _check_str("OpenAIClient", name, value, optional=True)
         facts = self._facts
-        self.base_url = _base_url(base_url, facts.url_env, OPENAI_BASE_URL, "OpenAIClient")
-        key = api_key or _env(facts.key_env)
+        self.base_url, url_auth = _base_url(base_url, facts.url_env, OPENAI_BASE_URL,
+                                            "OpenAIClient")
+        key = _credential("OpenAIClient", "api_key", api_key, facts.key_env)
         official = self.base_url.startswith(OPENAI_BASE_URL)
         self._dialect = "openai" if official else (
             "openrouter" if "openrouter.ai" in self.base_url else "compatible")
         if key is None and official:
             raise ConfigurationError("OpenAIClient needs an API key for api.openai.com: pass "
                                      f"api_key=... or set {facts.key_env}")
-        auth = {"Authorization": f"Bearer {key}"} if key else {}
-        organization = organization or _env("OPENAI_ORG_ID")
-        project = project or _env("OPENAI_PROJECT_ID")
+        auth = _bearer("OpenAIClient", key, url_auth)
+        organization = _credential("OpenAIClient", "organization", organization, "OPENAI_ORG_ID")
+        project = _credential("OpenAIClient", "project", project, "OPENAI_PROJECT_ID")
         if organization:
             auth["OpenAI-Organization"] = organization
         if project:
             auth["OpenAI-Project"] = project
-        self._endpoint = self.base_url + "/chat/completions"
-        self._embed_endpoint = self.base_url + "/embeddings"
+        self._endpoint = _join_url(self.base_url, "/chat/completions")
+        self._embed_endpoint = _join_url(self.base_url, "/embeddings")
         super().__init__(timeout=timeout, max_retries=max_retries, extra_kwargs=extra_kwargs,
                          default_headers=default_headers, ssl_context=ssl_context, auth=auth,
                          system_message_handling=system_message_handling,
@@ -5755,7 +5921,7 @@ class OpenAIClient(_HTTPClient):
 
     def list_models(self) -> list[ModelName]:
         """``GET {base_url}/models``: the models this key (or this server) offers."""
-        return _models_from_openai(self._send_json("GET", self.base_url + "/models"))
+        return _models_from_openai(self._send_json("GET", _join_url(self.base_url, "/models")))
 
     def _embedding_body(self, model: str, texts: list[str]) -> dict[str, Any]:
         return _embedding_request_openai(model, texts)
@@ -5786,16 +5952,17 @@ class AnthropicClient(_HTTPClient):
                             ("auth_token", auth_token)):
             _check_str("AnthropicClient", name, value, optional=True)
         facts = self._facts
-        self.base_url = _base_url(base_url, facts.url_env, ANTHROPIC_BASE_URL, "AnthropicClient")
-        key = api_key or _env(facts.key_env)
-        token = auth_token or _env("ANTHROPIC_AUTH_TOKEN")
+        self.base_url, url_auth = _base_url(base_url, facts.url_env, ANTHROPIC_BASE_URL,
+                                            "AnthropicClient")
+        key = _credential("AnthropicClient", "api_key", api_key, facts.key_env)
+        token = _credential("AnthropicClient", "auth_token", auth_token, "ANTHROPIC_AUTH_TOKEN")
         if key is None and token is None and self.base_url == ANTHROPIC_BASE_URL:
             raise ConfigurationError("AnthropicClient needs an API key: pass api_key=... or "
                                      f"set {facts.key_env}")
-        auth = {"x-api-key": key} if key else {}
-        if token:
-            auth["Authorization"] = f"Bearer {token}"
-        self._endpoint = self.base_url + "/v1/messages"
+        auth = _bearer("AnthropicClient", token, url_auth)
+        if key:
+            auth["x-api-key"] = key
+        self._endpoint = _join_url(self.base_url, "/v1/messages")
         super().__init__(timeout=timeout, max_retries=max_retries, extra_kwargs=extra_kwargs,
                          default_headers={"anthropic-version": ANTHROPIC_VERSION,
                                           **(default_headers or {})},
@@ -5819,9 +5986,9 @@ class AnthropicClient(_HTTPClient):
         models: list[ModelName] = []
         after: str | None = None
         while True:
-            query = "?limit=1000" + (f"&after_id={quote(after, safe='')}" if after else "")
+            query = "limit=1000" + (f"&after_id={quote(after, safe='')}" if after else "")
             page, cursor = _models_from_anthropic(
-                self._send_json("GET", f"{self.base_url}/v1/models{query}"))
+                self._send_json("GET", _join_url(self.base_url, "/v1/models", query)))
             models += page
             if cursor is None or cursor == after:  # a server repeating its page ends it too
                 return models
@@ -5867,17 +6034,18 @@ class OllamaClient(_HTTPClient):
         _check_str("OllamaClient", "host", host, optional=True)
         _check_str("OllamaClient", "api_key", api_key, optional=True)
         facts = self._facts
-        self.host = _base_url(_ollama_host(host), facts.url_env, OLLAMA_HOST, "OllamaClient")
+        self.host, url_auth = _base_url(host, facts.url_env, OLLAMA_HOST, "OllamaClient",
+                                        "host", _ollama_host)
         if not isinstance(allow_private_image_urls, bool):  # "false" would be true
             raise ConfigurationError("OllamaClient: allow_private_image_urls must be True or "
                                      f"False, got {type(allow_private_image_urls).__name__}")
         self.allow_private_image_urls = allow_private_image_urls
-        key = api_key or _env(facts.key_env)
-        self._endpoint = self.host + "/api/chat"
-        self._embed_endpoint = self.host + "/api/embed"
+        key = _credential("OllamaClient", "api_key", api_key, facts.key_env)
+        self._endpoint = _join_url(self.host, "/api/chat")
+        self._embed_endpoint = _join_url(self.host, "/api/embed")
         super().__init__(timeout=timeout, max_retries=max_retries, extra_kwargs=extra_kwargs,
                          default_headers=default_headers, ssl_context=ssl_context,
-                         auth={"Authorization": f"Bearer {key}"} if key else {},
+                         auth=_bearer("OllamaClient", key, url_auth),
                          system_message_handling=system_message_handling,
                          reply_timeout=reply_timeout, split_think=split_think)
 
@@ -5906,7 +6074,7 @@ class OllamaClient(_HTTPClient):
 
     def list_models(self) -> list[ModelName]:
         """``GET /api/tags``: the models pulled on this host, as ``ollama list`` shows."""
-        return _models_from_ollama(self._send_json("GET", self.host + "/api/tags"))
+        return _models_from_ollama(self._send_json("GET", _join_url(self.host, "/api/tags")))
 
     # /api/embed documents no limit on the inputs of one request: all go at once.
     def _embedding_body(self, model: str, texts: list[str]) -> dict[str, Any]:
@@ -6556,7 +6724,8 @@ class ClientConfig:
                           self.system_message_handling, _SYSTEM_HANDLINGS)
 
     def __repr__(self) -> str:
-        return (f"ClientConfig(provider={self.provider}, base_url={self.base_url!r}, "
+        url = self.base_url and _scrub(self.base_url, _secrets_in({}, self.base_url))
+        return (f"ClientConfig(provider={self.provider}, base_url={url!r}, "
                 f"api_key={_mask(self.api_key)}, timeout={self.timeout}, "
                 f"extra_kwargs={self.extra_kwargs!r}, name={self.name!r}, "
                 f"max_retries={self.max_retries}, ca_bundle={self.ca_bundle!r}, "
@@ -6949,17 +7118,9 @@ def _connect(target: _Target, opts: argparse.Namespace) -> tuple[_HTTPClient, Mo
 def _check_url(url: str) -> None:
     """A server URL that can be reached at all: a usage error (exit 2) now, not a network
     error at the first request. The message leaves the URL out: it may carry a key."""
-    from urllib.parse import urlsplit
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises on a port that is not a number below 65536
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("it needs http:// or https:// and a host")
-        if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in url):
-            raise ValueError("it holds a space or a control character")
-    except ValueError as exc:
-        raise ConfigurationError(f"the server URL (--base-url or CASUAL_LLM_BASE_URL) is not "
-                                 f"valid: {exc}") from None
+    if (problem := _url_problem(url)) is not None:
+        raise ConfigurationError("the server URL (--base-url or CASUAL_LLM_BASE_URL) is not "
+                                 f"valid: {problem}")
 
 
 def _check_ollama(timeout: float, model: str) -> None:
@@ -7652,15 +7813,20 @@ def _one_line(exc: BaseException, key_env: str | None) -> str:
             text += f": {exc.provider_message}"
         if exc.request_id and exc.request_id not in text:
             text += f" (request id {exc.request_id})"
-    return _scrub(" ".join(text.split()), key_env)
+    return _scrub_env(" ".join(text.split()), key_env)
 
 
-def _scrub(text: str, key_env: str | None) -> str:
-    """``text`` without any key or token of the environment, should a server echo one."""
+def _scrub_env(text: str, key_env: str | None) -> str:
+    """``text`` without any secret of the environment, should a server echo one: keys,
+    tokens and the credentials in proxy and server URLs. Only the chosen key counts at
+    any length: a variable such as ``SOME_KEY=1`` must not redact every digit 1."""
+    secrets: set[str] = set()
     for name, value in os.environ.items():
-        if (name == key_env or name.endswith(("_KEY", "_TOKEN"))) and len(value) >= 6:
-            text = text.replace(value, "<redacted>")
-    return text
+        if name == key_env or (_SECRET_NAME.search(name) and len(value.strip()) >= 6):
+            secrets.add(value.strip())
+        elif "://" in value and "@" in value:
+            secrets |= _secrets_in({}, value.strip())
+    return _scrub(text, {s for s in secrets if s})
 
 
 def _report(exc: Exception, opts: argparse.Namespace, prog: str,
@@ -7669,9 +7835,9 @@ def _report(exc: Exception, opts: argparse.Namespace, prog: str,
     code = next((c for cls, c in _EXIT_CODES if isinstance(exc, cls)), 1)
     if opts.debug:
         import traceback
-        sys.stderr.write(_scrub("".join(traceback.format_exception(exc)), opts.api_key_env))
+        sys.stderr.write(_scrub_env("".join(traceback.format_exception(exc)), opts.api_key_env))
     if isinstance(exc, ConfigurationError):  # may span lines: it says how to fix things
-        message = _scrub(str(exc), opts.api_key_env)
+        message = _scrub_env(str(exc), opts.api_key_env)
     else:
         message = _one_line(exc, opts.api_key_env)
         if not isinstance(exc, (CasualLLMError, OSError)):

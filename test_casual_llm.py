@@ -4635,6 +4635,212 @@ class TestCancelWhileConnecting(unittest.TestCase):
         self.assertEqual(casual_llm._workers.busy, 0)
 
 
+class TestKeysAndHeaders(ServerTest):
+    """Keys, header values and server URLs are checked once, at construction; every secret
+    a request carries is scrubbed from what the user sees."""
+
+    def one_call(self, client):
+        return Model(client, "m").chat_sync([UserMessage(content="x")])
+
+    def test_keys_lose_surrounding_whitespace(self):
+        """A key with a .env file's newline, given or from the environment, is sent bare."""
+        self.fp.add(openai_reply("a"), openai_reply("b"))
+        self.one_call(OpenAIClient(api_key=" sk-given\n", base_url=self.fp.url + "/v1"))
+        with mock_env(OPENAI_API_KEY="sk-from-env\r\n"):
+            self.one_call(OpenAIClient(base_url=self.fp.url + "/v1"))
+        self.assertEqual([r.headers["authorization"] for r in self.fp.requests],
+                         ["Bearer sk-given", "Bearer sk-from-env"])
+
+    def test_keys_with_a_character_no_header_can_carry(self):
+        """CR, LF, NUL or a pasted smart quote inside a key: a ConfigurationError naming the
+        parameter and the variable, never the key."""
+        url = self.fp.url
+        builds = {
+            "OpenAIClient api_key": (lambda k: OpenAIClient(api_key=k, base_url=url),
+                                     "OPENAI_API_KEY", "api_key"),
+            "OpenAIClient organization": (
+                lambda k: OpenAIClient(api_key="sk-x", organization=k, base_url=url),
+                "OPENAI_ORG_ID", "organization"),
+            "AnthropicClient api_key": (lambda k: AnthropicClient(api_key=k, base_url=url),
+                                        "ANTHROPIC_API_KEY", "api_key"),
+            "AnthropicClient auth_token": (
+                lambda k: AnthropicClient(auth_token=k, base_url=url),
+                "ANTHROPIC_AUTH_TOKEN", "auth_token"),
+            "OllamaClient api_key": (lambda k: OllamaClient(host=url, api_key=k),
+                                     "OLLAMA_API_KEY", "api_key"),
+        }
+        for key in ("sk-secret\nX-Evil: 1", "sk-secret\rX", "sk-sec\x00ret", "sk-\u201csecret"):
+            for name, (build, env, param) in builds.items():
+                with self.subTest(name=name, key=key):
+                    with self.assertRaises(ConfigurationError) as given:
+                        build(key)
+                    checks = [(given, param + "=")]
+                    if "\x00" not in key:  # the environment cannot hold a NUL
+                        with mock_env(**{env: key}), self.assertRaises(
+                                ConfigurationError) as read:
+                            build(None)
+                        checks.append((read, env))
+                    for caught, source in checks:
+                        self.assertIn(param, str(caught.exception))
+                        self.assertIn(source, str(caught.exception))
+                        self.assertNotIn("secret", str(caught.exception))
+                        self.assertNotIn("secret", repr(caught.exception.__dict__))
+
+    def test_header_values_are_checked_once(self):
+        """Line breaks, folding, NUL and non-Latin-1 in any header, bad names and framing
+        headers are refused at construction, without echoing the value."""
+        bad = [{"X-Note": "a\r\nX-Evil: 1"}, {"X-Note": "a\r\n b"}, {"X-Note": "a\n\tb"},
+               {"X-Note": "a\x00b"}, {"X-Note": "caf\u00e9 \u2014"}, {"Bad Name": "v"},
+               {"X-Note:": "v"}, {"Content-Length": "0"}, {"transfer-encoding": "chunked"},
+               {"HOST": "elsewhere"}, {"Connection": "close"}]
+        for headers in bad:
+            for build in (lambda h: OpenAIClient(base_url=self.fp.url, default_headers=h),
+                          lambda h: AnthropicClient(api_key="k", base_url=self.fp.url,
+                                                    default_headers=h),
+                          lambda h: OllamaClient(host=self.fp.url, default_headers=h)):
+                with self.subTest(headers=headers), self.assertRaisesRegex(
+                        ConfigurationError, "default_headers") as caught:
+                    build(headers)
+                self.assertNotIn("X-Evil", str(caught.exception))
+        self.assertEqual(self.fp.requests, [])
+
+    def test_user_headers_replace_the_clients_in_any_case(self):
+        """A gateway's own authorization replaces the bearer key: one header goes out; values
+        lose surrounding spaces; a tab inside a value is allowed."""
+        self.fp.add(openai_reply("a"))
+        raw = []
+        self.fp.add(lambda recorded: raw.append(recorded) or openai_reply("b"))
+        client = OpenAIClient(api_key="sk-mine", base_url=self.fp.url + "/v1",
+                              default_headers={"authorization": "  Bearer gw-token ",
+                                               "X-Note": "a\tb"})
+        self.one_call(client)
+        sent = self.fp.requests[0].headers
+        self.assertEqual(sent["authorization"], "Bearer gw-token")
+        self.assertEqual(sent["x-note"], "a\tb")
+        self.assertNotIn("sk-mine", json.dumps(sent))
+        self.assertNotIn("gw-token", repr(client.__dict__))
+
+    def test_every_secret_is_scrubbed_from_errors(self):
+        """Echoed secrets the client did not send as its own key are scrubbed too: keys in
+        default_headers, URL credentials and query keys, short keys."""
+        echo = ("denied: Bearer gw-token-123 api-key=azk k12 user alice pw s3cr3tpw "
+                "query qkey-987654 and plain words: alice's kit k12x")
+        self.fp.default = openai_error(401, echo)
+        clients = [
+            (OpenAIClient(api_key="k12", base_url=self.fp.url + "/v1", max_retries=0,
+                          default_headers={"api-key": "azk", "X-Gateway-Token": "gw-token-123"}),
+             ("gw-token-123", "azk", r"\bk12\b")),
+            (OpenAIClient(base_url=self.fp.url.replace("//", "//alice:s3cr3tpw@") +
+                          "/v1?api_key=qkey-987654", max_retries=0),
+             ("s3cr3tpw", "qkey-987654", r"\balice\b")),
+        ]
+        for client, secrets in clients:
+            with self.subTest(client=repr(client)), self.assertRaises(
+                    AuthenticationError) as caught:
+                self.one_call(client)
+            shown = str(caught.exception) + repr(caught.exception.__dict__) + repr(client)
+            for secret in secrets:
+                self.assertNotRegex(shown, secret)
+            self.assertIn("k12x", shown)  # a short secret goes only as a whole word
+        self.assertTrue(self.fp.requests[1].headers["authorization"].startswith("Basic "))
+
+    def test_proxy_credentials_are_scrubbed(self):
+        """A proxy echoing its credentials in a 407 shows none of them."""
+        self.fp.add(openai_error(407, "proxy auth failed for puser:proxy-pass-42",
+                                 headers={"Proxy-Authenticate": "Basic"}))
+        proxy = self.fp.url.replace("//", "//puser:proxy-pass-42@")
+        with mock_env(HTTP_PROXY=proxy, http_proxy=proxy, NO_PROXY="", no_proxy=""):
+            client = OpenAIClient(base_url="http://llm.example.test/v1", max_retries=0)
+            with self.assertRaises(APIStatusError) as caught:
+                self.one_call(client)
+        self.assertIn("proxy-authorization", self.fp.requests[0].headers)
+        self.assertNotIn("proxy-pass-42", str(caught.exception) + repr(caught.exception.__dict__))
+
+    def test_reprs_and_dry_run_show_no_secret(self):
+        """ClientConfig's repr and the dry-run request hide URL credentials, secret query
+        values and secret-named headers whatever their length."""
+        config = ClientConfig(provider="openai", api_key="sk-abc",
+                              base_url="https://bob:pw1@gw.example/v1?api_key=qk&x=1")
+        self.assertNotIn("pw1", repr(config))
+        self.assertNotIn("qk&", repr(config))
+        self.assertIn("x=1", repr(config))
+        client = OpenAIClient(base_url="http://bob:pw1@gw.example/v1?api_key=qk&x=1",
+                              default_headers={"X-Api-Key": "k9", "X-Trace": "t-1"})
+        request = client._dry_run("m", [UserMessage(content="x")])
+        shown = json.dumps(request)
+        for secret in ("pw1", "bob", '"qk"', "k9", "Ym9i"):
+            self.assertNotIn(secret, shown)
+        self.assertEqual(request["headers"]["X-Trace"], "t-1")
+        self.assertEqual(request["url"],
+                         "http://gw.example/v1/chat/completions?api_key=<redacted>&x=1")
+
+    def test_url_credentials_become_basic_auth(self):
+        """user:password in the server URL is sent as Basic auth, the URL without them; a
+        key as well is a conflict."""
+        self.fp.add(ollama_reply("hi"))
+        client = OllamaClient(host=self.fp.url.replace("//", "//me:p%40ss@"))
+        self.assertEqual(self.one_call(client).content, "hi")
+        sent = self.fp.requests[0]
+        self.assertEqual(sent.headers["authorization"], "Basic " + base64.b64encode(
+            b"me:p@ss").decode())
+        self.assertNotIn("me:", client.host)
+        with self.assertRaisesRegex(ConfigurationError, "credentials and a key"):
+            OllamaClient(host=self.fp.url.replace("//", "//me:pw@"), api_key="k")
+
+    def test_server_urls_are_parsed_once(self):
+        """A bad port, a space, a control character, a fragment, a missing host: a
+        ConfigurationError at construction naming the source, not the URL."""
+        for url in ("http://127.0.0.1:99999/v1", "http://127.0.0.1:x/v1", "http://a b/v1",
+                    "http://h/v\r\n1", "http://h/v\t1", "http://h/v1#frag", "http:///v1",
+                    "http://[::1/v1", "http://u:s3cret@h:0x1/v1"):
+            for build in (lambda u: OpenAIClient(base_url=u),
+                          lambda u: AnthropicClient(api_key="k", base_url=u),
+                          lambda u: OllamaClient(host=u)):
+                with self.subTest(url=url):
+                    with self.assertRaisesRegex(ConfigurationError,
+                                                "server URL from (base_url|host)=") as caught:
+                        build(url)
+                    self.assertNotIn("s3cret", str(caught.exception))
+        with mock_env(OPENAI_BASE_URL="http://h:99999"), self.assertRaisesRegex(
+                ConfigurationError, "from OPENAI_BASE_URL"):
+            OpenAIClient()
+        self.assertIn("<redacted>", repr(ClientConfig(provider="openai",
+                                                      base_url="http://u:s3cret@h:99999")))
+
+    def test_a_query_string_follows_the_path(self):
+        """An Azure-style ?api-version in the base URL goes after each endpoint's path,
+        joined with the endpoint's own query."""
+        self.fp.add(openai_reply("a"), openai_models("m1"),
+                    anthropic_models_page(["c1"]))
+        client = OpenAIClient(base_url=self.fp.url + "/openai/deployments/d?api-version=2024")
+        self.one_call(client)
+        client.list_models()
+        AnthropicClient(api_key="k", base_url=self.fp.url + "/?tenant=t1").list_models()
+        self.assertEqual([r.path for r in self.fp.requests],
+                         ["/openai/deployments/d/chat/completions?api-version=2024",
+                          "/openai/deployments/d/models?api-version=2024",
+                          "/v1/models?tenant=t1&limit=1000"])
+
+    def test_a_redirect_to_an_invalid_url_is_not_retried(self):
+        """A Location with a bad port is a connection error at once, not retried."""
+        self.fp.default = Reply(302, headers={"Location": "http://127.0.0.1:99999/x"}, body="")
+        with self.assertRaisesRegex(APIConnectionError, "redirected to a URL that is not valid"):
+            self.one_call(OpenAIClient(base_url=self.fp.url, max_retries=3))
+        self.assertEqual(len(self.fp.requests), 1)
+
+    def test_a_secret_header_stays_behind_on_another_origin(self):
+        """A gateway token from default_headers is not sent where a redirect points."""
+        with FakeProvider() as other:
+            other.add(openai_reply("moved"))
+            self.fp.add(Reply(307, headers={"Location": other.url + "/v1/chat/completions"},
+                              body=""))
+            client = OpenAIClient(base_url=self.fp.url + "/v1",
+                                  default_headers={"X-Gateway-Token": "gw-1", "X-Trace": "t"})
+            self.assertEqual(self.one_call(client).content, "moved")
+            self.assertNotIn("x-gateway-token", other.requests[0].headers)
+            self.assertEqual(other.requests[0].headers["x-trace"], "t")
+
+
 class TestClientSetup(unittest.TestCase):
     """Client constructors check their arguments; TLS trusts what the user says."""
 
@@ -5251,6 +5457,19 @@ class TestCommandLineHostileInput(CommandLineTest):
                 self.assertNotIn("s3cret", self.run_main("--base-url", url, "hi")[2])
         with mock_env(CASUAL_LLM_BASE_URL="http://127.0.0.1:99999/v1"):
             self.assert_refused("hi", message="CASUAL_LLM_BASE_URL")
+
+    def test_a_key_with_a_line_break(self):
+        """A key whose newline is inside (not trailing) exits 2 naming the variable, not the
+        key; a trailing one is stripped and the call goes out."""
+        with mock_env(OPENAI_API_KEY="sk-secret-1\nsk-secret-2"):
+            self.assert_refused("--base-url", self.fp.url + "/v1", "hi",
+                                message="OPENAI_API_KEY holds a line break")
+            self.assertNotIn("secret", self.run_main("--base-url", self.fp.url + "/v1", "hi")[2])
+        self.fp.add(openai_reply("ok"))
+        with mock_env(OPENAI_API_KEY="sk-secret-1\n"):
+            self.assertEqual(self.run_main("--no-stream", "--base-url", self.fp.url + "/v1",
+                                           "hi")[:2], (0, "ok\n"))
+        self.assertEqual(self.fp.requests[0].headers["authorization"], "Bearer sk-secret-1")
 
     def test_load_in_a_chat(self):
         """/load of a huge, deep or non-UTF-8 file is one error line; the chat goes on."""
