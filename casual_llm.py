@@ -3475,6 +3475,10 @@ class _Request:
     # The wait for the response once the request is sent, when it differs from timeout
     # (a non-streamed reply comes whole, after the model has thought); inf: no limit.
     reply_timeout: float | None = None
+    # For a URL from a message (an image): given host, port and whether a proxy carries
+    # the request, the checked address to connect to (None: the proxy resolves it), or
+    # an exception. Checked again on every redirect; such connections are never pooled.
+    guard: Callable[[str, int, bool], str | None] | None = None
 
     def __repr__(self) -> str:
         return f"_Request({self.method} {_redact_url(self.url)})"
@@ -3585,6 +3589,7 @@ class _Connection:
 
     def __init__(self, req: _Request, abort: _Abort | None, fresh: bool = False) -> None:
         import http.client
+        import socket
         from urllib.parse import urlsplit
         parts = urlsplit(req.url)
         scheme, host = parts.scheme, parts.hostname or ""
@@ -3593,12 +3598,13 @@ class _Connection:
                                      f"{_redact_url(req.url)!r}")
         port = parts.port or (443 if scheme == "https" else 80)
         proxy = _proxy_for(scheme, host)
+        pinned = None if req.guard is None else req.guard(host, port, proxy is not None)
         context = (req.ssl_context or _ssl_context()) if scheme == "https" else None
         self.abort = abort
-        self.key = (scheme, host, port, proxy, id(context))
+        self.key = None if req.guard else (scheme, host, port, proxy, id(context))
         self.target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self.headers = dict(req.headers)
-        pooled = None if fresh else _pool.acquire(self.key)
+        pooled = None if fresh or self.key is None else _pool.acquire(self.key)
         self.reused = pooled is not None
         if pooled is not None:
             self.conn = pooled
@@ -3612,9 +3618,14 @@ class _Connection:
             # A plain-http proxy gets the absolute URL and its credentials on every request.
             self.target = f"http://{host}:{port}{self.target}"
             self.headers.update(_proxy_auth(proxy))
-        if abort is not None:
-            self.conn._create_connection = functools.partial(  # type: ignore[attr-defined]
-                _connect_socket, abort=abort)
+        connect = (socket.create_connection if abort is None
+                   else functools.partial(_connect_socket, abort=abort))
+        if pinned is not None:  # the address checked, whatever the name resolves to now
+            def connect_pinned(address: tuple[str, int], *args: Any) -> Any:
+                return connect((pinned, address[1]), *args)
+            self.conn._create_connection = connect_pinned  # type: ignore[attr-defined]
+        elif abort is not None:
+            self.conn._create_connection = connect  # type: ignore[attr-defined]
 
     def send(self, req: _Request) -> None:
         """Connect if needed, send the request and read the response head."""
@@ -3647,7 +3658,7 @@ class _Connection:
         clean = self.response.isclosed() and not self.response.will_close
         if self.abort is not None and not self.abort.detach():
             clean = False
-        if clean:
+        if clean and self.key is not None:
             _pool.release(self.key, self.conn)
         else:
             self.conn.close()
@@ -4347,45 +4358,13 @@ _NAT64 = _network("64:ff9b::/96")
 _LOCAL_NAT64 = _network("64:ff9b:1::/48")
 
 
-def _pinned_connection(scheme: str, host: str, port: int, address: str, timeout: float,
-                       context: ssl.SSLContext | None, abort: _Abort
-                       ) -> http.client.HTTPConnection:
-    """A connection to the checked ``address`` that still speaks TLS/Host for ``host``;
-    connecting and every read stop when ``abort`` fires."""
-    import http.client
-
-    class Pinned(http.client.HTTPSConnection if scheme == "https" else  # type: ignore[misc]
-                 http.client.HTTPConnection):
-        def connect(self) -> None:
-            sock = _connect_socket((address, port), timeout, abort=abort)
-            self.sock = (self._context.wrap_socket(sock, server_hostname=host)
-                         if scheme == "https" else sock)
-            abort.attach(self.sock)  # the TLS socket now owns the descriptor
-
-    if scheme == "https":
-        return Pinned(host, port, timeout=timeout, context=context or _ssl_context())
-    return Pinned(host, port, timeout=timeout)
-
-
-def _image_connection(scheme: str, host: str, port: int, timeout: float, allow_private: bool,
-                      context: ssl.SSLContext | None, abort: _Abort
-                      ) -> tuple[http.client.HTTPConnection, str, dict[str, str]]:
-    """A connection for one image request: to the checked address, or through the proxy
-    the environment names. Returns it with the request-target prefix and headers."""
-    headers = dict(_FETCH_HEADERS)
-    proxy = _proxy_for(scheme, host)
-    if proxy is None:
-        address = _check_address(host, port, allow_private)[0]
-        return (_pinned_connection(scheme, host, port, address, timeout, context, abort),
-                "", headers)
-    _check_address(host, port, allow_private, via_proxy=True)
-    conn = _proxy_connection(proxy, scheme, host, port, timeout,
-                             (context or _ssl_context()) if scheme == "https" else None)
-    conn.connect()
-    abort.attach(conn.sock)
-    if scheme == "https":
-        return conn, "", headers
-    return conn, f"http://{host}:{port}", {**headers, **_proxy_auth(proxy)}
+def _image_guard(allow_private: bool) -> Callable[[str, int, bool], str | None]:
+    """The transport's guard for image URLs: every hop's host checked, the connection
+    pinned to the checked address (behind a proxy, the proxy connects)."""
+    def guard(host: str, port: int, via_proxy: bool) -> str | None:
+        addresses = _check_address(host, port, allow_private, via_proxy)
+        return None if via_proxy else addresses[0]
+    return guard
 
 
 def _fetch_image_blocking(url: str, timeout: float | None = DEFAULT_TIMEOUT,
@@ -4424,51 +4403,51 @@ def _fetch_image_blocking(url: str, timeout: float | None = DEFAULT_TIMEOUT,
 def _fetch_image(url: str, timeout: float | None, max_size: int, allow_private: bool,
                  ssl_context: ssl.SSLContext | None, abort: _Abort) -> tuple[str, str]:
     import base64
-    from urllib.parse import urljoin, urlsplit
-    for _ in range(_MAX_REDIRECTS + 1):
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ImageFetchError(f"image URL must be http(s) with a host, got "
-                                  f"{_short(_redact_url(url) if '://' in url else url)}")
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        conn, prefix, headers = _image_connection(parts.scheme, parts.hostname, port,
-                                                  timeout or DEFAULT_TIMEOUT, allow_private,
-                                                  ssl_context, abort)
-        try:
-            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            conn.request("GET", prefix + path, headers=headers)
-            resp = conn.getresponse()
-            if resp.status in (301, 302, 303, 307, 308) and resp.getheader("location"):
-                url = urljoin(url, resp.getheader("location", ""))
-                continue
-            if resp.status != 200:
-                raise ImageFetchError(f"HTTP error fetching image: {resp.status}")
-            media = (resp.getheader("content-type") or "").split(";")[0].strip().lower()
-            if not media.startswith("image/"):
-                raise ImageFetchError(f"the URL did not return an image (content type "
-                                      f"{media or 'missing'!r})")
-            length = resp.getheader("content-length")
-            if length and length.isdigit() and int(length) > max_size:
+    if (problem := _url_problem(url)) is not None:
+        raise ImageFetchError(f"image URL must be http(s) with a host ({problem}), got "
+                              f"{_short(_redact_url(url) if '://' in url else url)}")
+    wait = timeout or DEFAULT_TIMEOUT
+    req = _Request("GET", url, dict(_FETCH_HEADERS), None, wait, 0, ssl_context,
+                   guard=_image_guard(allow_private))
+    try:
+        exchange = _open(req, abort)
+    except APITimeoutError as exc:
+        raise ImageFetchError(f"timeout fetching image after {wait:g}s") from exc
+    except APIStatusError as exc:
+        raise ImageFetchError(f"HTTP error fetching image: {exc.status_code}") from exc
+    except APIError as exc:
+        raise ImageFetchError(f"error fetching image: {exc}") from exc
+    resp, clean = exchange.response, False
+    try:
+        if resp.status != 200:
+            raise ImageFetchError(f"HTTP error fetching image: {resp.status}")
+        media = (resp.getheader("content-type") or "").split(";")[0].strip().lower()
+        if not media.startswith("image/"):
+            raise ImageFetchError(f"the URL did not return an image (content type "
+                                  f"{media or 'missing'!r})")
+        length = resp.getheader("content-length")
+        if length and length.isdigit() and int(length) > max_size:
+            raise ImageFetchError(f"image is larger than {max_size} bytes")
+        pieces, size = [], 0
+        while piece := resp.read1(65536):  # what has come: a drip cannot hold a read
+            pieces.append(piece)
+            size += len(piece)
+            if size > max_size:
                 raise ImageFetchError(f"image is larger than {max_size} bytes")
-            pieces, size = [], 0
-            while piece := resp.read1(65536):  # what has come: a drip cannot hold a read
-                pieces.append(piece)
-                size += len(piece)
-                if size > max_size:
-                    raise ImageFetchError(f"image is larger than {max_size} bytes")
-            if abort.aborted:  # the socket was shut: what came is not the whole image
-                raise _Aborted()
-            return base64.b64encode(b"".join(pieces)).decode("ascii"), media
-        except (OSError, _http_exception()) as exc:
-            import socket
-            if isinstance(exc, (socket.timeout, TimeoutError)) and not abort.aborted:
-                raise ImageFetchError(f"timeout fetching image after "
-                                      f"{timeout or DEFAULT_TIMEOUT:g}s") from exc
-            raise
-        finally:
-            abort.detach()
-            conn.close()
-    raise ImageFetchError("too many redirects when fetching image")
+        if abort.aborted:  # the socket was shut: what came is not the whole image
+            raise _Aborted()
+        clean = True
+        return base64.b64encode(b"".join(pieces)).decode("ascii"), media
+    except (OSError, _http_exception()) as exc:
+        import socket
+        if isinstance(exc, (socket.timeout, TimeoutError)) and not abort.aborted:
+            raise ImageFetchError(f"timeout fetching image after {wait:g}s") from exc
+        raise
+    finally:
+        if clean:
+            exchange.finish()
+        else:
+            exchange.close()
 
 
 async def fetch_image_as_base64(url: str, timeout: float = DEFAULT_TIMEOUT,

@@ -4954,6 +4954,18 @@ class TestImageFetch(ServerTest):
             self.fetch(self.fp.url + "/loop", allow_private=True)
         self.assertEqual(len(self.fp.requests), 6)
 
+    def test_fetches_share_the_transport_but_not_its_pool(self):
+        """Image downloads go through the one HTTP path: a redirect to a URL that is not
+        valid is refused there, and no image connection joins the keep-alive pool."""
+        png = base64.b64decode(PNG_B64)
+        self.fp.add(Reply(body=png, content_type="image/png"),
+                    Reply(302, headers={"Location": "http://127.0.0.1:99999/x.png"}))
+        self.assertEqual(self.fetch(self.fp.url + "/a.png", allow_private=True)[1], "image/png")
+        self.assertEqual(casual_llm._pool._idle, {})
+        with self.assertRaisesRegex(ImageFetchError, "not valid"):
+            self.fetch(self.fp.url + "/moved.png", allow_private=True)
+        self.assertEqual(len(self.fp.requests), 2)
+
 
 class _CountingImages(ThreadingHTTPServer):
     """An image server on loopback that counts the downloads open at once."""
