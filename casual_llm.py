@@ -382,14 +382,35 @@ def _check_literal(owner: str, field: str, value: Any, expected: str) -> None:
         _fail(owner, field, repr(expected), value)
 
 
+def _check_text(owner: str, field: str, value: Any, *, optional: bool = False) -> None:
+    """A string UTF-8 can carry: a lone surrogate (from ``surrogateescape`` or a JSON
+    ``"\\ud800"``) would otherwise fail deep inside the request."""
+    _check_str(owner, field, value, optional=optional)
+    if value is not None and not value.isascii():
+        _check_encodable(owner, field, value)
+
+
+def _check_encodable(owner: str, field: str, value: str) -> None:
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:
+        raise ValidationError(
+            f"{owner}.{field} holds a lone surrogate {value[exc.start]!r} at index {exc.start}, "
+            "which UTF-8 cannot encode; decode the text with errors='replace'",
+            field=field, value=value) from None
+
+
 def _check_number(owner: str, field: str, value: Any, *, optional: bool = True,
-                  minimum: float | None = None) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+                  minimum: float | None = None, maximum: float | None = None) -> None:
     if value is None and optional:
         return
-    if not ok or (minimum is not None and value < minimum) or value != value:
-        lower = f" >= {minimum}" if minimum is not None else ""
-        _fail(owner, field, f"a number{lower}" + (" or None" if optional else ""), value)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+        not isinstance(value, float) or math.isfinite(value))  # inf and NaN are no JSON
+    if not ok or (minimum is not None and value < minimum) or (
+            maximum is not None and value > maximum):
+        bounds = (f" from {minimum} to {maximum}" if minimum is not None and maximum is not None
+                  else f" >= {minimum}" if minimum is not None else "")
+        _fail(owner, field, f"a finite number{bounds}" + (" or None" if optional else ""), value)
 
 
 def _check_int(owner: str, field: str, value: Any, *, optional: bool = True,
@@ -398,6 +419,56 @@ def _check_int(owner: str, field: str, value: Any, *, optional: bool = True,
         return
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         _fail(owner, field, f"an integer >= {minimum}" + (" or None" if optional else ""), value)
+
+
+_MAX_JSON_DEPTH = 256  # of a caller's extras; deeper is a mistake (or a cycle)
+
+
+def _json_problem(value: Any, path: str = "") -> tuple[str, str, Any] | None:
+    """Where ``value`` is not strict JSON (RFC 8259), as ``(path, what is wrong, the part)``;
+    ``None`` when ``json.dumps`` sends it. Unchecked, NaN and infinities would go out as
+    ``NaN``/``Infinity``, which providers refuse, and other types, lone surrogates or a cycle
+    fail deep inside the request. Keys are as ``json.dumps`` takes them (``{50256: -100}``)."""
+    stack: list[tuple[Any, str, int]] = [(value, path, 0)]
+    while stack:
+        item, path, depth = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode()
+                except UnicodeEncodeError as exc:
+                    return path, f"holds a lone surrogate {item[exc.start]!r}", item
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                return path, f"is {item!r}, which JSON cannot carry", item
+        elif isinstance(item, (dict, list, tuple)):
+            if depth >= _MAX_JSON_DEPTH:
+                return path, f"nests deeper than {_MAX_JSON_DEPTH} levels (or holds itself)", item
+            if isinstance(item, dict):
+                for key, part in item.items():
+                    if not (key is None or isinstance(key, (str, int, float))):
+                        return path, f"has the key {_short(key)}, which JSON cannot carry", key
+                    stack.append((key, f"{path} (a key)", depth + 1))
+                    stack.append((part, f"{path}[{key!r}]", depth + 1))
+            else:
+                stack.extend((part, f"{path}[{i}]", depth + 1) for i, part in enumerate(item))
+        elif not (item is None or isinstance(item, int)):  # bool is an int
+            return path, f"is {_short(item)}, which JSON cannot carry", item
+    return None
+
+
+def _check_extra(owner: str, field: str, extra: Any) -> dict[str, Any]:
+    """Extras go into the request body as they are: a dict of string keys and JSON values."""
+    if not isinstance(extra, dict) or not all(isinstance(k, str) for k in extra):
+        _fail(owner, field, "a dict with string keys", extra)
+    for key, value in extra.items():
+        problem = _json_problem(value, f"{field}[{key!r}]")
+        if problem is not None:
+            path, why, part = problem
+            raise ValidationError(f"{owner}.{path} {why}; extras are sent as JSON, so give "
+                                  "a finite number, a string, a list or a dict",
+                                  field=key, value=part)
+    return extra
 
 
 # === 3. Content, messages, usage =============================================
@@ -430,7 +501,11 @@ class _Record:
             raise ValidationError(f"{cls.__name__}.from_dict needs a dict, got {_short(data)}",
                                   value=data)
         names = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
-        return cls(**{k: v for k, v in data.items() if k in names})
+        given = {k: v for k, v in data.items() if k in names}
+        required = _required_fields(cls)
+        if not required.issubset(given):
+            _missing(cls.__name__, required, given)
+        return cls(**given)
 
     def model_dump(self, *, exclude_none: bool = False, **_ignored: Any) -> dict[str, Any]:
         """Pydantic-style alias of :meth:`to_dict`."""
@@ -475,15 +550,30 @@ def _ignore_unknown_keywords(cls: type[_T]) -> type[_T]:
     (``extra="ignore"``): ``AssistantMessage(**openai_message)`` keeps working."""
     init = cls.__init__
     known = frozenset(f.name for f in dataclasses.fields(cls) if f.init)  # type: ignore[arg-type]
+    required = _required_fields(cls)
 
     @functools.wraps(init)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         if not known.issuperset(kwargs):
             kwargs = {k: v for k, v in kwargs.items() if k in known}
+        if required and not args and not required.issubset(kwargs):
+            _missing(cls.__name__, required, kwargs)
         init(self, *args, **kwargs)
 
     cls.__init__ = __init__  # type: ignore[method-assign]
     return cls
+
+
+def _required_fields(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(cls) if f.init
+                     and f.default is dataclasses.MISSING
+                     and f.default_factory is dataclasses.MISSING)
+
+
+def _missing(owner: str, required: frozenset[str], given: Collection[str]) -> NoReturn:
+    field = min(required.difference(given))
+    raise ValidationError(f"{owner}.{field} is required but missing (given: "
+                          f"{', '.join(sorted(given)) or 'nothing'})", field=field)
 
 
 def _coerce(owner: str, field: str, value: Any, cls: type[_R]) -> _R:
@@ -511,7 +601,7 @@ class TextContent(_Record):
 
     def __post_init__(self) -> None:
         _check_literal("TextContent", "type", self.type, "text")
-        _check_str("TextContent", "text", self.text)
+        _check_text("TextContent", "text", self.text)
 
 
 @_ignore_unknown_keywords
@@ -620,7 +710,9 @@ class UserMessage(_Record):
 
     def __post_init__(self) -> None:
         _check_literal("UserMessage", "role", self.role, "user")
-        if self.content is not None and not isinstance(self.content, str):
+        if isinstance(self.content, str):
+            _check_text("UserMessage", "content", self.content)
+        elif self.content is not None:
             self.content = _coerce_list("UserMessage", "content", self.content, _content_part)
 
 
@@ -634,7 +726,7 @@ class SystemMessage(_Record):
 
     def __post_init__(self) -> None:
         _check_literal("SystemMessage", "role", self.role, "system")
-        _check_str("SystemMessage", "content", self.content)
+        _check_text("SystemMessage", "content", self.content)
 
 
 @_ignore_unknown_keywords
@@ -740,7 +832,7 @@ class ToolResultMessage(_Record):
     def __post_init__(self) -> None:
         _check_literal("ToolResultMessage", "role", self.role, "tool")
         for field in ("name", "tool_call_id", "content"):
-            _check_str("ToolResultMessage", field, getattr(self, field))
+            _check_text("ToolResultMessage", field, getattr(self, field))
         if self.is_error is not None and not isinstance(self.is_error, bool):
             _fail("ToolResultMessage", "is_error", "True, False or None", self.is_error)
 
@@ -2960,7 +3052,7 @@ _OPTION_CHECKS: dict[str, Callable[[str, str, Any], Any]] = {
     "max_tokens": _checked(_check_int, minimum=1),
     "tools": _check_tools,
     "temperature": _checked(_check_number, minimum=0),
-    "top_p": _checked(_check_number, minimum=0),
+    "top_p": _checked(_check_number, minimum=0, maximum=1),
     "stop": _check_stop,
     "tool_choice": _check_tool_choice,
     "frequency_penalty": _checked(_check_number),
@@ -2981,8 +3073,7 @@ def _check_options(owner: str, fields: dict[str, Any]) -> None:
     extra = fields.get("extra")
     if extra == {}:
         return
-    if not isinstance(extra, dict) or not all(isinstance(k, str) for k in extra):
-        _fail(owner, "extra", "a dict with string keys", extra)
+    extra = _check_extra(owner, "extra", extra)
     # One reply per call, without log probabilities: refused rather than dropped.
     n = extra.get("n")
     if n not in (None, 1):
@@ -5487,6 +5578,19 @@ def _base_url(value: str | None, env: str, default: str, owner: str) -> str:
     return url
 
 
+def _json_body(body: Any) -> bytes:
+    """A request body as strict JSON in UTF-8, the one way a body is written: whatever
+    slipped past the checks (NaN in a tool's schema, a lone surrogate in a model's
+    reply sent back) is refused here, naming where, before anything is sent."""
+    try:
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":"),
+                          allow_nan=False).encode()
+    except (TypeError, ValueError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
+        path, why, part = _json_problem(body, "body") or ("body", f"cannot be JSON: {exc}", None)
+        raise ValidationError(f"the request cannot be sent: {path} {why}; give finite numbers "
+                              "and text UTF-8 can encode", field=path, value=part) from exc
+
+
 class _HTTPClient:
     """The machinery the three clients share: headers, request building, sending.
 
@@ -5508,8 +5612,8 @@ class _HTTPClient:
         _check_number(owner, "timeout", timeout, minimum=0.001)  # None: wait forever
         _check_number(owner, "reply_timeout", reply_timeout, minimum=0.001)
         _check_int(owner, "max_retries", max_retries, optional=False)
-        if extra_kwargs is not None and not isinstance(extra_kwargs, dict):
-            _fail(owner, "extra_kwargs", "a dict or None", extra_kwargs)
+        if extra_kwargs is not None:
+            _check_extra(owner, "extra_kwargs", extra_kwargs)
         if default_headers is not None and not (isinstance(default_headers, dict) and all(
                 isinstance(k, str) and isinstance(v, str) for k, v in default_headers.items())):
             _fail(owner, "default_headers", "a dict of str -> str", default_headers)
@@ -5573,7 +5677,7 @@ class _HTTPClient:
             logger.warning("%s does not take %s: left out of the request",
                            self._facts.name, ", ".join(left_out))
         self._merge_extra(body, call.options.extra)
-        data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        data = _json_body(body)
         reply = None
         if not stream:
             # A non-streamed reply comes whole, after the model has thought: minutes
@@ -5640,8 +5744,7 @@ class _HTTPClient:
     def _send_json(self, method: str, url: str, body: Any = None,
                    abort: _Abort | None = None) -> Any:
         """One JSON request with this client's headers, timeout and retries."""
-        data = None if body is None else json.dumps(
-            body, ensure_ascii=False, separators=(",", ":")).encode()
+        data = None if body is None else _json_body(body)
         req = _Request(method, url, self._headers, data, self.timeout, self.max_retries,
                        self._ssl_context)
         return _request_json(req, abort)[0]
@@ -6201,8 +6304,8 @@ class Model:
             _fail("Model", "client", "an LLMClient (an object with _chat and _stream)", client)
         _check_str("Model", "name", name)
         _check_number("Model", "temperature", temperature, minimum=0)
-        if extra_kwargs is not None and not isinstance(extra_kwargs, dict):
-            _fail("Model", "extra_kwargs", "a dict or None", extra_kwargs)
+        if extra_kwargs is not None:
+            _check_extra("Model", "extra_kwargs", extra_kwargs)
         if default_options is not None and not isinstance(default_options, ChatOptions):
             _fail("Model", "default_options", "a ChatOptions or None", default_options)
         if system_message_handling is not None:
@@ -6549,8 +6652,7 @@ class ClientConfig:
             _check_str("ClientConfig", field, getattr(self, field), optional=True)
         _check_number("ClientConfig", "timeout", self.timeout, minimum=0.001)
         _check_int("ClientConfig", "max_retries", self.max_retries, optional=False)
-        if not isinstance(self.extra_kwargs, dict):
-            _fail("ClientConfig", "extra_kwargs", "a dict", self.extra_kwargs)
+        _check_extra("ClientConfig", "extra_kwargs", self.extra_kwargs)
         if self.system_message_handling is not None:
             _check_choice("ClientConfig", "system_message_handling",
                           self.system_message_handling, _SYSTEM_HANDLINGS)
@@ -6588,8 +6690,7 @@ class ModelConfig:
             self.temperature, self.default_options = None, self.temperature  # 0.7's order
         _check_str("ModelConfig", "name", self.name)
         _check_number("ModelConfig", "temperature", self.temperature, minimum=0)
-        if not isinstance(self.extra_kwargs, dict):
-            _fail("ModelConfig", "extra_kwargs", "a dict", self.extra_kwargs)
+        _check_extra("ModelConfig", "extra_kwargs", self.extra_kwargs)
         if self.default_options is not None and not isinstance(self.default_options,
                                                                ChatOptions):
             _fail("ModelConfig", "default_options", "a ChatOptions or None",
