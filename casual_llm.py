@@ -525,10 +525,20 @@ class _Record:
     @classmethod
     def model_validate_json(cls: type[_R], data: str | bytes, **_ignored: Any) -> _R:
         """Build from a JSON string."""
-        return cls.from_dict(json.loads(data))
+        try:
+            value = json.loads(data)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise ValidationError(f"{cls.__name__}.model_validate_json needs JSON text, got "
+                                  f"{_short(data)}: {exc}", value=data) from None
+        return cls.from_dict(value)
 
     def model_copy(self: _R, *, update: dict[str, Any] | None = None, deep: bool = False) -> _R:
         """A copy, with ``update`` applied (and validated)."""
+        names = {f.name for f in dataclasses.fields(self) if f.init}  # type: ignore[arg-type]
+        if update is not None and not (isinstance(update, dict) and names.issuperset(update)):
+            raise ValidationError(f"{type(self).__name__}.model_copy: update must be a dict of "
+                                  f"its fields ({', '.join(sorted(names))}), got "
+                                  f"{_short(update)}", field="update", value=update)
         if deep:
             import copy
             return dataclasses.replace(copy.deepcopy(self), **(update or {}))  # type: ignore[type-var]
@@ -639,6 +649,9 @@ class ImageContent(_Record):
     def from_bytes(cls, data: bytes, media_type: str | None = None) -> ImageContent:
         """An image from raw bytes, its media type guessed from them when not given."""
         import base64
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            _fail("ImageContent", "data", "bytes (for a file, use from_path)", data)
+        _check_str("ImageContent", "media_type", media_type, optional=True)
         b64 = base64.b64encode(data).decode("ascii")
         media = media_type or _sniff_media_type(b64) or "image/jpeg"
         return cls(source={"type": "base64", "data": b64}, media_type=media)
@@ -646,8 +659,16 @@ class ImageContent(_Record):
     @classmethod
     def from_path(cls, path: str | os.PathLike[str], media_type: str | None = None) -> ImageContent:
         """An image read from a local file."""
-        with open(path, "rb") as f:
-            data = f.read()
+        # Not an int: open() takes a file descriptor too, and would close the caller's.
+        if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
+            _fail("ImageContent", "path", "a file path (str or pathlib.Path)", path)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+            raise ValidationError(f"cannot read the image {os.fspath(path)!r}: "
+                                  f"{getattr(exc, 'strerror', None) or exc}",
+                                  field="path", value=os.fspath(path)) from exc
         if media_type is None:
             import mimetypes
             guessed = mimetypes.guess_type(os.fspath(path))[0]
@@ -927,7 +948,7 @@ def _to_int(owner: str, field: str, value: Any) -> int:
     if isinstance(value, bool):
         _fail(owner, field, "an integer >= 0", value)
     if (isinstance(value, float) and value.is_integer()) or (
-            isinstance(value, str) and value.strip().isdigit()):
+            isinstance(value, str) and value.strip().isdecimal() and len(value) < 100):
         value = int(value)
     if not isinstance(value, int) or value < 0:
         _fail(owner, field, "an integer >= 0", value)
@@ -1397,7 +1418,7 @@ class ToolParameter(_Record):
         if not (type is None or isinstance(type, str) or (
                 isinstance(type, list) and all(isinstance(t, str) for t in type))):
             _fail(owner, "type", "a JSON-Schema type name or a list of them", type)
-        _check_str(owner, "description", description, optional=True)
+        _check_text(owner, "description", description, optional=True)
         for name, value in (("enum", enum), ("required", required), ("anyOf", anyOf),
                             ("oneOf", oneOf)):
             if value is not None and not isinstance(value, list):
@@ -1422,6 +1443,8 @@ class ToolParameter(_Record):
             return data
         if not isinstance(data, dict):
             raise ValidationError(f"ToolParameter needs a dict, got {_short(data)}", value=data)
+        if not all(isinstance(k, str) for k in data):
+            _fail("ToolParameter", "keys", "strings (it is a JSON Schema)", data)
         return cls(**data)
 
     def to_schema(self) -> dict[str, Any]:
@@ -1470,10 +1493,10 @@ class Tool(_Record):
     required: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
-        _check_str("Tool", "name", self.name)
+        _check_text("Tool", "name", self.name)
         if not self.name:
             _fail("Tool", "name", "a non-empty string", self.name)
-        _check_str("Tool", "description", self.description)
+        _check_text("Tool", "description", self.description)
         if not isinstance(self.parameters, dict):
             _fail("Tool", "parameters", "a dict of name -> ToolParameter", self.parameters)
         self.parameters = {k: _parameter(v) for k, v in self.parameters.items()}
@@ -1501,9 +1524,10 @@ class Tool(_Record):
         """A tool from a JSON-Schema object (an MCP tool's ``inputSchema``)."""
         if not isinstance(input_schema, dict):
             _fail("Tool", "input_schema", "a JSON-Schema dict", input_schema)
+        # Checked by Tool: list("abc") would be three required names.
         return cls(name=name, description=description,
-                   parameters=dict(input_schema.get("properties", {})),
-                   required=list(input_schema.get("required", [])))
+                   parameters=input_schema.get("properties", {}),
+                   required=input_schema.get("required", []))
 
     @classmethod
     def from_function(cls, fn: Callable[..., Any], *, name: str | None = None,
@@ -2013,8 +2037,10 @@ def _own_evaluated_items(compiler: _SchemaCompiler, schema: dict[str, Any],
 
 def _number_keyword(schema: dict[str, Any], key: str, where: str) -> int | float:
     value = schema[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _schema_error(_ptr(where, key), f"{key} must be a number, not {_show(value)}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(value, float) and not math.isfinite(value)):
+        raise _schema_error(_ptr(where, key), f"{key} must be a finite number, not "
+                                              f"{_show(value)}")
     return value
 
 
@@ -2057,6 +2083,9 @@ def _build_type(c: _SchemaCompiler, schema: dict[str, Any], where: str, out: _Ch
     def check_type(inst: Any, path: _Path, errs: _Errors, depth: int) -> None:
         cls = inst.__class__
         if cls in allowed:
+            if cls is not float or inst - inst == 0.0:  # NaN and infinities are no JSON numbers
+                return
+            errs.append((path, f"{_show(inst)} is not a JSON number (NaN and infinities are not)"))
             return
         if cls not in _JSON_CLASSES:
             cls = _json_class(inst)
@@ -2182,11 +2211,13 @@ def _one_of(subs: list[_Node]) -> _Node:
     return check_one_of
 
 
+# Written as "not within", so NaN (no JSON number, every comparison false) fails each bound.
 _BOUNDS = (
-    ("minimum", "is less than the minimum", lambda x, limit: x < limit),
-    ("exclusiveMinimum", "is not greater than the exclusive minimum", lambda x, limit: x <= limit),
-    ("maximum", "is greater than the maximum", lambda x, limit: x > limit),
-    ("exclusiveMaximum", "is not less than the exclusive maximum", lambda x, limit: x >= limit),
+    ("minimum", "is less than the minimum", lambda x, limit: not x >= limit),
+    ("exclusiveMinimum", "is not greater than the exclusive minimum",
+     lambda x, limit: not x > limit),
+    ("maximum", "is greater than the maximum", lambda x, limit: not x <= limit),
+    ("exclusiveMaximum", "is not less than the exclusive maximum", lambda x, limit: not x < limit),
 )
 
 
@@ -2217,15 +2248,16 @@ def _build_number(c: _SchemaCompiler, schema: dict[str, Any], where: str, out: _
 
 def _is_multiple(value: float, divisor: float) -> bool:
     """Exact test on the numbers as written in JSON (0.0075 is a multiple of 0.0001, although
-    the binary floats are not); huge quotients neither overflow nor lose precision."""
+    the binary floats are not): with value = a/b and divisor = p/q, a*q must be a multiple
+    of b*p, in integers, so a 1000-digit value neither overflows nor loses precision."""
     if isinstance(value, int) and isinstance(divisor, int):
         return value % divisor == 0
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):  # math.isfinite(10**400) overflows
         return False
     import decimal  # only floats need it, and most schemas have no multipleOf
-    x, d = (decimal.Decimal(n if isinstance(n, int) else repr(float(n))) for n in (value, divisor))
-    context = decimal.Context(prec=max(28, x.adjusted() - d.adjusted() + 30))
-    return context.remainder(x, d) == 0
+    (a, b), (p, q) = ((n, 1) if isinstance(n, int) else
+                      decimal.Decimal(repr(float(n))).as_integer_ratio() for n in (value, divisor))
+    return (a * q) % (b * p) == 0
 
 
 def _build_string(c: _SchemaCompiler, schema: dict[str, Any], where: str, out: _Checks) -> None:
@@ -2812,13 +2844,15 @@ def _resolve_response_format(response_format: Any) -> _ResponseFormat:
     if _is_pydantic_model(response_format):
         return _format_from_pydantic(response_format)
     if isinstance(response_format, str) or not _hashable(response_format):
-        raise TypeError(f"unsupported response_format {response_format!r}: "
-                        f"expected {_ACCEPTED_FORMATS}")
+        raise ValidationError(f"unsupported response_format {_short(response_format)}: "
+                              f"expected {_ACCEPTED_FORMATS}", field="response_format",
+                              value=response_format)
     try:
         return _format_from_type(response_format)
     except TypeError as exc:
-        raise TypeError(f"unsupported response_format {response_format!r}: expected "
-                        f"{_ACCEPTED_FORMATS} ({exc})") from exc
+        raise ValidationError(f"unsupported response_format {_short(response_format)}: expected "
+                              f"{_ACCEPTED_FORMATS} ({exc})", field="response_format",
+                              value=response_format) from exc
 
 
 # Providers whose structured-output mode needs an object at the root (OpenAI strict mode, tool
