@@ -595,6 +595,11 @@ def _coerce(owner: str, field: str, value: Any, cls: type[_R]) -> _R:
     _fail(owner, field, f"a {cls.__name__} or a dict", value)
 
 
+def _check_iterable(owner: str, field: str, value: Any) -> None:
+    if isinstance(value, (str, bytes, dict)) or not isinstance(value, Iterable):
+        _fail(owner, field, "a list", value)
+
+
 def _coerce_list(owner: str, field: str, value: Any, item: Callable[[Any], _T]) -> list[_T]:
     if not isinstance(value, (list, tuple)):
         _fail(owner, field, "a list", value)
@@ -765,12 +770,19 @@ class AssistantToolCallFunction(_Record):
                   "a JSON string (use json.dumps(...))", self.arguments)
 
     def parse_arguments(self) -> dict[str, Any]:
-        """The arguments as a dict; ``{}`` when empty. Invalid JSON raises ``ValueError``."""
+        """The arguments as a dict; ``{}`` when empty. Text that is not a JSON object raises
+        ``ValidationError`` (a ``ValueError``)."""
         if not self.arguments.strip():
             return {}
-        value = json.loads(self.arguments)
+        try:
+            value = json.loads(self.arguments)
+        except (ValueError, RecursionError) as exc:
+            raise ValidationError(f"tool call {self.name!r} has arguments that are not JSON "
+                                  f"({exc}): {_short(self.arguments)}", field="arguments",
+                                  value=self.arguments) from exc
         if not isinstance(value, dict):
-            raise ValueError(f"tool call arguments are not a JSON object: {_short(value)}")
+            raise ValidationError(f"tool call {self.name!r} has arguments that are not a JSON "
+                                  f"object: {_short(value)}", field="arguments", value=value)
         return value
 
 
@@ -1541,11 +1553,25 @@ class Tool(_Record):
         if not callable(fn):
             raise ValidationError(f"Tool.from_function needs a function, got {_short(fn)}",
                                   field="fn", value=fn)
-        summary, param_docs = _parse_docstring(inspect.getdoc(fn) or "")
-        hints = typing.get_type_hints(fn, include_extras=True)
+        _check_text("Tool.from_function", "name", name, optional=True)
+        _check_text("Tool.from_function", "description", description, optional=True)
+        # A partial is its function's tool; a callable object's hints are its __call__'s.
+        target = fn.func if isinstance(fn, functools.partial) else fn
+        label = getattr(target, "__name__", None) or type(fn).__name__
+        try:
+            signature = inspect.signature(fn)
+            hints = typing.get_type_hints(target if inspect.isroutine(target)
+                                          or inspect.isclass(target) else type(target).__call__,
+                                          include_extras=True)
+        except Exception as exc:  # no signature (ValueError), unresolvable hints (NameError...)
+            raise ValidationError(f"Tool.from_function({label}): cannot read its signature and "
+                                  f"type hints: {type(exc).__name__}: {exc}; give it a plain "
+                                  "def with importable annotations", field="fn",
+                                  value=fn) from exc
+        summary, param_docs = _parse_docstring(inspect.getdoc(target) or "")
         parameters: dict[str, ToolParameter] = {}
         required: list[str] = []
-        for param in inspect.signature(fn).parameters.values():
+        for param in signature.parameters.values():
             if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD) or (
                     param.name in ("self", "cls") and param.annotation is param.empty):
                 continue
@@ -1553,7 +1579,7 @@ class Tool(_Record):
                 schema = (_schema_from_type(hints[param.name], inline=True)
                           if param.name in hints else {})
             except TypeError as exc:
-                raise ValidationError(f"Tool.from_function({fn.__name__}): parameter "
+                raise ValidationError(f"Tool.from_function({label}): parameter "
                                       f"{param.name!r}: {exc}", field=param.name) from exc
             schema = dict(schema)
             schema.pop("title", None)
@@ -1564,7 +1590,7 @@ class Tool(_Record):
             elif param.default is not None and _json_default(param.default)[0]:
                 schema["default"] = _json_default(param.default)[1]
             parameters[param.name] = ToolParameter.from_dict(schema)
-        return cls(name=name or fn.__name__, description=description or summary,
+        return cls(name=name or label, description=description or summary,
                    parameters=parameters, required=required)
 
 
@@ -2299,7 +2325,8 @@ def _build_items(c: _SchemaCompiler, schema: dict[str, Any], where: str, out: _C
     if isinstance(schema.get("items"), list) and "prefixItems" not in schema:
         prefix_key, rest_key = "items", "additionalItems"     # draft 2019 and older tuple form
     prefix = [c.compile(s, _ptr(where, prefix_key, i))
-              for i, s in enumerate(schema.get(prefix_key, ()))] if prefix_key in schema else []
+              for i, s in enumerate(_schema_list(schema, prefix_key, where))
+              ] if prefix_key in schema else []
     rest = c.compile(schema[rest_key], _ptr(where, rest_key)) if rest_key in schema else None
     if not prefix and rest in (None, _accept):
         return
@@ -2367,6 +2394,8 @@ def _build_properties(c: _SchemaCompiler, schema: dict[str, Any], where: str, ou
     for pattern, sub in (_schema_map(schema, "patternProperties", where).items()
                          if "patternProperties" in schema else ()):
         try:
+            if not isinstance(pattern, str):
+                raise ValueError(f"a pattern must be a string, not {pattern!r}")
             search = _ecma_regex(pattern).search
         except ValueError as exc:
             raise _schema_error(_ptr(where, "patternProperties"), str(exc)) from exc
@@ -4232,6 +4261,7 @@ def _stream_batches(req: _Request, decoder: _SSEDecoder | _NDJSONDecoder, state:
 
 def strip_base64_prefix(data: str) -> str:
     """The base64 payload of a ``data:...;base64,`` URI; other strings unchanged."""
+    _check_str("strip_base64_prefix", "data", data)
     if data.startswith("data:") and ";base64," in data:
         return data.split(";base64,", 1)[1]
     return data
@@ -4239,6 +4269,8 @@ def strip_base64_prefix(data: str) -> str:
 
 def add_base64_prefix(base64_data: str, media_type: str = "image/png") -> str:
     """A ``data:`` URI for base64 data."""
+    _check_str("add_base64_prefix", "base64_data", base64_data)
+    _check_str("add_base64_prefix", "media_type", media_type)
     return f"data:{media_type};base64,{base64_data}"
 
 
@@ -4597,6 +4629,7 @@ def _messages_to_openai(messages: list[ChatMessage], reasoning: bool = True
 
 def convert_tool_calls_from_openai(tool_calls: Iterable[Any]) -> list[AssistantToolCall]:
     """OpenAI tool calls (dicts or SDK objects) as ``AssistantToolCall``s; arguments untouched."""
+    _check_iterable("convert_tool_calls_from_openai", "tool_calls", tool_calls)
     out = []
     for call in tool_calls:
         function = _get(call, "function") or {}
@@ -4612,13 +4645,14 @@ def convert_tool_calls_from_openai(tool_calls: Iterable[Any]) -> list[AssistantT
 
 def tool_to_openai(tool: Tool) -> dict[str, Any]:
     """A tool in OpenAI's ``{"type": "function", "function": {...}}`` form."""
+    tool = _coerce("tool_to_openai", "tool", tool, Tool)
     return {"type": "function", "function": {"name": tool.name, "description": tool.description,
                                              "parameters": tool.input_schema}}
 
 
 def tools_to_openai(tools: list[Tool]) -> list[dict[str, Any]]:
     """Several tools in OpenAI form."""
-    return [tool_to_openai(t) for t in tools]
+    return [tool_to_openai(t) for t in _check_tools("tools_to_openai", "tools", tools)]
 
 
 # Sampling options Chat Completions takes under their own names.
@@ -4974,6 +5008,7 @@ def _messages_to_ollama(messages: list[ChatMessage], allow_private: bool = False
 def convert_tool_calls_from_ollama(tool_calls: Iterable[Any]) -> list[AssistantToolCall]:
     """Ollama tool calls (arguments as objects) as ``AssistantToolCall``s; ids are made
     up when an older server sent none."""
+    _check_iterable("convert_tool_calls_from_ollama", "tool_calls", tool_calls)
     out = []
     for call in tool_calls:
         function = _get(call, "function") or {}
@@ -4994,7 +5029,7 @@ def tool_to_ollama(tool: Tool) -> dict[str, Any]:
 
 def tools_to_ollama(tools: list[Tool]) -> list[dict[str, Any]]:
     """Several tools in Ollama form."""
-    return [tool_to_ollama(t) for t in tools]
+    return [tool_to_ollama(t) for t in _check_tools("tools_to_ollama", "tools", tools)]
 
 
 # Sampling options Ollama reads from "options" under the portable names.
@@ -5219,6 +5254,7 @@ def _system_to_anthropic(messages: list[ChatMessage], extra: list[str]) -> Any:
 
 def convert_tool_calls_from_anthropic(blocks: Iterable[Any]) -> list[AssistantToolCall]:
     """Anthropic ``tool_use`` blocks (dicts or SDK objects) as ``AssistantToolCall``s."""
+    _check_iterable("convert_tool_calls_from_anthropic", "blocks", blocks)
     out = []
     for block in blocks:
         arguments = _get(block, "input")
@@ -5232,13 +5268,14 @@ def convert_tool_calls_from_anthropic(blocks: Iterable[Any]) -> list[AssistantTo
 
 def tool_to_anthropic(tool: Tool) -> dict[str, Any]:
     """A tool in Anthropic form (``input_schema``)."""
+    tool = _coerce("tool_to_anthropic", "tool", tool, Tool)
     return {"name": tool.name, "description": tool.description,
             "input_schema": tool.input_schema}
 
 
 def tools_to_anthropic(tools: list[Tool]) -> list[dict[str, Any]]:
     """Several tools in Anthropic form."""
-    return [tool_to_anthropic(t) for t in tools]
+    return [tool_to_anthropic(t) for t in _check_tools("tools_to_anthropic", "tools", tools)]
 
 
 # Sampling options the Messages API takes under their own names (stop is stop_sequences).
