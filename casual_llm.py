@@ -125,7 +125,32 @@ logger: logging.Logger = _LazyLogger()  # type: ignore[assignment]
 
 
 class CasualLLMError(Exception):
-    """Root of every error casual_llm raises."""
+    """Root of every error casual_llm raises; every one pickles with its attributes."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The default rebuilds by calling cls(*args), which fails for keyword-only
+        # attributes (status_code=...): process pools could not send an APIStatusError
+        # back. The attributes go as state, and one that cannot be pickled (a lambda as
+        # a ValidationError's value) as the repr the message shows of it.
+        import pickle
+        import reprlib
+        state = {}
+        for name, value in vars(self).items():
+            try:
+                pickle.dumps(value)
+            except Exception:
+                value = reprlib.repr(value)
+            state[name] = value
+        return _rebuilt_error, (type(self), self.args, state)
+
+
+def _rebuilt_error(cls: type[CasualLLMError], args: tuple[Any, ...],
+                   state: dict[str, Any]) -> CasualLLMError:
+    """An unpickled error: made without ``__init__``, its attributes restored."""
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 class ValidationError(CasualLLMError, TypeError, ValueError):
