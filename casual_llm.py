@@ -126,7 +126,32 @@ logger: logging.Logger = _LazyLogger()  # type: ignore[assignment]
 
 
 class CasualLLMError(Exception):
-    """Root of every error casual_llm raises."""
+    """Root of every error casual_llm raises; every one pickles with its attributes."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The default rebuilds by calling cls(*args), which fails for keyword-only
+        # attributes (status_code=...): process pools could not send an APIStatusError
+        # back. The attributes go as state, and one that cannot be pickled (a lambda as
+        # a ValidationError's value) as the repr the message shows of it.
+        import pickle
+        import reprlib
+        state = {}
+        for name, value in vars(self).items():
+            try:
+                pickle.dumps(value)
+            except Exception:
+                value = reprlib.repr(value)
+            state[name] = value
+        return _rebuilt_error, (type(self), self.args, state)
+
+
+def _rebuilt_error(cls: type[CasualLLMError], args: tuple[Any, ...],
+                   state: dict[str, Any]) -> CasualLLMError:
+    """An unpickled error: made without ``__init__``, its attributes restored."""
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 class ValidationError(CasualLLMError, TypeError, ValueError):
@@ -383,14 +408,35 @@ def _check_literal(owner: str, field: str, value: Any, expected: str) -> None:
         _fail(owner, field, repr(expected), value)
 
 
+def _check_text(owner: str, field: str, value: Any, *, optional: bool = False) -> None:
+    """A string UTF-8 can carry: a lone surrogate (from ``surrogateescape`` or a JSON
+    ``"\\ud800"``) would otherwise fail deep inside the request."""
+    _check_str(owner, field, value, optional=optional)
+    if value is not None and not value.isascii():
+        _check_encodable(owner, field, value)
+
+
+def _check_encodable(owner: str, field: str, value: str) -> None:
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:
+        raise ValidationError(
+            f"{owner}.{field} holds a lone surrogate {value[exc.start]!r} at index {exc.start}, "
+            "which UTF-8 cannot encode; decode the text with errors='replace'",
+            field=field, value=value) from None
+
+
 def _check_number(owner: str, field: str, value: Any, *, optional: bool = True,
-                  minimum: float | None = None) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+                  minimum: float | None = None, maximum: float | None = None) -> None:
     if value is None and optional:
         return
-    if not ok or (minimum is not None and value < minimum) or value != value:
-        lower = f" >= {minimum}" if minimum is not None else ""
-        _fail(owner, field, f"a number{lower}" + (" or None" if optional else ""), value)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+        not isinstance(value, float) or math.isfinite(value))  # inf and NaN are no JSON
+    if not ok or (minimum is not None and value < minimum) or (
+            maximum is not None and value > maximum):
+        bounds = (f" from {minimum} to {maximum}" if minimum is not None and maximum is not None
+                  else f" >= {minimum}" if minimum is not None else "")
+        _fail(owner, field, f"a finite number{bounds}" + (" or None" if optional else ""), value)
 
 
 def _check_int(owner: str, field: str, value: Any, *, optional: bool = True,
@@ -516,6 +562,56 @@ def _scrub(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
+_MAX_JSON_DEPTH = 256  # of a caller's extras; deeper is a mistake (or a cycle)
+
+
+def _json_problem(value: Any, path: str = "") -> tuple[str, str, Any] | None:
+    """Where ``value`` is not strict JSON (RFC 8259), as ``(path, what is wrong, the part)``;
+    ``None`` when ``json.dumps`` sends it. Unchecked, NaN and infinities would go out as
+    ``NaN``/``Infinity``, which providers refuse, and other types, lone surrogates or a cycle
+    fail deep inside the request. Keys are as ``json.dumps`` takes them (``{50256: -100}``)."""
+    stack: list[tuple[Any, str, int]] = [(value, path, 0)]
+    while stack:
+        item, path, depth = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode()
+                except UnicodeEncodeError as exc:
+                    return path, f"holds a lone surrogate {item[exc.start]!r}", item
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                return path, f"is {item!r}, which JSON cannot carry", item
+        elif isinstance(item, (dict, list, tuple)):
+            if depth >= _MAX_JSON_DEPTH:
+                return path, f"nests deeper than {_MAX_JSON_DEPTH} levels (or holds itself)", item
+            if isinstance(item, dict):
+                for key, part in item.items():
+                    if not (key is None or isinstance(key, (str, int, float))):
+                        return path, f"has the key {_short(key)}, which JSON cannot carry", key
+                    stack.append((key, f"{path} (a key)", depth + 1))
+                    stack.append((part, f"{path}[{key!r}]", depth + 1))
+            else:
+                stack.extend((part, f"{path}[{i}]", depth + 1) for i, part in enumerate(item))
+        elif not (item is None or isinstance(item, int)):  # bool is an int
+            return path, f"is {_short(item)}, which JSON cannot carry", item
+    return None
+
+
+def _check_extra(owner: str, field: str, extra: Any) -> dict[str, Any]:
+    """Extras go into the request body as they are: a dict of string keys and JSON values."""
+    if not isinstance(extra, dict) or not all(isinstance(k, str) for k in extra):
+        _fail(owner, field, "a dict with string keys", extra)
+    for key, value in extra.items():
+        problem = _json_problem(value, f"{field}[{key!r}]")
+        if problem is not None:
+            path, why, part = problem
+            raise ValidationError(f"{owner}.{path} {why}; extras are sent as JSON, so give "
+                                  "a finite number, a string, a list or a dict",
+                                  field=key, value=part)
+    return extra
+
+
 # === 3. Content, messages, usage =============================================
 
 
@@ -546,7 +642,11 @@ class _Record:
             raise ValidationError(f"{cls.__name__}.from_dict needs a dict, got {_short(data)}",
                                   value=data)
         names = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
-        return cls(**{k: v for k, v in data.items() if k in names})
+        given = {k: v for k, v in data.items() if k in names}
+        required = _required_fields(cls)
+        if not required.issubset(given):
+            _missing(cls.__name__, required, given)
+        return cls(**given)
 
     def model_dump(self, *, exclude_none: bool = False, **_ignored: Any) -> dict[str, Any]:
         """Pydantic-style alias of :meth:`to_dict`."""
@@ -566,10 +666,20 @@ class _Record:
     @classmethod
     def model_validate_json(cls: type[_R], data: str | bytes, **_ignored: Any) -> _R:
         """Build from a JSON string."""
-        return cls.from_dict(json.loads(data))
+        try:
+            value = json.loads(data)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise ValidationError(f"{cls.__name__}.model_validate_json needs JSON text, got "
+                                  f"{_short(data)}: {exc}", value=data) from None
+        return cls.from_dict(value)
 
     def model_copy(self: _R, *, update: dict[str, Any] | None = None, deep: bool = False) -> _R:
         """A copy, with ``update`` applied (and validated)."""
+        names = {f.name for f in dataclasses.fields(self) if f.init}  # type: ignore[arg-type]
+        if update is not None and not (isinstance(update, dict) and names.issuperset(update)):
+            raise ValidationError(f"{type(self).__name__}.model_copy: update must be a dict of "
+                                  f"its fields ({', '.join(sorted(names))}), got "
+                                  f"{_short(update)}", field="update", value=update)
         if deep:
             import copy
             return dataclasses.replace(copy.deepcopy(self), **(update or {}))  # type: ignore[type-var]
@@ -591,15 +701,30 @@ def _ignore_unknown_keywords(cls: type[_T]) -> type[_T]:
     (``extra="ignore"``): ``AssistantMessage(**openai_message)`` keeps working."""
     init = cls.__init__
     known = frozenset(f.name for f in dataclasses.fields(cls) if f.init)  # type: ignore[arg-type]
+    required = _required_fields(cls)
 
     @functools.wraps(init)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         if not known.issuperset(kwargs):
             kwargs = {k: v for k, v in kwargs.items() if k in known}
+        if required and not args and not required.issubset(kwargs):
+            _missing(cls.__name__, required, kwargs)
         init(self, *args, **kwargs)
 
     cls.__init__ = __init__  # type: ignore[method-assign]
     return cls
+
+
+def _required_fields(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(cls) if f.init
+                     and f.default is dataclasses.MISSING
+                     and f.default_factory is dataclasses.MISSING)
+
+
+def _missing(owner: str, required: frozenset[str], given: Collection[str]) -> NoReturn:
+    field = min(required.difference(given))
+    raise ValidationError(f"{owner}.{field} is required but missing (given: "
+                          f"{', '.join(sorted(given)) or 'nothing'})", field=field)
 
 
 def _coerce(owner: str, field: str, value: Any, cls: type[_R]) -> _R:
@@ -609,6 +734,11 @@ def _coerce(owner: str, field: str, value: Any, cls: type[_R]) -> _R:
     if isinstance(value, dict):
         return cls.from_dict(value)
     _fail(owner, field, f"a {cls.__name__} or a dict", value)
+
+
+def _check_iterable(owner: str, field: str, value: Any) -> None:
+    if isinstance(value, (str, bytes, dict)) or not isinstance(value, Iterable):
+        _fail(owner, field, "a list", value)
 
 
 def _coerce_list(owner: str, field: str, value: Any, item: Callable[[Any], _T]) -> list[_T]:
@@ -627,7 +757,7 @@ class TextContent(_Record):
 
     def __post_init__(self) -> None:
         _check_literal("TextContent", "type", self.type, "text")
-        _check_str("TextContent", "text", self.text)
+        _check_text("TextContent", "text", self.text)
 
 
 @_ignore_unknown_keywords
@@ -665,6 +795,9 @@ class ImageContent(_Record):
     def from_bytes(cls, data: bytes, media_type: str | None = None) -> ImageContent:
         """An image from raw bytes, its media type guessed from them when not given."""
         import base64
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            _fail("ImageContent", "data", "bytes (for a file, use from_path)", data)
+        _check_str("ImageContent", "media_type", media_type, optional=True)
         b64 = base64.b64encode(data).decode("ascii")
         media = media_type or _sniff_media_type(b64) or "image/jpeg"
         return cls(source={"type": "base64", "data": b64}, media_type=media)
@@ -672,8 +805,16 @@ class ImageContent(_Record):
     @classmethod
     def from_path(cls, path: str | os.PathLike[str], media_type: str | None = None) -> ImageContent:
         """An image read from a local file."""
-        with open(path, "rb") as f:
-            data = f.read()
+        # Not an int: open() takes a file descriptor too, and would close the caller's.
+        if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
+            _fail("ImageContent", "path", "a file path (str or pathlib.Path)", path)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+            raise ValidationError(f"cannot read the image {os.fspath(path)!r}: "
+                                  f"{getattr(exc, 'strerror', None) or exc}",
+                                  field="path", value=os.fspath(path)) from exc
         if media_type is None:
             import mimetypes
             guessed = mimetypes.guess_type(os.fspath(path))[0]
@@ -736,7 +877,9 @@ class UserMessage(_Record):
 
     def __post_init__(self) -> None:
         _check_literal("UserMessage", "role", self.role, "user")
-        if self.content is not None and not isinstance(self.content, str):
+        if isinstance(self.content, str):
+            _check_text("UserMessage", "content", self.content)
+        elif self.content is not None:
             self.content = _coerce_list("UserMessage", "content", self.content, _content_part)
 
 
@@ -750,7 +893,7 @@ class SystemMessage(_Record):
 
     def __post_init__(self) -> None:
         _check_literal("SystemMessage", "role", self.role, "system")
-        _check_str("SystemMessage", "content", self.content)
+        _check_text("SystemMessage", "content", self.content)
 
 
 @_ignore_unknown_keywords
@@ -768,12 +911,19 @@ class AssistantToolCallFunction(_Record):
                   "a JSON string (use json.dumps(...))", self.arguments)
 
     def parse_arguments(self) -> dict[str, Any]:
-        """The arguments as a dict; ``{}`` when empty. Invalid JSON raises ``ValueError``."""
+        """The arguments as a dict; ``{}`` when empty. Text that is not a JSON object raises
+        ``ValidationError`` (a ``ValueError``)."""
         if not self.arguments.strip():
             return {}
-        value = json.loads(self.arguments)
+        try:
+            value = json.loads(self.arguments)
+        except (ValueError, RecursionError) as exc:
+            raise ValidationError(f"tool call {self.name!r} has arguments that are not JSON "
+                                  f"({exc}): {_short(self.arguments)}", field="arguments",
+                                  value=self.arguments) from exc
         if not isinstance(value, dict):
-            raise ValueError(f"tool call arguments are not a JSON object: {_short(value)}")
+            raise ValidationError(f"tool call {self.name!r} has arguments that are not a JSON "
+                                  f"object: {_short(value)}", field="arguments", value=value)
         return value
 
 
@@ -856,7 +1006,7 @@ class ToolResultMessage(_Record):
     def __post_init__(self) -> None:
         _check_literal("ToolResultMessage", "role", self.role, "tool")
         for field in ("name", "tool_call_id", "content"):
-            _check_str("ToolResultMessage", field, getattr(self, field))
+            _check_text("ToolResultMessage", field, getattr(self, field))
         if self.is_error is not None and not isinstance(self.is_error, bool):
             _fail("ToolResultMessage", "is_error", "True, False or None", self.is_error)
 
@@ -951,7 +1101,7 @@ def _to_int(owner: str, field: str, value: Any) -> int:
     if isinstance(value, bool):
         _fail(owner, field, "an integer >= 0", value)
     if (isinstance(value, float) and value.is_integer()) or (
-            isinstance(value, str) and value.strip().isdigit()):
+            isinstance(value, str) and value.strip().isdecimal() and len(value) < 100):
         value = int(value)
     if not isinstance(value, int) or value < 0:
         _fail(owner, field, "an integer >= 0", value)
@@ -1421,7 +1571,7 @@ class ToolParameter(_Record):
         if not (type is None or isinstance(type, str) or (
                 isinstance(type, list) and all(isinstance(t, str) for t in type))):
             _fail(owner, "type", "a JSON-Schema type name or a list of them", type)
-        _check_str(owner, "description", description, optional=True)
+        _check_text(owner, "description", description, optional=True)
         for name, value in (("enum", enum), ("required", required), ("anyOf", anyOf),
                             ("oneOf", oneOf)):
             if value is not None and not isinstance(value, list):
@@ -1446,6 +1596,8 @@ class ToolParameter(_Record):
             return data
         if not isinstance(data, dict):
             raise ValidationError(f"ToolParameter needs a dict, got {_short(data)}", value=data)
+        if not all(isinstance(k, str) for k in data):
+            _fail("ToolParameter", "keys", "strings (it is a JSON Schema)", data)
         return cls(**data)
 
     def to_schema(self) -> dict[str, Any]:
@@ -1494,10 +1646,10 @@ class Tool(_Record):
     required: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
-        _check_str("Tool", "name", self.name)
+        _check_text("Tool", "name", self.name)
         if not self.name:
             _fail("Tool", "name", "a non-empty string", self.name)
-        _check_str("Tool", "description", self.description)
+        _check_text("Tool", "description", self.description)
         if not isinstance(self.parameters, dict):
             _fail("Tool", "parameters", "a dict of name -> ToolParameter", self.parameters)
         self.parameters = {k: _parameter(v) for k, v in self.parameters.items()}
@@ -1525,9 +1677,10 @@ class Tool(_Record):
         """A tool from a JSON-Schema object (an MCP tool's ``inputSchema``)."""
         if not isinstance(input_schema, dict):
             _fail("Tool", "input_schema", "a JSON-Schema dict", input_schema)
+        # Checked by Tool: list("abc") would be three required names.
         return cls(name=name, description=description,
-                   parameters=dict(input_schema.get("properties", {})),
-                   required=list(input_schema.get("required", [])))
+                   parameters=input_schema.get("properties", {}),
+                   required=input_schema.get("required", []))
 
     @classmethod
     def from_function(cls, fn: Callable[..., Any], *, name: str | None = None,
@@ -1541,11 +1694,25 @@ class Tool(_Record):
         if not callable(fn):
             raise ValidationError(f"Tool.from_function needs a function, got {_short(fn)}",
                                   field="fn", value=fn)
-        summary, param_docs = _parse_docstring(inspect.getdoc(fn) or "")
-        hints = typing.get_type_hints(fn, include_extras=True)
+        _check_text("Tool.from_function", "name", name, optional=True)
+        _check_text("Tool.from_function", "description", description, optional=True)
+        # A partial is its function's tool; a callable object's hints are its __call__'s.
+        target = fn.func if isinstance(fn, functools.partial) else fn
+        label = getattr(target, "__name__", None) or type(fn).__name__
+        try:
+            signature = inspect.signature(fn)
+            hints = typing.get_type_hints(target if inspect.isroutine(target)
+                                          or inspect.isclass(target) else type(target).__call__,
+                                          include_extras=True)
+        except Exception as exc:  # no signature (ValueError), unresolvable hints (NameError...)
+            raise ValidationError(f"Tool.from_function({label}): cannot read its signature and "
+                                  f"type hints: {type(exc).__name__}: {exc}; give it a plain "
+                                  "def with importable annotations", field="fn",
+                                  value=fn) from exc
+        summary, param_docs = _parse_docstring(inspect.getdoc(target) or "")
         parameters: dict[str, ToolParameter] = {}
         required: list[str] = []
-        for param in inspect.signature(fn).parameters.values():
+        for param in signature.parameters.values():
             if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD) or (
                     param.name in ("self", "cls") and param.annotation is param.empty):
                 continue
@@ -1553,7 +1720,7 @@ class Tool(_Record):
                 schema = (_schema_from_type(hints[param.name], inline=True)
                           if param.name in hints else {})
             except TypeError as exc:
-                raise ValidationError(f"Tool.from_function({fn.__name__}): parameter "
+                raise ValidationError(f"Tool.from_function({label}): parameter "
                                       f"{param.name!r}: {exc}", field=param.name) from exc
             schema = dict(schema)
             schema.pop("title", None)
@@ -1564,7 +1731,7 @@ class Tool(_Record):
             elif param.default is not None and _json_default(param.default)[0]:
                 schema["default"] = _json_default(param.default)[1]
             parameters[param.name] = ToolParameter.from_dict(schema)
-        return cls(name=name or fn.__name__, description=description or summary,
+        return cls(name=name or label, description=description or summary,
                    parameters=parameters, required=required)
 
 
@@ -2037,8 +2204,10 @@ def _own_evaluated_items(compiler: _SchemaCompiler, schema: dict[str, Any],
 
 def _number_keyword(schema: dict[str, Any], key: str, where: str) -> int | float:
     value = schema[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _schema_error(_ptr(where, key), f"{key} must be a number, not {_show(value)}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(value, float) and not math.isfinite(value)):
+        raise _schema_error(_ptr(where, key), f"{key} must be a finite number, not "
+                                              f"{_show(value)}")
     return value
 
 
@@ -2081,6 +2250,9 @@ def _build_type(c: _SchemaCompiler, schema: dict[str, Any], where: str, out: _Ch
     def check_type(inst: Any, path: _Path, errs: _Errors, depth: int) -> None:
         cls = inst.__class__
         if cls in allowed:
+            if cls is not float or inst - inst == 0.0:  # NaN and infinities are no JSON numbers
+                return
+            errs.append((path, f"{_show(inst)} is not a JSON number (NaN and infinities are not)"))
             return
         if cls not in _JSON_CLASSES:
             cls = _json_class(inst)
@@ -2206,11 +2378,13 @@ def _one_of(subs: list[_Node]) -> _Node:
     return check_one_of
 
 
+# Written as "not within", so NaN (no JSON number, every comparison false) fails each bound.
 _BOUNDS = (
-    ("minimum", "is less than the minimum", lambda x, limit: x < limit),
-    ("exclusiveMinimum", "is not greater than the exclusive minimum", lambda x, limit: x <= limit),
-    ("maximum", "is greater than the maximum", lambda x, limit: x > limit),
-    ("exclusiveMaximum", "is not less than the exclusive maximum", lambda x, limit: x >= limit),
+    ("minimum", "is less than the minimum", lambda x, limit: not x >= limit),
+    ("exclusiveMinimum", "is not greater than the exclusive minimum",
+     lambda x, limit: not x > limit),
+    ("maximum", "is greater than the maximum", lambda x, limit: not x <= limit),
+    ("exclusiveMaximum", "is not less than the exclusive maximum", lambda x, limit: not x < limit),
 )
 
 
@@ -2241,15 +2415,16 @@ def _build_number(c: _SchemaCompiler, schema: dict[str, Any], where: str, out: _
 
 def _is_multiple(value: float, divisor: float) -> bool:
     """Exact test on the numbers as written in JSON (0.0075 is a multiple of 0.0001, although
-    the binary floats are not); huge quotients neither overflow nor lose precision."""
+    the binary floats are not): with value = a/b and divisor = p/q, a*q must be a multiple
+    of b*p, in integers, so a 1000-digit value neither overflows nor loses precision."""
     if isinstance(value, int) and isinstance(divisor, int):
         return value % divisor == 0
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):  # math.isfinite(10**400) overflows
         return False
     import decimal  # only floats need it, and most schemas have no multipleOf
-    x, d = (decimal.Decimal(n if isinstance(n, int) else repr(float(n))) for n in (value, divisor))
-    context = decimal.Context(prec=max(28, x.adjusted() - d.adjusted() + 30))
-    return context.remainder(x, d) == 0
+    (a, b), (p, q) = ((n, 1) if isinstance(n, int) else
+                      decimal.Decimal(repr(float(n))).as_integer_ratio() for n in (value, divisor))
+    return (a * q) % (b * p) == 0
 
 
 def _build_string(c: _SchemaCompiler, schema: dict[str, Any], where: str, out: _Checks) -> None:
@@ -2291,7 +2466,8 @@ def _build_items(c: _SchemaCompiler, schema: dict[str, Any], where: str, out: _C
     if isinstance(schema.get("items"), list) and "prefixItems" not in schema:
         prefix_key, rest_key = "items", "additionalItems"     # draft 2019 and older tuple form
     prefix = [c.compile(s, _ptr(where, prefix_key, i))
-              for i, s in enumerate(schema.get(prefix_key, ()))] if prefix_key in schema else []
+              for i, s in enumerate(_schema_list(schema, prefix_key, where))
+              ] if prefix_key in schema else []
     rest = c.compile(schema[rest_key], _ptr(where, rest_key)) if rest_key in schema else None
     if not prefix and rest in (None, _accept):
         return
@@ -2359,6 +2535,8 @@ def _build_properties(c: _SchemaCompiler, schema: dict[str, Any], where: str, ou
     for pattern, sub in (_schema_map(schema, "patternProperties", where).items()
                          if "patternProperties" in schema else ()):
         try:
+            if not isinstance(pattern, str):
+                raise ValueError(f"a pattern must be a string, not {pattern!r}")
             search = _ecma_regex(pattern).search
         except ValueError as exc:
             raise _schema_error(_ptr(where, "patternProperties"), str(exc)) from exc
@@ -2836,13 +3014,15 @@ def _resolve_response_format(response_format: Any) -> _ResponseFormat:
     if _is_pydantic_model(response_format):
         return _format_from_pydantic(response_format)
     if isinstance(response_format, str) or not _hashable(response_format):
-        raise TypeError(f"unsupported response_format {response_format!r}: "
-                        f"expected {_ACCEPTED_FORMATS}")
+        raise ValidationError(f"unsupported response_format {_short(response_format)}: "
+                              f"expected {_ACCEPTED_FORMATS}", field="response_format",
+                              value=response_format)
     try:
         return _format_from_type(response_format)
     except TypeError as exc:
-        raise TypeError(f"unsupported response_format {response_format!r}: expected "
-                        f"{_ACCEPTED_FORMATS} ({exc})") from exc
+        raise ValidationError(f"unsupported response_format {_short(response_format)}: expected "
+                              f"{_ACCEPTED_FORMATS} ({exc})", field="response_format",
+                              value=response_format) from exc
 
 
 # Providers whose structured-output mode needs an object at the root (OpenAI strict mode, tool
@@ -3076,7 +3256,7 @@ _OPTION_CHECKS: dict[str, Callable[[str, str, Any], Any]] = {
     "max_tokens": _checked(_check_int, minimum=1),
     "tools": _check_tools,
     "temperature": _checked(_check_number, minimum=0),
-    "top_p": _checked(_check_number, minimum=0),
+    "top_p": _checked(_check_number, minimum=0, maximum=1),
     "stop": _check_stop,
     "tool_choice": _check_tool_choice,
     "frequency_penalty": _checked(_check_number),
@@ -3097,8 +3277,7 @@ def _check_options(owner: str, fields: dict[str, Any]) -> None:
     extra = fields.get("extra")
     if extra == {}:
         return
-    if not isinstance(extra, dict) or not all(isinstance(k, str) for k in extra):
-        _fail(owner, "extra", "a dict with string keys", extra)
+    extra = _check_extra(owner, "extra", extra)
     # One reply per call, without log probabilities: refused rather than dropped.
     n = extra.get("n")
     if n not in (None, 1):
@@ -4257,6 +4436,7 @@ def _stream_batches(req: _Request, decoder: _SSEDecoder | _NDJSONDecoder, state:
 
 def strip_base64_prefix(data: str) -> str:
     """The base64 payload of a ``data:...;base64,`` URI; other strings unchanged."""
+    _check_str("strip_base64_prefix", "data", data)
     if data.startswith("data:") and ";base64," in data:
         return data.split(";base64,", 1)[1]
     return data
@@ -4264,6 +4444,8 @@ def strip_base64_prefix(data: str) -> str:
 
 def add_base64_prefix(base64_data: str, media_type: str = "image/png") -> str:
     """A ``data:`` URI for base64 data."""
+    _check_str("add_base64_prefix", "base64_data", base64_data)
+    _check_str("add_base64_prefix", "media_type", media_type)
     return f"data:{media_type};base64,{base64_data}"
 
 
@@ -4590,6 +4772,7 @@ def _messages_to_openai(messages: list[ChatMessage], reasoning: bool = True
 
 def convert_tool_calls_from_openai(tool_calls: Iterable[Any]) -> list[AssistantToolCall]:
     """OpenAI tool calls (dicts or SDK objects) as ``AssistantToolCall``s; arguments untouched."""
+    _check_iterable("convert_tool_calls_from_openai", "tool_calls", tool_calls)
     out = []
     for call in tool_calls:
         function = _get(call, "function") or {}
@@ -4605,13 +4788,14 @@ def convert_tool_calls_from_openai(tool_calls: Iterable[Any]) -> list[AssistantT
 
 def tool_to_openai(tool: Tool) -> dict[str, Any]:
     """A tool in OpenAI's ``{"type": "function", "function": {...}}`` form."""
+    tool = _coerce("tool_to_openai", "tool", tool, Tool)
     return {"type": "function", "function": {"name": tool.name, "description": tool.description,
                                              "parameters": tool.input_schema}}
 
 
 def tools_to_openai(tools: list[Tool]) -> list[dict[str, Any]]:
     """Several tools in OpenAI form."""
-    return [tool_to_openai(t) for t in tools]
+    return [tool_to_openai(t) for t in _check_tools("tools_to_openai", "tools", tools)]
 
 
 # Sampling options Chat Completions takes under their own names.
@@ -4967,6 +5151,7 @@ def _messages_to_ollama(messages: list[ChatMessage], allow_private: bool = False
 def convert_tool_calls_from_ollama(tool_calls: Iterable[Any]) -> list[AssistantToolCall]:
     """Ollama tool calls (arguments as objects) as ``AssistantToolCall``s; ids are made
     up when an older server sent none."""
+    _check_iterable("convert_tool_calls_from_ollama", "tool_calls", tool_calls)
     out = []
     for call in tool_calls:
         function = _get(call, "function") or {}
@@ -4987,7 +5172,7 @@ def tool_to_ollama(tool: Tool) -> dict[str, Any]:
 
 def tools_to_ollama(tools: list[Tool]) -> list[dict[str, Any]]:
     """Several tools in Ollama form."""
-    return [tool_to_ollama(t) for t in tools]
+    return [tool_to_ollama(t) for t in _check_tools("tools_to_ollama", "tools", tools)]
 
 
 # Sampling options Ollama reads from "options" under the portable names.
@@ -5212,6 +5397,7 @@ def _system_to_anthropic(messages: list[ChatMessage], extra: list[str]) -> Any:
 
 def convert_tool_calls_from_anthropic(blocks: Iterable[Any]) -> list[AssistantToolCall]:
     """Anthropic ``tool_use`` blocks (dicts or SDK objects) as ``AssistantToolCall``s."""
+    _check_iterable("convert_tool_calls_from_anthropic", "blocks", blocks)
     out = []
     for block in blocks:
         arguments = _get(block, "input")
@@ -5225,13 +5411,14 @@ def convert_tool_calls_from_anthropic(blocks: Iterable[Any]) -> list[AssistantTo
 
 def tool_to_anthropic(tool: Tool) -> dict[str, Any]:
     """A tool in Anthropic form (``input_schema``)."""
+    tool = _coerce("tool_to_anthropic", "tool", tool, Tool)
     return {"name": tool.name, "description": tool.description,
             "input_schema": tool.input_schema}
 
 
 def tools_to_anthropic(tools: list[Tool]) -> list[dict[str, Any]]:
     """Several tools in Anthropic form."""
-    return [tool_to_anthropic(t) for t in tools]
+    return [tool_to_anthropic(t) for t in _check_tools("tools_to_anthropic", "tools", tools)]
 
 
 # Sampling options the Messages API takes under their own names (stop is stop_sequences).
@@ -5634,6 +5821,19 @@ def _join_url(base: str, path: str, query: str = "") -> str:
     return prefix.rstrip("/") + path + (f"?{joined}" if joined else "")
 
 
+def _json_body(body: Any) -> bytes:
+    """A request body as strict JSON in UTF-8, the one way a body is written: whatever
+    slipped past the checks (NaN in a tool's schema, a lone surrogate in a model's
+    reply sent back) is refused here, naming where, before anything is sent."""
+    try:
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":"),
+                          allow_nan=False).encode()
+    except (TypeError, ValueError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
+        path, why, part = _json_problem(body, "body") or ("body", f"cannot be JSON: {exc}", None)
+        raise ValidationError(f"the request cannot be sent: {path} {why}; give finite numbers "
+                              "and text UTF-8 can encode", field=path, value=part) from exc
+
+
 class _HTTPClient:
     """The machinery the three clients share: headers, request building, sending.
 
@@ -5655,8 +5855,8 @@ class _HTTPClient:
         _check_number(owner, "timeout", timeout, minimum=0.001)  # None: wait forever
         _check_number(owner, "reply_timeout", reply_timeout, minimum=0.001)
         _check_int(owner, "max_retries", max_retries, optional=False)
-        if extra_kwargs is not None and not isinstance(extra_kwargs, dict):
-            _fail(owner, "extra_kwargs", "a dict or None", extra_kwargs)
+        if extra_kwargs is not None:
+            _check_extra(owner, "extra_kwargs", extra_kwargs)
         user_headers = _header_dict(owner, "default_headers", default_headers)
         if ssl_context is not None and type(ssl_context).__name__ != "SSLContext":
             _fail(owner, "ssl_context", "an ssl.SSLContext", ssl_context)
@@ -5717,7 +5917,7 @@ class _HTTPClient:
             logger.warning("%s does not take %s: left out of the request",
                            self._facts.name, ", ".join(left_out))
         self._merge_extra(body, call.options.extra)
-        data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        data = _json_body(body)
         reply = None
         if not stream:
             # A non-streamed reply comes whole, after the model has thought: minutes
@@ -5784,8 +5984,7 @@ class _HTTPClient:
     def _send_json(self, method: str, url: str, body: Any = None,
                    abort: _Abort | None = None) -> Any:
         """One JSON request with this client's headers, timeout and retries."""
-        data = None if body is None else json.dumps(
-            body, ensure_ascii=False, separators=(",", ":")).encode()
+        data = None if body is None else _json_body(body)
         req = _Request(method, url, self._headers, data, self.timeout, self.max_retries,
                        self._ssl_context)
         return _request_json(req, abort)[0]
@@ -6348,8 +6547,8 @@ class Model:
             _fail("Model", "client", "an LLMClient (an object with _chat and _stream)", client)
         _check_str("Model", "name", name)
         _check_number("Model", "temperature", temperature, minimum=0)
-        if extra_kwargs is not None and not isinstance(extra_kwargs, dict):
-            _fail("Model", "extra_kwargs", "a dict or None", extra_kwargs)
+        if extra_kwargs is not None:
+            _check_extra("Model", "extra_kwargs", extra_kwargs)
         if default_options is not None and not isinstance(default_options, ChatOptions):
             _fail("Model", "default_options", "a ChatOptions or None", default_options)
         if system_message_handling is not None:
@@ -6696,8 +6895,7 @@ class ClientConfig:
             _check_str("ClientConfig", field, getattr(self, field), optional=True)
         _check_number("ClientConfig", "timeout", self.timeout, minimum=0.001)
         _check_int("ClientConfig", "max_retries", self.max_retries, optional=False)
-        if not isinstance(self.extra_kwargs, dict):
-            _fail("ClientConfig", "extra_kwargs", "a dict", self.extra_kwargs)
+        _check_extra("ClientConfig", "extra_kwargs", self.extra_kwargs)
         if self.system_message_handling is not None:
             _check_choice("ClientConfig", "system_message_handling",
                           self.system_message_handling, _SYSTEM_HANDLINGS)
@@ -6736,8 +6934,7 @@ class ModelConfig:
             self.temperature, self.default_options = None, self.temperature  # 0.7's order
         _check_str("ModelConfig", "name", self.name)
         _check_number("ModelConfig", "temperature", self.temperature, minimum=0)
-        if not isinstance(self.extra_kwargs, dict):
-            _fail("ModelConfig", "extra_kwargs", "a dict", self.extra_kwargs)
+        _check_extra("ModelConfig", "extra_kwargs", self.extra_kwargs)
         if self.default_options is not None and not isinstance(self.default_options,
                                                                ChatOptions):
             _fail("ModelConfig", "default_options", "a ChatOptions or None",

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import dataclasses
 import enum
+import functools
 import io
 import json
 import math
@@ -923,6 +924,80 @@ class TestErrors(unittest.TestCase):
                 self.assertIs(casual_llm._status_error_class(status), cls)
 
 
+class TestPickling(unittest.TestCase):
+    """Every error pickles and unpickles with its attributes (process pools send them)."""
+
+    def errors(self):
+        """One instance of every error class, with its attributes set."""
+        details = {"provider_message": "slow down", "request_id": "req_1",
+                   "body": {"error": {"type": "rate_limit"}}, "error_type": "rate_limit",
+                   "error_code": 42}
+        made = []
+        for name in casual_llm.__all__:
+            cls = getattr(casual_llm, name)
+            if not (isinstance(cls, type) and issubclass(cls, CasualLLMError)):
+                continue
+            if issubclass(cls, APIStatusError):
+                error = cls("429 from POST", status_code=429, headers={"retry-after": "2"},
+                            retry_after=2.0, **details)
+            elif issubclass(cls, APIError):
+                error = cls("broken", **details)
+            elif cls is ValidationError:
+                error = cls("bad", field="temperature", value=[1.5])
+            elif cls is SchemaValidationError:
+                error = cls("no match", [("$.a", "missing")], raw_text='{"b": 1}')
+            elif cls is MaxTurnsExceededError:
+                error = cls("too many", messages=[UserMessage(content="x")], turns=3)
+            else:
+                error = cls("failed")
+            made.append(error)
+        return made
+
+    def test_every_error_round_trips(self):
+        """Class, message, attributes and notes survive pickle (protocols 2+) and deepcopy."""
+        import pickle
+        errors = self.errors()
+        self.assertGreaterEqual(len(errors), 20)
+        for error in errors:
+            if hasattr(error, "add_note"):  # Python 3.11
+                error.add_note("while testing")
+            for protocol in range(2, pickle.HIGHEST_PROTOCOL + 1):  # slots need protocol 2
+                with self.subTest(cls=type(error).__name__, protocol=protocol):
+                    copy_ = pickle.loads(pickle.dumps(error, protocol))
+                    self.assertIs(type(copy_), type(error))
+                    self.assertEqual((str(copy_), copy_.args), (str(error), error.args))
+                    self.assertEqual(vars(copy_), vars(error))
+            self.assertEqual(vars(copy.deepcopy(error)), vars(error))
+
+    def test_unpicklable_attribute_goes_as_its_repr(self):
+        """A value that cannot be pickled (a lambda) is sent as its repr, not a failure."""
+        import pickle
+        error = ValidationError("bad tool", field="fn", value=lambda: 0)
+        copy_ = pickle.loads(pickle.dumps(error))
+        self.assertEqual(copy_.field, "fn")
+        self.assertIsInstance(copy_.value, str)
+        self.assertIn("function", copy_.value)
+
+    def test_status_error_from_a_server(self):
+        """A real 429 pickles with its headers and retry_after, and without the key."""
+        import pickle
+        key = "sk-pickle-secret-123"
+        self.addCleanup(casual_llm._pool.clear)
+        with FakeProvider() as fp:
+            fp.add(Reply(status=429, headers={"retry-after": "0", "x-request-id": "req_9"},
+                         body={"error": {"message": f"bad key {key}", "type": "rate"}}))
+            client = OpenAIClient(base_url=fp.url + "/v1", api_key=key, max_retries=0)
+            with self.assertRaises(RateLimitError) as caught:
+                Model(client, "m").chat_sync([UserMessage(content="x")])
+            self.assertEqual(fp.errors, [])
+        data = pickle.dumps(caught.exception)
+        self.assertNotIn(key.encode(), data)
+        copy_ = pickle.loads(data)
+        self.assertEqual((copy_.status_code, copy_.retry_after, copy_.request_id),
+                         (429, 0.0, "req_9"))
+        self.assertEqual(copy_.headers["x-request-id"], "req_9")
+
+
 class TestMessages(unittest.TestCase):
     """Messages behave as users of the pydantic originals expect."""
 
@@ -1188,6 +1263,180 @@ class TestTools(unittest.TestCase):
         self.assertEqual(prop["type"], "object")
         self.assertEqual(prop["required"], ["x"])
         self.assertNotIn("$ref", json.dumps(prop))
+
+
+class TestCarelessInput(unittest.TestCase):
+    """Careless values for messages, tools and images raise ValidationError naming the field."""
+
+    RECORDS = {
+        TextContent: {"text": "x"},
+        ImageContent: {"source": "https://e.com/a.png", "media_type": "image/png"},
+        UserMessage: {"content": "x"},
+        SystemMessage: {"content": "x"},
+        AssistantMessage: {"content": "x", "finish_reason": "stop"},
+        AssistantToolCallFunction: {"name": "f", "arguments": "{}"},
+        AssistantToolCall: {"id": "c1", "function": {"name": "f", "arguments": "{}"}},
+        ToolResultMessage: {"name": "f", "tool_call_id": "c1", "content": "x"},
+        Usage: {"prompt_tokens": 1, "completion_tokens": 2},
+        StreamChunk: {"content": "x"},
+        Tool: {"name": "t", "description": "d"},
+    }
+    WRONG = [None, 3, -1, 2.5, math.nan, True, "", b"x", [], [1], {}, {"a": 1}, object(), "a\ud800"]
+
+    def test_missing_required_fields_are_named(self):
+        """from_dict, message_from_dict and the constructors name a missing required field."""
+        cases = [
+            (lambda: message_from_dict({"role": "user"}), "content"),
+            (lambda: message_from_dict({"role": "tool", "name": "f", "content": "x"}),
+             "tool_call_id"),
+            (lambda: message_from_dict({"role": "system"}), "content"),
+            (lambda: UserMessage.from_dict({}), "content"),
+            (lambda: AssistantToolCall.from_dict({"id": "c"}), "function"),
+            (lambda: AssistantToolCallFunction.from_dict({"name": "f"}), "arguments"),
+            (lambda: Usage.from_dict({"prompt_tokens": 1}), "completion_tokens"),
+            (lambda: Tool.from_dict({"name": "t"}), "description"),
+            (lambda: TextContent(), "text"),
+            (lambda: ToolResultMessage(name="f", content="x"), "tool_call_id"),
+        ]
+        for build, field_name in cases:
+            with self.subTest(field=field_name):
+                with self.assertRaises(ValidationError) as caught:
+                    build()
+                self.assertEqual(caught.exception.field, field_name)
+                self.assertIn(field_name, str(caught.exception))
+
+    def test_from_dict_fuzz_raises_only_validation_errors(self):
+        """Every from_dict given a non-dict, or a wrong type in any field, raises ValidationError."""
+        for cls, good in self.RECORDS.items():
+            for data in (None, [], "x", 3, [good]):
+                with self.subTest(cls=cls.__name__, data=data):
+                    with self.assertRaises(ValidationError):
+                        cls.from_dict(data)
+            for name in good:
+                for value in self.WRONG:
+                    try:
+                        cls.from_dict({**good, name: value})
+                    except ValidationError:
+                        pass
+                    except Exception as exc:  # pragma: no cover - the failure shows which
+                        self.fail(f"{cls.__name__}.from_dict({name}={value!r}): {exc!r}")
+        for data in ({}, None, [], {"role": 3}, {"role": "user", "content": 3}):
+            with self.subTest(data=data), self.assertRaises(ValidationError):
+                message_from_dict(data)
+
+    def test_json_and_copy_faces(self):
+        """model_validate_json with bad JSON and model_copy with an unknown field are ours."""
+        message = UserMessage(content="x")
+        cases = [
+            (lambda: UserMessage.model_validate_json("{"), None),
+            (lambda: UserMessage.model_validate_json("[" * 100_000), None),
+            (lambda: UserMessage.model_validate_json(3), None),
+            (lambda: message.model_copy(update={"bogus": 1}), "update"),
+            (lambda: message.model_copy(update=[1]), "update"),
+        ]
+        for build, field_name in cases:
+            with self.subTest(field=field_name), self.assertRaises(ValidationError) as caught:
+                build()
+            self.assertEqual(caught.exception.field, field_name)
+
+    def test_lone_surrogates_are_refused_where_written(self):
+        """A lone surrogate in text the caller writes is refused at construction, by field."""
+        bad = "caf\udce9"  # what surrogateescape makes of Latin-1 bytes
+        cases = [
+            (lambda: UserMessage(content=bad), "UserMessage.content"),
+            (lambda: UserMessage(content=[{"type": "text", "text": bad}]), "TextContent.text"),
+            (lambda: SystemMessage(content=bad), "SystemMessage.content"),
+            (lambda: ToolResultMessage(name="f", tool_call_id="1", content=bad),
+             "ToolResultMessage.content"),
+            (lambda: Tool(name="t", description=bad), "Tool.description"),
+            (lambda: Tool(name=bad, description="d"), "Tool.name"),
+            (lambda: ToolParameter(type="string", description=bad), "ToolParameter.description"),
+        ]
+        for build, where in cases:
+            with self.subTest(where=where), self.assertRaises(ValidationError) as caught:
+                build()
+            self.assertIn(where, str(caught.exception))
+            self.assertIn("index 3", str(caught.exception))
+        self.assertEqual(UserMessage(content="café 😀").content, "café 😀")
+
+    def test_image_constructors_check_their_input(self):
+        """from_bytes takes bytes; from_path takes a path, never a descriptor, and names it."""
+        for data in ("abc", None, 3, ["x"]):
+            with self.subTest(data=data), self.assertRaises(ValidationError):
+                ImageContent.from_bytes(data)
+        self.assertEqual(ImageContent.from_bytes(bytearray(b"GIF89a")).media_type, "image/gif")
+        read, write = os.pipe()
+        self.addCleanup(os.close, write)
+        self.addCleanup(os.close, read)
+        for path in (read, None, b"/tmp/x.png", 1.5):
+            with self.subTest(path=path), self.assertRaises(ValidationError) as caught:
+                ImageContent.from_path(path)
+            self.assertEqual(caught.exception.field, "path")
+        os.fstat(read)  # still open: from_path did not read or close it
+        with tempfile.TemporaryDirectory() as tmp:
+            missing = os.path.join(tmp, "nope.png")
+            for path, why in ((missing, "No such file"), (tmp, "directory")):
+                with self.subTest(path=path), self.assertRaises(ValidationError) as caught:
+                    ImageContent.from_path(path)
+                self.assertIn(repr(path), str(caught.exception))
+                self.assertIn(why, str(caught.exception))
+
+    def test_tool_schemas_are_checked(self):
+        """A string for required is no list of names; properties must be a dict."""
+        cases = [
+            (lambda: Tool.from_input_schema("t", "d", {"required": "abc"}), "required"),
+            (lambda: Tool.from_input_schema("t", "d", {"properties": ["a"]}), "parameters"),
+            (lambda: Tool.from_input_schema("t", "d", {"properties": {"a": 3}}), "parameters"),
+            (lambda: ToolParameter.from_dict({1: "x"}), "keys"),
+        ]
+        for build, field_name in cases:
+            with self.subTest(field=field_name), self.assertRaises(ValidationError) as caught:
+                build()
+            self.assertEqual(caught.exception.field, field_name)
+
+    def test_tool_from_odd_callables(self):
+        """Builtins and unresolvable hints are refused; callable objects and partials work."""
+        def unresolved(x: "NoSuchType") -> None:
+            """Broken."""
+
+        def add(a: int, b: int = 0) -> int:
+            """Add."""
+            return a + b
+
+        class Adder:
+            """Adds."""
+
+            def __call__(self, a: int) -> int:
+                return a
+
+        for fn in (int, dict, unresolved, 3, None):
+            with self.subTest(fn=fn), self.assertRaises(ValidationError) as caught:
+                Tool.from_function(fn)
+            self.assertEqual(caught.exception.field, "fn")
+        self.assertEqual(Tool.from_function(Adder()).to_dict()["parameters"],
+                         {"a": {"type": "integer"}})
+        partial = Tool.from_function(functools.partial(add, b=2))
+        self.assertEqual((partial.name, partial.description, partial.required),
+                         ("add", "Add.", ["a"]))
+
+    def test_converters_check_their_input(self):
+        """The public converters refuse what is not a tool, a list, or JSON arguments."""
+        cases = [
+            lambda: tool_to_openai(None), lambda: tool_to_anthropic("t"),
+            lambda: tool_to_ollama(3), lambda: tools_to_openai(None),
+            lambda: tools_to_anthropic([None]), lambda: tools_to_ollama("tools"),
+            lambda: convert_tool_calls_from_openai(5),
+            lambda: convert_tool_calls_from_anthropic(None),
+            lambda: convert_tool_calls_from_ollama({"id": 1}),
+            lambda: AssistantToolCallFunction(name="f", arguments="{").parse_arguments(),
+            lambda: AssistantToolCallFunction(name="f", arguments="[1]").parse_arguments(),
+            lambda: strip_base64_prefix(None), lambda: add_base64_prefix(b"QUJD"),
+        ]
+        for i, build in enumerate(cases):
+            with self.subTest(case=i), self.assertRaises(ValidationError):
+                build()
+        self.assertEqual(tools_to_openai([{"name": "t", "description": "d"}])[0]["type"],
+                         "function")
 
 
 # -- structured output -------------------------------------------------------
@@ -1881,6 +2130,110 @@ class TestTypedDictQualifiers(unittest.TestCase):
         self.assertEqual(casual_llm._build_typed({"text": "t", "n": 2}, Note), {"text": "t", "n": 2})
 
 
+class TestCarelessSchemasAndOptions(unittest.TestCase):
+    """The validator, response_format and call options given careless values."""
+
+    def test_nan_is_no_json_number(self):
+        """NaN fails every bound and, with infinities, the number types (JSON has neither)."""
+        nan, inf = math.nan, math.inf
+        cases = [
+            (nan, {"minimum": 0}), (nan, {"maximum": 0}), (nan, {"exclusiveMinimum": 0}),
+            (nan, {"exclusiveMaximum": 0}), (nan, {"multipleOf": 1}), (nan, {"type": "number"}),
+            (nan, {"type": "integer"}), (inf, {"type": "number"}), (-inf, {"type": "number"}),
+            (inf, {"maximum": 10}), ({"x": nan}, {"properties": {"x": {"minimum": 0}}}),
+        ]
+        for value, schema in cases:
+            with self.subTest(value=value, schema=schema):
+                self.assertNotEqual(errors_of(value, schema), [])
+        self.assertEqual(errors_of(1.5, {"type": "number", "minimum": 0, "maximum": 2}), [])
+
+    def test_huge_integers_against_float_multiple_of(self):
+        """multipleOf is exact for a 1000-digit integer and a float divisor, and quick."""
+        big = 10 ** 1000
+        started = time.perf_counter()
+        cases = [(big, 0.5, True), (big + 1, 2.0, False), (3 * big, 0.3, True),
+                 (big + 1, 0.3, False), (10 ** 100_000, 1.5, False), (0.0075, 0.0001, True)]
+        for value, divisor, ok in cases:
+            with self.subTest(digits=len(str(divisor)), divisor=divisor, ok=ok):
+                self.assertEqual(errors_of(value, {"multipleOf": divisor}) == [], ok)
+        self.assertLess(time.perf_counter() - started, 1.0)
+
+    def test_bad_schema_keywords_are_schema_errors(self):
+        """A string for required, non-finite limits, odd prefixItems and pattern keys are refused."""
+        cases = [
+            ({"required": "abc"}, "#/required"), ({"minimum": math.inf}, "#/minimum"),
+            ({"multipleOf": math.nan}, "#/multipleOf"), ({"prefixItems": 3}, "#/prefixItems"),
+            ({"patternProperties": {1: {}}}, "#/patternProperties"),
+        ]
+        for schema, where in cases:
+            with self.subTest(schema=schema):
+                with self.assertRaisesRegex(SchemaValidationError, re.escape(where)):
+                    validate_json_schema({"a": 1}, schema)
+
+    def test_bad_response_format_is_ours(self):
+        """An unsupported response_format is a ValidationError however it arrives."""
+        model = Model(ScriptedClient("ok", "ok", "ok"), "m")
+        for fmt in (42, [1], "yaml", {1, 2}, dict[int, str]):
+            with self.subTest(fmt=fmt):
+                for build in (lambda f: _resolve_response_format(f),
+                              lambda f: ChatOptions(response_format=f),
+                              lambda f: model.chat_sync([UserMessage(content="x")], f)):
+                    with self.assertRaises(ValidationError) as caught:
+                        build(fmt)
+                    self.assertIsInstance(caught.exception, CasualLLMError)
+                    self.assertEqual(caught.exception.field, "response_format")
+
+    def test_numbers_must_be_finite_and_in_range(self):
+        """inf and NaN are refused for every number option, naming it; top_p stays within 0..1."""
+        makers = {
+            "temperature": lambda v: ChatOptions(temperature=v),
+            "top_p": lambda v: ChatOptions(top_p=v),
+            "frequency_penalty": lambda v: ChatOptions(frequency_penalty=v),
+            "presence_penalty": lambda v: ChatOptions(presence_penalty=v),
+            "max_tokens": lambda v: ChatOptions(max_tokens=v),
+            "Model.temperature": lambda v: Model(ScriptedClient(), "m", v),
+            "ModelConfig.temperature": lambda v: ModelConfig("m", temperature=v),
+            "chat temperature": lambda v: Model(ScriptedClient("ok"), "m").chat_sync(
+                [UserMessage(content="x")], temperature=v),
+            "chat seed": lambda v: Model(ScriptedClient("ok"), "m").chat_sync(
+                [UserMessage(content="x")], seed=v),
+        }
+        for name, make in makers.items():
+            for value in (math.inf, -math.inf, math.nan):
+                with self.subTest(name=name, value=value):
+                    with self.assertRaises(ValidationError) as caught:
+                        make(value)
+                    self.assertEqual(caught.exception.field, name.split(" ")[-1].split(".")[-1])
+        with self.assertRaisesRegex(ValidationError, "top_p"):
+            ChatOptions(top_p=1.5)
+        self.assertEqual(ChatOptions(top_p=1, temperature=0).top_p, 1)
+
+    def test_extras_must_be_json(self):
+        """Extras with NaN, infinities, objects, lone surrogates or a cycle name their key."""
+        cycle: list = []
+        cycle.append(cycle)
+        makers = {
+            "ChatOptions": lambda extra: ChatOptions(extra=extra),
+            "Model": lambda extra: Model(ScriptedClient(), "m", extra_kwargs=extra),
+            "ModelConfig": lambda extra: ModelConfig("m", extra_kwargs=extra),
+            "ClientConfig": lambda extra: ClientConfig("openai", extra_kwargs=extra),
+            "OpenAIClient": lambda extra: OpenAIClient(api_key="k", extra_kwargs=extra),
+            "chat": lambda extra: Model(ScriptedClient("ok"), "m").chat_sync(
+                [UserMessage(content="x")], **extra),
+        }
+        bad = {"a": math.nan, "b": {"c": [1, math.inf]}, "d": object(), "e": "x\ud800",
+               "f": cycle, "g": {(1, 2): 3}}
+        for owner, make in makers.items():
+            for key, value in bad.items():
+                with self.subTest(owner=owner, key=key):
+                    with self.assertRaises(ValidationError) as caught:
+                        make({key: value})
+                    self.assertEqual(caught.exception.field, key)
+                    self.assertIn(f"[{key!r}]", str(caught.exception))
+        good = {"logit_bias": {50256: -100}, "stop_after": (1, 2.5), "meta": {"a": [None, True]}}
+        self.assertEqual(ChatOptions(extra=good).extra, good)
+
+
 class TestGoldenWire(unittest.TestCase):
     """Message list in, exact provider JSON out, for every provider."""
 
@@ -2295,6 +2648,46 @@ class ServerTest(unittest.TestCase):
         while casual_llm._workers.busy and time.monotonic() < deadline:
             time.sleep(0.01)
         return casual_llm._workers.busy == 0
+
+
+class TestCarelessCalls(ServerTest):
+    """What slips past the checks is refused before a byte is sent, naming where it is."""
+
+    def model(self, **kwargs):
+        return Model(OpenAIClient(base_url=self.fp.url + "/v1", api_key="sk-test"), "gpt-test",
+                     **kwargs)
+
+    def test_nothing_invalid_reaches_the_wire(self):
+        """NaN in a tool schema or a lone surrogate in a reply sent back is refused, unsent."""
+        nan_tool = Tool(name="t", description="d",
+                        parameters={"x": {"type": "number", "enum": [math.nan]}})
+        echoed = AssistantMessage(content="half an emoji \ud83d")
+        cases = [
+            ({"tools": [nan_tool]}, [UserMessage(content="x")], "['tools'][0]", "nan"),
+            ({}, [UserMessage(content="x"), echoed, UserMessage(content="y")],
+             "['messages'][1]['content']", "lone surrogate"),
+        ]
+        for options, messages, where, why in cases:
+            with self.subTest(where=where):
+                for stream in (False, True):
+                    with self.assertRaises(ValidationError) as caught:
+                        if stream:
+                            run_async(self.model().stream(messages, **options).__anext__())
+                        else:
+                            self.model().chat_sync(messages, **options)
+                    self.assertIn(where, caught.exception.field)
+                    self.assertIn(why, str(caught.exception))
+        self.assertEqual(self.fp.requests, [])
+
+    def test_extras_are_checked_at_the_call(self):
+        """A NaN extra fails at the call naming its key; int keys go out as JSON keys."""
+        with self.assertRaises(ValidationError) as caught:
+            self.model().chat_sync([UserMessage(content="x")], logit_bias={"1": math.nan})
+        self.assertEqual(caught.exception.field, "logit_bias")
+        self.assertEqual(self.fp.requests, [])
+        self.fp.add(openai_reply("ok"))
+        self.model().chat_sync([UserMessage(content="x")], logit_bias={50256: -100})
+        self.assertEqual(self.fp.requests[0].json["logit_bias"], {"50256": -100})
 
 
 class ProviderContract:
