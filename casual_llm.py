@@ -319,6 +319,8 @@ DEFAULT_TIMEOUT = 30.0  # image downloads
 DEFAULT_REPLY_TIMEOUT = 600.0  # a non-streamed reply, with the clients' default timeout
 _DEFAULT_CLIENT_TIMEOUT = 60.0
 MAX_IMAGE_SIZE = 10 * 1024 * 1024
+MAX_STREAM_EVENT_SIZE = 32 * 1024 * 1024  # bytes in one SSE event or NDJSON line
+MAX_RESPONSE_SIZE = 64 * 1024 * 1024  # bytes in a reply that is not streamed
 IMAGE_FETCH_DEADLINE = 60.0  # seconds for the whole download of one image, redirects included
 MAX_PARALLEL_IMAGE_FETCHES = 8  # image downloads at once for one request
 # Added where a provider needs the request itself to ask for JSON (OpenAI's JSON mode
@@ -4067,7 +4069,7 @@ def _error_details(raw: bytes, headers: dict[str, str]) -> dict[str, Any]:
     error_type = code = None
     try:
         body = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # JSON nested too deeply for the parser
         pass
     if isinstance(body, dict):
         err = body.get("error")
@@ -4087,18 +4089,24 @@ def _error_details(raw: bytes, headers: dict[str, str]) -> dict[str, Any]:
 def _request_json(req: _Request, abort: _Abort | None = None) -> tuple[Any, dict[str, str]]:
     """Send ``req`` and read its whole JSON reply (chats, model lists, embeddings)."""
     exchange = _open(req, abort)
+    limit = MAX_RESPONSE_SIZE
     try:
-        raw = exchange.response.read()
+        raw = exchange.response.read(limit + 1)
     except (OSError, _http_exception()) as exc:
         exchange.close()
         if abort is not None and abort.aborted:
             raise _Aborted() from exc
         raise _connection_error(exc, req) from exc
-    exchange.finish()
     headers = {k.lower(): v for k, v in exchange.response.getheaders()}
+    if len(raw) > limit:
+        exchange.close()
+        raise APIError(f"{_redact_url(req.url)} answered with more than {limit} bytes "
+                       "(raise casual_llm.MAX_RESPONSE_SIZE to accept it)",
+                       request_id=_request_id(headers))
+    exchange.finish()
     try:
         return json.loads(raw), headers
-    except ValueError:
+    except (ValueError, RecursionError):
         raise APIError(f"{_redact_url(req.url)} answered with a body that is not JSON: "
                        f"{_short(raw[:200])}", request_id=_request_id(headers)) from None
 
@@ -4107,7 +4115,42 @@ def _request_id(headers: dict[str, str]) -> str | None:
     return headers.get("x-request-id") or headers.get("request-id")
 
 
-class _SSEDecoder:
+class _LineBuffer:
+    """Bytes in, complete lines out, in time linear in the input: a partial line is kept
+    in a growing buffer, never joined again and again; a line (or event) longer than
+    ``MAX_STREAM_EVENT_SIZE`` is refused as soon as it passes the limit."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def _split(self, chunk: bytes) -> list[bytes]:
+        end = chunk.rfind(b"\n")
+        if end < 0:
+            self._buf += chunk
+            self._check(len(self._buf))
+            return []
+        lines = chunk[:end].split(b"\n")
+        if self._buf:
+            self._buf += lines[0]
+            lines[0] = bytes(self._buf)
+            self._check(len(lines[0]))
+        self._buf = bytearray(chunk[end + 1:])
+        return lines
+
+    def _tail(self) -> bytes:
+        tail, self._buf = bytes(self._buf), bytearray()
+        return tail
+
+    @staticmethod
+    def _check(size: int) -> None:
+        if size > MAX_STREAM_EVENT_SIZE:
+            raise StreamError(f"a stream event is longer than {MAX_STREAM_EVENT_SIZE} bytes "
+                              "(raise casual_llm.MAX_STREAM_EVENT_SIZE to accept it)")
+
+
+class _SSEDecoder(_LineBuffer):
     """Server-sent events: bytes in, each event's ``data`` out.
 
     Lines end in LF or CRLF; ``:`` starts a comment; ``data:`` loses one optional
@@ -4115,16 +4158,15 @@ class _SSEDecoder:
     ``event``, ``id`` and ``retry`` are not needed (the JSON names its type).
     """
 
-    __slots__ = ("_buf", "_data")
+    __slots__ = ("_data", "_size")
 
     def __init__(self) -> None:
-        self._buf = b""
+        super().__init__()
         self._data: list[bytes] = []
+        self._size = 0
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        lines = (self._buf + chunk if self._buf else chunk).split(b"\n")
-        self._buf = lines.pop()
-        return self._lines(lines)
+        return self._lines(self._split(chunk))
 
     def _lines(self, lines: list[bytes]) -> list[bytes]:
         events = []
@@ -4135,33 +4177,30 @@ class _SSEDecoder:
             if not line:
                 if data:
                     events.append(data[0] if len(data) == 1 else b"\n".join(data))
-                    data = []
+                    data, self._size = [], 0
             elif line.startswith(b"data:"):
                 data.append(line[6:] if line[5:6] == b" " else line[5:])
+                self._size += len(line)
+                self._check(self._size)
         self._data = data
         return events
 
     def flush(self) -> list[bytes]:
         """Events left when the stream ends without a final blank line."""
-        tail, self._buf = self._buf, b""
+        tail = self._tail()
         return self._lines([tail, b""] if tail else [b""])
 
 
-class _NDJSONDecoder:
+class _NDJSONDecoder(_LineBuffer):
     """Newline-delimited JSON: bytes in, one non-blank line per value out."""
 
-    __slots__ = ("_buf",)
-
-    def __init__(self) -> None:
-        self._buf = b""
+    __slots__ = ()
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        lines = (self._buf + chunk if self._buf else chunk).split(b"\n")
-        self._buf = lines.pop()
-        return [line for line in lines if line.strip()]
+        return [line for line in self._split(chunk) if line.strip()]
 
     def flush(self) -> list[bytes]:
-        tail, self._buf = self._buf, b""
+        tail = self._tail()
         return [tail] if tail.strip() else []
 
 
@@ -4309,7 +4348,7 @@ def _new_call_id() -> str:
 def _json_frame(frame: bytes) -> Any:
     try:
         return json.loads(frame)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply to parse
         raise StreamError(f"stream frame is not JSON: {_short(frame)}") from None
 
 

@@ -2690,6 +2690,73 @@ class TestCarelessCalls(ServerTest):
         self.assertEqual(self.fp.requests[0].json["logit_bias"], {"50256": -100})
 
 
+class TestHostileServers(ServerTest):
+    """Giant lines, giant bodies and deep JSON from a server end in casual_llm errors,
+    fast and with memory bounded by the limits."""
+
+    def client(self):
+        return OpenAIClient(base_url=self.fp.url + "/v1", max_retries=0, timeout=10)
+
+    def stream(self):
+        return list(Model(self.client(), "m").stream_sync([UserMessage(content="x")]))
+
+    def chat(self):
+        return Model(self.client(), "m").chat_sync([UserMessage(content="x")])
+
+    def test_a_line_without_end_is_refused_at_the_limit(self):
+        """An 8 MB line with no newline, against a 1 MiB limit: refused long before the
+        idle timeout, peak memory a small multiple of the limit."""
+        import tracemalloc
+        from unittest import mock
+        frames = [b"data: " + b"x" * 65536 for _ in range(128)]
+        for decoder_type in ("text/event-stream", "application/x-ndjson"):
+            self.fp.add(_reply(200, frames, decoder_type, stream=True))
+        with mock.patch.object(casual_llm, "MAX_STREAM_EVENT_SIZE", 1 << 20):
+            for client in (self.client(), OllamaClient(host=self.fp.url, timeout=10)):
+                with self.subTest(client=type(client).__name__):
+                    tracemalloc.start()
+                    started = time.monotonic()
+                    with self.assertRaisesRegex(StreamError, "MAX_STREAM_EVENT_SIZE"):
+                        list(Model(client, "m").stream_sync([UserMessage(content="x")]))
+                    peak = tracemalloc.get_traced_memory()[1]
+                    tracemalloc.stop()
+                    self.assertLess(time.monotonic() - started, 5)
+                    self.assertLess(peak, 8 << 20)
+
+    def test_a_long_valid_event_is_linear(self):
+        """A 12 MB event split into 64 KiB pieces decodes in well under the quadratic time."""
+        decoder = casual_llm._SSEDecoder()
+        payload = b"data: " + b"y" * (12 << 20) + b"\n\n"
+        started = time.monotonic()
+        events = []
+        for i in range(0, len(payload), 65536):
+            events += decoder.feed(payload[i:i + 65536])
+        self.assertEqual([len(e) for e in events], [12 << 20])
+        self.assertLess(time.monotonic() - started, 3)
+
+    def test_a_giant_body_is_refused(self):
+        """A reply body over MAX_RESPONSE_SIZE is an APIError naming the limit."""
+        from unittest import mock
+        self.fp.add(openai_reply("z" * (2 << 20)))
+        with mock.patch.object(casual_llm, "MAX_RESPONSE_SIZE", 1 << 20), \
+                self.assertRaisesRegex(APIError, "MAX_RESPONSE_SIZE"):
+            self.chat()
+
+    def test_deep_json_is_our_error(self):
+        """JSON nested 10^5 deep in a reply, an SSE frame or an error body."""
+        deep = b"[" * 100_000 + b"]" * 100_000
+        self.fp.add(Reply(body=deep, content_type="application/json"))
+        with self.assertRaisesRegex(APIError, "not JSON"):
+            self.chat()
+        self.fp.add(_reply(200, [b"data: " + deep + b"\n\n"], "text/event-stream",
+                           stream=True))
+        with self.assertRaisesRegex(StreamError, "not JSON"):
+            self.stream()
+        self.fp.add(Reply(400, body=deep, content_type="application/json"))
+        with self.assertRaises(BadRequestError):
+            self.chat()
+
+
 class ProviderContract:
     """Behaviour every client shares, bound to each provider below."""
 
