@@ -3356,6 +3356,9 @@ _SENSITIVE_HEADERS = frozenset({"authorization", "api-key", "proxy-authorization
                                ).union(*(facts.key_headers for facts in _PROVIDERS.values()))
 _MAX_REDIRECTS = 5
 _MAX_ERROR_BODY = 1 << 20
+_MAX_INTERIM = 16  # interim (1xx) responses before the reply; http.client takes any number
+_MAX_CHUNK_LINE = 4096  # a chunk-size line with its extensions
+_MAX_TRAILERS = 16384  # the trailer section after the last chunk
 
 
 class _Aborted(Exception):
@@ -3763,6 +3766,30 @@ class _Pool:
 _pool = _Pool()
 
 
+@functools.cache
+def _response_class() -> type[http.client.HTTPResponse]:
+    """http.client's response with interim responses bounded: it skips any number of
+    ``100 Continue`` (a server sending them forever holds the call forever) and takes a
+    ``103 Early Hints`` for the reply, leaving the real one on the connection."""
+    import http.client
+
+    class Response(http.client.HTTPResponse):
+        def _read_status(self) -> tuple[str, int, str]:  # the hook begin() calls
+            for _ in range(_MAX_INTERIM):
+                version, status, reason = super()._read_status()  # type: ignore[misc]
+                if status >= 200 or status == 101:
+                    return version, status, reason
+                for _ in range(101):  # its headers, as many as http.client allows
+                    line = self.fp.readline(65537)
+                    if line in (b"\r\n", b"\n", b""):
+                        break
+                else:
+                    raise http.client.HTTPException("an interim response with too many headers")
+            raise APIConnectionError(f"more than {_MAX_INTERIM} interim (1xx) responses "
+                                     "came before the reply")
+    return Response
+
+
 class _Connection:
     """One exchange on a (maybe reused) connection; returns it to the pool when clean."""
 
@@ -3795,6 +3822,7 @@ class _Connection:
                 if context else http.client.HTTPConnection(host, port, timeout=req.timeout))
         else:
             self.conn = _proxy_connection(proxy, scheme, host, port, req.timeout, context)
+        self.conn.response_class = _response_class()
         if proxy is not None and scheme == "http":
             # A plain-http proxy gets the absolute URL and its credentials on every request.
             self.target = f"http://{host}:{port}{self.target}"
@@ -3830,6 +3858,8 @@ class _Connection:
                 # of this case makes a 60 s timeout fail after 3 minutes, 3 generations).
                 raise APITimeoutError(f"timed out after {wait:g}s waiting for a reply "
                                       f"from {_redact_url(req.url)}") from exc
+            except APIConnectionError as exc:  # the response class's: too many interims
+                raise APIConnectionError(f"{_redact_url(req.url)}: {exc}") from None
         except BaseException:
             conn.close()
             raise
@@ -4039,7 +4069,7 @@ def _status_error(exchange: _Connection, req: _Request) -> APIStatusError:
     try:
         raw = resp.read(_MAX_ERROR_BODY)
         exchange.finish()
-    except (OSError, _http_exception()):
+    except (OSError, _http_exception(), ValueError, OverflowError):  # and bad chunk sizes
         raw = b""
         exchange.close()
     headers = {k.lower(): v for k, v in resp.getheaders()}
@@ -4060,6 +4090,29 @@ def _scrub_secrets(raw: bytes, sent: dict[str, str], url: str) -> bytes:
     text = raw.decode("utf-8", "surrogateescape")
     scrubbed = _scrub(text, _secrets_in(sent, url))
     return raw if scrubbed == text else scrubbed.encode("utf-8", "surrogateescape")
+
+
+def _scrub_error(exc: APIError, sent: Mapping[str, str], url: str) -> None:
+    """Take every secret of the request out of ``exc``, in place: a stream's error event,
+    or a reply the parser refused, can echo the key as an error body can."""
+    secrets = _secrets_in(sent, url)
+    if not secrets:
+        return
+
+    def scrub(value: Any) -> Any:
+        if isinstance(value, str):
+            return _scrub(value, secrets)
+        if isinstance(value, list):
+            return [scrub(item) for item in value]
+        if isinstance(value, dict):
+            return {scrub(key): scrub(item) for key, item in value.items()}
+        return value
+    exc.args = tuple(scrub(list(exc.args)))
+    exc.message, exc.provider_message = scrub(exc.message), scrub(exc.provider_message)
+    try:
+        exc.body = scrub(exc.body)
+    except RecursionError:  # JSON nested as deep as the parser allows
+        exc.body = None
 
 
 def _error_details(raw: bytes, headers: dict[str, str]) -> dict[str, Any]:
@@ -4097,6 +4150,10 @@ def _request_json(req: _Request, abort: _Abort | None = None) -> tuple[Any, dict
         if abort is not None and abort.aborted:
             raise _Aborted() from exc
         raise _connection_error(exc, req) from exc
+    except (ValueError, OverflowError):  # http.client's reading of a bad chunk size
+        exchange.close()
+        raise APIError(f"{_redact_url(req.url)} answered with broken chunked framing "
+                       "(a chunk size that is not a size)") from None
     headers = {k.lower(): v for k, v in exchange.response.getheaders()}
     if len(raw) > limit:
         exchange.close()
@@ -4107,8 +4164,9 @@ def _request_json(req: _Request, abort: _Abort | None = None) -> tuple[Any, dict
     try:
         return json.loads(raw), headers
     except (ValueError, RecursionError):
+        start = _scrub_secrets(raw[:400], exchange.headers, req.url)[:200]
         raise APIError(f"{_redact_url(req.url)} answered with a body that is not JSON: "
-                       f"{_short(raw[:200])}", request_id=_request_id(headers)) from None
+                       f"{_short(start)}", request_id=_request_id(headers)) from None
 
 
 def _request_id(headers: dict[str, str]) -> str | None:
@@ -4261,7 +4319,10 @@ class _StreamState:
 
     def __init__(self, unwrap: Callable[[str], str] | None = None,
                  split_think: bool = False) -> None:
-        self.progress = 0  # meaningful events so far (keep-alive pings do not count)
+        # Events that carried something (text, reasoning, a call's piece, a block, usage,
+        # the end); keep-alives and empty deltas do not count, so they cannot hold a
+        # stalled stream open past its timeout.
+        self.progress = 0
         self.calls: dict[Any, list[Any]] = {}  # key -> [id, name, argument pieces]
         self.reason: str | None = None
         self.usage: Usage | None = None
@@ -4278,6 +4339,7 @@ class _StreamState:
         raise NotImplementedError
 
     def _text(self, out: list[StreamChunk], text: str) -> None:
+        self.progress += bool(text)
         if self._splitter is not None:
             pieces, settled = self._splitter.feed(text)
             if settled:
@@ -4300,10 +4362,12 @@ class _StreamState:
 
     def _think(self, out: list[StreamChunk], text: str) -> None:
         if text:
+            self.progress += 1
             self._reasoning.append(text)
             out.append(_chunk("", reasoning=text))
 
     def _call(self, key: Any, call_id: str | None, name: str | None, arguments: str) -> None:
+        self.progress += bool(call_id or name or arguments)
         entry = self.calls.get(key)
         if entry is None:
             self.calls[key] = [call_id, name, [arguments]]
@@ -4352,17 +4416,22 @@ def _json_frame(frame: bytes) -> Any:
         raise StreamError(f"stream frame is not JSON: {_short(frame)}") from None
 
 
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")  # 1*HEXDIG; int() takes "-1", "0x1", "1_0"
+
+
 class _ChunkedDecoder:
     """HTTP/1.1 chunked transfer coding (RFC 9112 section 7.1): bytes in, payload out.
 
     ``chunk = size-in-hex [; extensions] CRLF data CRLF``, ended by a zero-size
     chunk, optional trailer lines and a blank line; ``done`` is set at that end.
+    Payload is never buffered; what is (a size line, the trailers) is bounded, so
+    the work is linear in the input and a hostile framing fails fast.
     """
 
     __slots__ = ("_buf", "_left", "done")
 
     def __init__(self) -> None:
-        self._buf = b""
+        self._buf = b""  # an unfinished size line, CRLF or trailer section
         self._left = 0  # payload bytes left in this chunk; -1: its closing CRLF is next
         self.done = False
 
@@ -4382,17 +4451,27 @@ class _ChunkedDecoder:
             if self._left == -1:
                 if size - pos < 2:
                     break
+                if buf[pos:pos + 2] != b"\r\n":
+                    raise StreamError(f"bad chunked encoding: {_short(buf[pos:pos + 20])} "
+                                      "where a chunk should end")
                 pos, self._left = pos + 2, 0
-            eol = buf.find(b"\r\n", pos)
+            eol = buf.find(b"\r\n", pos, pos + _MAX_CHUNK_LINE)
             if eol < 0:
+                if size - pos >= _MAX_CHUNK_LINE:
+                    raise StreamError(f"bad chunked encoding: a chunk-size line longer than "
+                                      f"{_MAX_CHUNK_LINE} bytes")
                 break
-            try:
-                length = int(buf[pos:eol].split(b";", 1)[0], 16)
-            except ValueError:
-                raise StreamError(f"bad chunked encoding: {_short(buf[pos:eol])}") from None
+            digits = buf[pos:eol].split(b";", 1)[0].rstrip(b" \t")
+            if not _CHUNK_SIZE.fullmatch(digits):
+                raise StreamError(f"bad chunked encoding: {_short(buf[pos:eol])} is not a "
+                                  "chunk size")
+            length = int(digits, 16)
             if length == 0:
-                end = buf.find(b"\r\n\r\n", eol)  # past any trailer lines
+                end = buf.find(b"\r\n\r\n", eol, eol + _MAX_TRAILERS)  # past any trailers
                 if end < 0:
+                    if size - eol >= _MAX_TRAILERS:
+                        raise StreamError(f"bad chunked encoding: trailers longer than "
+                                          f"{_MAX_TRAILERS} bytes")
                     break
                 self.done, pos = True, end + 4
             else:
@@ -4463,6 +4542,9 @@ def _stream_batches(req: _Request, decoder: _SSEDecoder | _NDJSONDecoder, state:
         batch = state.feed(decoder.flush()) + state.finish()
         clean = True
         yield batch
+    except APIError as exc:
+        _scrub_error(exc, exchange.headers, req.url)
+        raise
     finally:
         if clean:
             exchange.finish()
@@ -4996,9 +5078,9 @@ class _OpenAIStream(_StreamState):
     def feed(self, frames: list[bytes]) -> list[StreamChunk]:
         out: list[StreamChunk] = []
         for frame in frames:
-            self.progress += 1
             if frame.startswith(b"[DONE]"):
                 self.complete = True
+                self.progress += 1
                 continue
             event = _json_frame(frame)
             if not isinstance(event, dict):
@@ -5007,6 +5089,7 @@ class _OpenAIStream(_StreamState):
                 raise _stream_error(event["error"])
             if event.get("usage"):
                 self.usage = _usage_from_openai(event["usage"])
+                self.progress += 1
             choices = event.get("choices")
             if not choices:
                 continue
@@ -5028,6 +5111,7 @@ class _OpenAIStream(_StreamState):
             if choice.get("finish_reason"):
                 self.reason = choice["finish_reason"]
                 self.complete = True  # some servers end without [DONE]
+                self.progress += 1
         return out
 
     def _reasoning_delta(self, out: list[StreamChunk], delta: dict[str, Any]) -> None:
@@ -5039,7 +5123,8 @@ class _OpenAIStream(_StreamState):
         if text:
             self.state["field"] = state["field"]
             self._think(out, text)
-        if "details" in state:
+        if "details" in state:  # signed or encrypted reasoning: content without text
+            self.progress += 1
             _merge_details(self.state.setdefault("details", []), state["details"])
 
 
@@ -5294,7 +5379,6 @@ class _OllamaStream(_StreamState):
     def feed(self, frames: list[bytes]) -> list[StreamChunk]:
         out: list[StreamChunk] = []
         for frame in frames:
-            self.progress += 1
             event = _json_frame(frame)
             if not isinstance(event, dict):
                 continue
@@ -5309,6 +5393,7 @@ class _OllamaStream(_StreamState):
                 self._call(len(self.calls), call.id, call.function.name, call.function.arguments)
             if event.get("done"):
                 self.complete = True
+                self.progress += 1
                 self.usage = _usage_from_ollama(event)
                 self.reason = _finish_from_ollama(event.get("done_reason"), bool(self.calls))
         return out
@@ -5654,6 +5739,10 @@ def _reply_from_anthropic(body: Any, fmt: _ResponseFormat
             _usage_from_anthropic(body.get("usage")))
 
 
+_ANTHROPIC_EVENTS = frozenset({"message_start", "message_delta", "message_stop",
+                               "content_block_start", "content_block_stop"})
+
+
 class _AnthropicStream(_StreamState):
     """Messages events: ``message_start`` (input tokens), content blocks with text,
     thinking (``thinking_delta``, ``signature_delta``) and ``input_json_delta``
@@ -5681,7 +5770,8 @@ class _AnthropicStream(_StreamState):
                 # pings until its signature: alive, not stuck.
                 self.progress += bool(self._open_thinking)
                 continue
-            self.progress += 1
+            if kind != "content_block_delta":  # blocks opening and closing, usage, the end
+                self.progress += kind in _ANTHROPIC_EVENTS
             if kind == "content_block_stop":
                 self._open_thinking.discard(event.get("index"))
             if kind == "content_block_delta":
@@ -5721,12 +5811,14 @@ class _AnthropicStream(_StreamState):
             self._thinking[index][1].append(delta.get("thinking") or "")
             self._think(out, delta.get("thinking") or "")
         elif kind == "signature_delta" and index in self._thinking:
+            self.progress += bool(delta.get("signature"))
             block = self._thinking[index][0]
             block["signature"] = block.get("signature", "") + (delta.get("signature") or "")
         elif kind == "input_json_delta":
             if index in self._answer_blocks:
                 self._text(out, delta.get("partial_json") or "")
             elif index in self.calls:
+                self.progress += bool(delta.get("partial_json"))
                 self.calls[index][2].append(delta.get("partial_json") or "")
 
     def _message_delta(self, event: dict[str, Any]) -> None:
@@ -5970,8 +6062,8 @@ class _HTTPClient:
 
     def _chat_blocking(self, abort: _Abort | None,
                        call: _Call) -> tuple[AssistantMessage, Usage | None]:
-        body, _ = _request_json(self._build_request(call, stream=False, abort=abort), abort)
-        return self._parse(body, call.fmt)
+        return self._send(self._build_request(call, stream=False, abort=abort),
+                          lambda body: self._parse(body, call.fmt), abort)
 
     def _stream_blocking(self, abort: _Abort | None,
                          call: _Call) -> Generator[list[StreamChunk], None, None]:
@@ -6020,13 +6112,22 @@ class _HTTPClient:
     _embed_endpoint: str
     _embed_batch: ClassVar[int | None] = None  # most inputs per request; None: no limit
 
-    def _send_json(self, method: str, url: str, body: Any = None,
-                   abort: _Abort | None = None) -> Any:
+    def _send_json(self, method: str, url: str, parse: Callable[[Any], _T],
+                   body: Any = None, abort: _Abort | None = None) -> _T:
         """One JSON request with this client's headers, timeout and retries."""
         data = None if body is None else _json_body(body)
         req = _Request(method, url, self._headers, data, self.timeout, self.max_retries,
                        self._ssl_context)
-        return _request_json(req, abort)[0]
+        return self._send(req, parse, abort)
+
+    @staticmethod
+    def _send(req: _Request, parse: Callable[[Any], _T], abort: _Abort | None) -> _T:
+        """``parse`` of the JSON reply to ``req``; no error it raises shows a secret."""
+        try:
+            return parse(_request_json(req, abort)[0])
+        except APIError as exc:
+            _scrub_error(exc, req.headers, req.url)
+            raise
 
     def list_models(self) -> list[ModelName]:
         """The names of the models the server offers; each keeps the provider's
@@ -6053,8 +6154,9 @@ class _HTTPClient:
             batch = texts[start:start + size]
             body = self._embedding_body(model, batch)
             self._merge_extra(body, extra)
-            reply = self._send_json("POST", self._embed_endpoint, body, abort)
-            got, spent = self._parse_embeddings(reply, len(batch))
+            got, spent = self._send_json(
+                "POST", self._embed_endpoint,
+                functools.partial(self._parse_embeddings, count=len(batch)), body, abort)
             vectors += got
             if spent is not None:
                 usage = spent if usage is None else usage + spent
@@ -6138,7 +6240,7 @@ class OpenAIClient(_HTTPClient):
 
     def list_models(self) -> list[ModelName]:
         """``GET {base_url}/models``: the models this key (or this server) offers."""
-        return _models_from_openai(self._send_json("GET", _join_url(self.base_url, "/models")))
+        return self._send_json("GET", _join_url(self.base_url, "/models"), _models_from_openai)
 
     def _embedding_body(self, model: str, texts: list[str]) -> dict[str, Any]:
         return _embedding_request_openai(model, texts)
@@ -6204,8 +6306,8 @@ class AnthropicClient(_HTTPClient):
         after: str | None = None
         while True:
             query = "limit=1000" + (f"&after_id={quote(after, safe='')}" if after else "")
-            page, cursor = _models_from_anthropic(
-                self._send_json("GET", _join_url(self.base_url, "/v1/models", query)))
+            page, cursor = self._send_json("GET", _join_url(self.base_url, "/v1/models", query),
+                                           _models_from_anthropic)
             models += page
             if cursor is None or cursor == after:  # a server repeating its page ends it too
                 return models
@@ -6291,7 +6393,7 @@ class OllamaClient(_HTTPClient):
 
     def list_models(self) -> list[ModelName]:
         """``GET /api/tags``: the models pulled on this host, as ``ollama list`` shows."""
-        return _models_from_ollama(self._send_json("GET", _join_url(self.host, "/api/tags")))
+        return self._send_json("GET", _join_url(self.host, "/api/tags"), _models_from_ollama)
 
     # /api/embed documents no limit on the inputs of one request: all go at once.
     def _embedding_body(self, model: str, texts: list[str]) -> dict[str, Any]:

@@ -84,6 +84,8 @@ class Reply:
                   terminating chunk, an incomplete reply.
     raw           the exact response bytes; the connection is closed after them.
     coalesce      send the whole stream in one write (split, delays and holds ignored).
+    interims      send `interim` (a whole 1xx response) that many times before the reply,
+                  `frame_delay` apart; a huge number is an endless stream of them.
     A reply may be served many times; its events stay set once set.
     """
 
@@ -103,6 +105,8 @@ class Reply:
     cut_after: Optional[int] = None
     raw: Optional[bytes] = None
     coalesce: bool = False
+    interims: int = 0
+    interim: bytes = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 def _body_bytes(reply):
@@ -209,6 +213,10 @@ class _Handler(BaseHTTPRequestHandler):
         if reply.delay and self._pause(reply.delay) != "timeout":
             return
         sock = self.connection
+        for _ in range(reply.interims):
+            sock.sendall(reply.interim)
+            if reply.frame_delay and self._pause(reply.frame_delay) != "timeout":
+                return
         if reply.raw is not None:
             sock.sendall(reply.raw)
             return self._cut()
@@ -2706,7 +2714,6 @@ class TestHostileServers(ServerTest):
     def test_a_line_without_end_is_refused_at_the_limit(self):
         """An 8 MB line with no newline, against a 1 MiB limit: refused long before the
         idle timeout, peak memory a small multiple of the limit."""
-        import tracemalloc
         from unittest import mock
         frames = [b"data: " + b"x" * 65536 for _ in range(128)]
         for decoder_type in ("text/event-stream", "application/x-ndjson"):
@@ -2714,14 +2721,22 @@ class TestHostileServers(ServerTest):
         with mock.patch.object(casual_llm, "MAX_STREAM_EVENT_SIZE", 1 << 20):
             for client in (self.client(), OllamaClient(host=self.fp.url, timeout=10)):
                 with self.subTest(client=type(client).__name__):
-                    tracemalloc.start()
-                    started = time.monotonic()
-                    with self.assertRaisesRegex(StreamError, "MAX_STREAM_EVENT_SIZE"):
-                        list(Model(client, "m").stream_sync([UserMessage(content="x")]))
-                    peak = tracemalloc.get_traced_memory()[1]
-                    tracemalloc.stop()
-                    self.assertLess(time.monotonic() - started, 5)
-                    self.assertLess(peak, 8 << 20)
+                    self.assert_refused(client, seconds=5, memory=8 << 20)
+
+    def assert_refused(self, client, seconds, memory):
+        """A stream refused for MAX_STREAM_EVENT_SIZE within `seconds`, with at most
+        `memory` bytes allocated at the peak."""
+        import tracemalloc
+        tracemalloc.start()
+        started = time.monotonic()
+        try:
+            with self.assertRaisesRegex(StreamError, "MAX_STREAM_EVENT_SIZE"):
+                list(Model(client, "m").stream_sync([UserMessage(content="x")]))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.assertLess(time.monotonic() - started, seconds)
+        self.assertLess(peak, memory)
 
     def test_a_long_valid_event_is_linear(self):
         """A 12 MB event split into 64 KiB pieces decodes in well under the quadratic time."""
@@ -2755,6 +2770,131 @@ class TestHostileServers(ServerTest):
         self.fp.add(Reply(400, body=deep, content_type="application/json"))
         with self.assertRaises(BadRequestError):
             self.chat()
+
+    def test_a_line_beyond_the_default_limit(self):
+        """A 110 MB line at the default MAX_STREAM_EVENT_SIZE (32 MiB): refused within the
+        idle timeout, peak memory a small multiple of the limit."""
+        piece = b"x" * (1 << 20)
+        self.fp.add(_reply(200, [b"data: "] + [piece] * 110, "text/event-stream", stream=True))
+        self.assert_refused(self.client(), seconds=10,
+                            memory=3 * casual_llm.MAX_STREAM_EVENT_SIZE)
+
+    def test_bad_chunk_sizes_are_our_error(self):
+        """Chunk sizes that are not 1*HEXDIG (int() would take "-5", "0x10", "1_0"), too
+        many digits, a size line that never ends or a chunk without its CRLF: a
+        StreamError at once, in a stream; an APIError, in a reply."""
+        head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n")
+        frame = b'data: {"choices": []}\n\n'
+        bad = [b"-5", b"0x10", b"1_0", b" 10", b"f" * 17, b"zz", b"",
+               b"%x" % len(frame) + b"\r\n" + frame + b"XX", b"1" * (8 << 20)]
+        for size in bad:
+            with self.subTest(size=size[:20]):
+                self.fp.add(Reply(raw=head + size + b"\r\n" + frame + b"\r\n0\r\n\r\n"))
+                started = time.monotonic()
+                with self.assertRaisesRegex(StreamError, "bad chunked encoding"):
+                    self.stream()
+                self.assertLess(time.monotonic() - started, 5)
+        json_head = head.replace(b"text/event-stream", b"application/json")
+        for size in (b"-5", b"f" * 40, b"zz"):
+            with self.subTest(reply=size[:20]):
+                self.fp.add(Reply(raw=json_head + size + b"\r\n{}\r\n0\r\n\r\n"))
+                with self.assertRaises(APIError):
+                    self.chat()
+
+    def test_chunk_extensions_and_trailers_are_read(self):
+        """Extensions after the size and trailer lines after the last chunk are allowed."""
+        head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n")
+        frames = openai_stream(["ok"]).frames
+        body = b"".join(b"%X ;name=value\r\n%s\r\n" % (len(f), f) for f in frames)
+        self.fp.add(Reply(raw=head + body + b"0\r\nX-Checksum: 1\r\n\r\n"))
+        self.assertEqual("".join(c.content for c in self.stream()), "ok")
+
+    def test_endless_interim_responses(self):
+        """A server sending "100 Continue" forever: an APIConnectionError after a few,
+        not retried; a "103 Early Hints" before the reply is skipped, not taken for it,
+        and the connection it came on serves the next call."""
+        self.fp.add(Reply(interims=10 ** 6, frame_delay=0.001, body={}))
+        client = OpenAIClient(base_url=self.fp.url + "/v1", max_retries=2, timeout=5)
+        started = time.monotonic()
+        with self.assertRaisesRegex(APIConnectionError, "interim"):
+            Model(client, "m").chat_sync([UserMessage(content="x")])
+        self.assertLess(time.monotonic() - started, 3)
+        self.assertEqual(len(self.fp.requests), 1)
+        hints = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+        self.fp.add(openai_reply("first", interims=3, interim=hints), openai_reply("second"))
+        model = Model(self.client(), "m")
+        self.assertEqual(model.chat_sync([UserMessage(content="x")]).content, "first")
+        self.assertEqual(model.chat_sync([UserMessage(content="x")]).content, "second")
+
+    def test_secrets_echoed_in_a_200_are_scrubbed(self):
+        """A key echoed in a stream's error event, a body that is not JSON or a reply the
+        parser refuses is in no exception."""
+        key, gateway = "sk-echoed-secret", "gw-echoed-token"
+        client = OpenAIClient(api_key=key, base_url=self.fp.url + "/v1", max_retries=0,
+                              default_headers={"X-Gateway-Token": gateway})
+        model = Model(client, "m")
+        echo = f"refused {key} and {gateway}"
+        stream = openai_stream(["a"])
+        stream.frames.insert(1, openai_stream_error_event(echo))
+        self.fp.add(stream, Reply(body=echo), Reply(body={"choices": None, "echo": echo}),
+                    Reply(body={"data": echo}))
+        calls = [lambda: list(model.stream_sync([UserMessage(content="x")])),
+                 lambda: model.chat_sync([UserMessage(content="x")]),
+                 lambda: model.chat_sync([UserMessage(content="x")]),
+                 client.list_models]
+        for call in calls:
+            with self.assertRaises(APIError) as caught:
+                call()
+            shown = str(caught.exception) + repr(caught.exception.__dict__)
+            self.assertIn("refused", shown)
+            self.assertNotIn(key, shown)
+            self.assertNotIn(gateway, shown)
+
+
+class TestIdleTimeout(ServerTest):
+    """The idle timeout counts events that carry something: a stream of deltas that
+    carry nothing times out as silence does, for every provider."""
+
+    def streams(self):
+        openai_empty = sse_frame({"choices": [{"index": 0, "delta": {"content": ""}}]})
+        openai_calls = sse_frame({"choices": [{"index": 0, "delta": {"tool_calls": [
+            {"index": 0, "function": {"arguments": ""}}]}}]})
+        ollama_empty = ndjson_frame({"message": {"role": "assistant", "content": "",
+                                                 "thinking": ""}, "done": False})
+        anthropic_empty = _anthropic_event({"type": "content_block_delta", "index": 0,
+                                            "delta": {"type": "text_delta", "text": ""}})
+        return [
+            (OpenAIClient(base_url=self.fp.url + "/v1", timeout=0.3, max_retries=0),
+             openai_stream(["a"]), [openai_empty, openai_calls]),
+            (OllamaClient(host=self.fp.url, timeout=0.3, max_retries=0),
+             ollama_stream(["a"]), [ollama_empty]),
+            (AnthropicClient(api_key="k-test", base_url=self.fp.url, timeout=0.3,
+                             max_retries=0), anthropic_stream(["a"]), [anthropic_empty]),
+        ]
+
+    def test_empty_deltas_are_not_progress(self):
+        for client, reply, empties in self.streams():
+            with self.subTest(client=type(client).__name__):
+                reply.frames[2:2] = empties * (150 // len(empties))
+                reply.frame_delay = 0.02
+                self.fp.add(reply)
+                started = time.monotonic()
+                with self.assertRaisesRegex(APITimeoutError, "no events"):
+                    list(Model(client, "m").stream_sync([UserMessage(content="x")]))
+                self.assertLess(time.monotonic() - started, 2.5)
+
+    def test_a_slow_stream_that_carries_text_lives(self):
+        """Text every 0.1 s for longer than the timeout is progress: no timeout."""
+        for client, _, _ in self.streams():
+            with self.subTest(client=type(client).__name__):
+                reply = {"OpenAIClient": openai_stream, "OllamaClient": ollama_stream,
+                         "AnthropicClient": anthropic_stream}[type(client).__name__](
+                    ["a"] * 8, frame_delay=0.1)
+                self.fp.add(reply)
+                chunks = list(Model(client, "m").stream_sync([UserMessage(content="x")]))
+                self.assertEqual("".join(c.content for c in chunks), "a" * 8)
 
 
 class ProviderContract:
