@@ -3768,9 +3768,10 @@ _pool = _Pool()
 
 @functools.cache
 def _response_class() -> type[http.client.HTTPResponse]:
-    """http.client's response with interim responses bounded: it skips any number of
-    ``100 Continue`` (a server sending them forever holds the call forever) and takes a
-    ``103 Early Hints`` for the reply, leaving the real one on the connection."""
+    """http.client's response, with interim (1xx) responses skipped and counted. Left to
+    itself, http.client skips any number of ``100 Continue`` (a server sending them forever
+    holds the call forever) and takes a ``103 Early Hints`` for the reply, leaving the
+    real one on the connection for the next request to read."""
     import http.client
 
     class Response(http.client.HTTPResponse):
