@@ -739,6 +739,8 @@ def _coerce(owner: str, field: str, value: Any, cls: type[_R]) -> _R:
 
 
 def _check_iterable(owner: str, field: str, value: Any) -> None:
+    if type(value) in (list, tuple):  # the usual case, without the slower ABC check
+        return
     if isinstance(value, (str, bytes, dict)) or not isinstance(value, Iterable):
         _fail(owner, field, "a list", value)
 
@@ -4229,19 +4231,20 @@ class _SSEDecoder(_LineBuffer):
 
     def _lines(self, lines: list[bytes]) -> list[bytes]:
         events = []
-        data = self._data
+        data, size = self._data, self._size
         for line in lines:
             if line.endswith(b"\r"):
                 line = line[:-1]
             if not line:
                 if data:
                     events.append(data[0] if len(data) == 1 else b"\n".join(data))
-                    data, self._size = [], 0
+                    data, size = [], 0
             elif line.startswith(b"data:"):
                 data.append(line[6:] if line[5:6] == b" " else line[5:])
-                self._size += len(line)
-                self._check(self._size)
-        self._data = data
+                size += len(line)
+                if size > MAX_STREAM_EVENT_SIZE:
+                    self._check(size)
+        self._data, self._size = data, size
         return events
 
     def flush(self) -> list[bytes]:
@@ -4417,9 +4420,6 @@ def _json_frame(frame: bytes) -> Any:
         raise StreamError(f"stream frame is not JSON: {_short(frame)}") from None
 
 
-_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")  # 1*HEXDIG; int() takes "-1", "0x1", "1_0"
-
-
 class _ChunkedDecoder:
     """HTTP/1.1 chunked transfer coding (RFC 9112 section 7.1): bytes in, payload out.
 
@@ -4433,40 +4433,43 @@ class _ChunkedDecoder:
 
     def __init__(self) -> None:
         self._buf = b""  # an unfinished size line, CRLF or trailer section
-        self._left = 0  # payload bytes left in this chunk; -1: its closing CRLF is next
+        self._left = 0  # payload bytes left in this chunk; -1: only its closing CRLF
         self.done = False
 
     def feed(self, data: bytes) -> bytes:
         buf = self._buf + data if self._buf else data
         out = []
-        pos, size = 0, len(buf)
+        pos, size, left = 0, len(buf), self._left
         while not self.done:
-            if self._left > 0:
-                end = min(size, pos + self._left)
-                out.append(buf[pos:end])
-                self._left -= end - pos
-                pos = end
-                if self._left:
-                    break
-                self._left = -1
-            if self._left == -1:
+            if left:  # the rest of a chunk begun in an earlier read
+                if left > 0:
+                    end = min(size, pos + left)
+                    out.append(buf[pos:end])
+                    left -= end - pos
+                    pos = end
+                    if left:
+                        break
+                    left = -1
                 if size - pos < 2:
                     break
-                if buf[pos:pos + 2] != b"\r\n":
-                    raise StreamError(f"bad chunked encoding: {_short(buf[pos:pos + 20])} "
-                                      "where a chunk should end")
-                pos, self._left = pos + 2, 0
-            eol = buf.find(b"\r\n", pos, pos + _MAX_CHUNK_LINE)
-            if eol < 0:
-                if size - pos >= _MAX_CHUNK_LINE:
+                if not buf.startswith(b"\r\n", pos):
+                    raise self._bad_end(buf, pos)
+                pos, left = pos + 2, 0
+            eol = buf.find(b"\r\n", pos)  # linear: the unread data is one read at most
+            if eol < 0 or eol - pos > _MAX_CHUNK_LINE:
+                if size - pos > _MAX_CHUNK_LINE:
                     raise StreamError(f"bad chunked encoding: a chunk-size line longer than "
                                       f"{_MAX_CHUNK_LINE} bytes")
                 break
             digits = buf[pos:eol].split(b";", 1)[0].rstrip(b" \t")
-            if not _CHUNK_SIZE.fullmatch(digits):
-                raise StreamError(f"bad chunked encoding: {_short(buf[pos:eol])} is not a "
-                                  "chunk size")
-            length = int(digits, 16)
+            try:
+                # 1*HEXDIG: int() alone would also take "-1", "1_0", " 1" and "0x1"
+                if not digits.isalnum() or len(digits) > 16 or digits[1:2] in (b"x", b"X"):
+                    raise ValueError
+                length = int(digits, 16)
+            except ValueError:
+                raise StreamError(f"bad chunked encoding: {_short(buf[pos:eol])} is not "
+                                  "a chunk size") from None
             if length == 0:
                 end = buf.find(b"\r\n\r\n", eol, eol + _MAX_TRAILERS)  # past any trailers
                 if end < 0:
@@ -4475,10 +4478,22 @@ class _ChunkedDecoder:
                                           f"{_MAX_TRAILERS} bytes")
                     break
                 self.done, pos = True, end + 4
+                break
+            end = eol + 2 + length
+            if end + 2 > size:  # the chunk goes on in the next read
+                pos, left = eol + 2, length
+            elif buf.startswith(b"\r\n", end):
+                out.append(buf[eol + 2:end])
+                pos = end + 2
             else:
-                pos, self._left = eol + 2, length
-        self._buf = buf[pos:]
+                raise self._bad_end(buf, end)
+        self._buf, self._left = buf[pos:], left
         return b"".join(out)
+
+    @staticmethod
+    def _bad_end(buf: bytes, pos: int) -> StreamError:
+        return StreamError(f"bad chunked encoding: {_short(buf[pos:pos + 20])} "
+                           "where a chunk should end")
 
 
 def _body_reader(resp: http.client.HTTPResponse) -> Callable[[], bytes]:
@@ -5390,8 +5405,10 @@ class _OllamaStream(_StreamState):
                 self._think(out, message["thinking"])
             if message.get("content"):
                 self._text(out, message["content"])
-            for call in convert_tool_calls_from_ollama(message.get("tool_calls") or ()):
-                self._call(len(self.calls), call.id, call.function.name, call.function.arguments)
+            if message.get("tool_calls"):
+                for call in convert_tool_calls_from_ollama(message["tool_calls"]):
+                    self._call(len(self.calls), call.id, call.function.name,
+                               call.function.arguments)
             if event.get("done"):
                 self.complete = True
                 self.progress += 1
@@ -5764,19 +5781,17 @@ class _AnthropicStream(_StreamState):
         for frame in frames:
             event = _json_frame(frame)
             kind = event.get("type") if isinstance(event, dict) else None
-            if kind is None:
+            if kind == "content_block_delta":  # the most frequent: first
+                self._delta(out, event.get("index"), event.get("delta") or {})
                 continue
             if kind == "ping":
                 # A model that thinks without showing it (omitted thinking) sends only
                 # pings until its signature: alive, not stuck.
                 self.progress += bool(self._open_thinking)
                 continue
-            if kind != "content_block_delta":  # blocks opening and closing, usage, the end
-                self.progress += kind in _ANTHROPIC_EVENTS
+            self.progress += kind in _ANTHROPIC_EVENTS  # blocks, usage, the end
             if kind == "content_block_stop":
                 self._open_thinking.discard(event.get("index"))
-            if kind == "content_block_delta":
-                self._delta(out, event.get("index"), event.get("delta") or {})
             elif kind == "content_block_start":
                 self._start(out, event.get("index"), event.get("content_block") or {})
             elif kind == "message_start":

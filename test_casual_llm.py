@@ -14,6 +14,7 @@ import dataclasses
 import enum
 import functools
 import io
+import itertools
 import json
 import math
 import os
@@ -2599,6 +2600,25 @@ class TestFraming(unittest.TestCase):
         self.assertFalse(decoder.done)  # the final blank line has not arrived
         with self.assertRaisesRegex(StreamError, "chunked"):
             casual_llm._ChunkedDecoder().feed(b"zz\r\n")
+
+    def test_chunked_coding_cut_at_random(self):
+        """Chunks of every size, with and without extensions and trailers, cut at random
+        places (a fixed seed): the payload comes out whole, whatever the reads."""
+        import random
+        rnd = random.Random(12)
+        for trial in range(400):
+            payloads = [rnd.randbytes(rnd.choice([1, 2, 5, 50, 300]))
+                        for _ in range(rnd.randrange(1, 6))]
+            raw = b"".join(b"%x%s\r\n%s\r\n" % (len(p), rnd.choice([b"", b";a=b", b" ;x"]), p)
+                          for p in payloads)
+            raw += b"0\r\n" + rnd.choice([b"", b"X-Trailer: 1\r\n"]) + b"\r\n"
+            cuts = sorted(rnd.sample(range(1, len(raw)), min(len(raw) - 1, rnd.randrange(12))))
+            decoder = casual_llm._ChunkedDecoder()
+            bounds = [0, *cuts, len(raw)]
+            payload = b"".join(decoder.feed(raw[a:b]) for a, b in itertools.pairwise(bounds))
+            with self.subTest(trial=trial):
+                self.assertEqual(payload, b"".join(payloads))
+                self.assertTrue(decoder.done)
 
     def test_ndjson_split_utf8(self):
         """Values split anywhere, even inside a multi-byte character, come out whole."""
